@@ -1,0 +1,1 @@
+"""The batched closed-loop driving world."""
