@@ -111,7 +111,8 @@ def test_neighbour_links(towns, seed):
                 k = len(pj) // 2
                 d = np.linalg.norm(pi - pj[k], axis=1)
                 near = int(d.argmin())
-                assert abs(_wrap(m.point_heading[m.lane_offset[i] + near] - m.point_heading[m.lane_offset[j] + k])) < 0.5
+                hi, hj = m.point_heading[m.lane_offset[i] + near], m.point_heading[m.lane_offset[j] + k]
+                assert abs(_wrap(hi - hj)) < 0.5
         o = int(m.lane_left_opposite[i])
         if o >= 0:
             assert int(m.lane_left_opposite[o]) == i
@@ -220,7 +221,12 @@ def test_walk_network(towns, seed):
         for arm in j["arm_info"]:
             cw = arm["crosswalk"]
             assert len(cw) == 2 and all(int(m.lane_type[c]) == int(LaneType.CROSSWALK) for c in cw)
-            assert all(int(m.lane_junction[c]) == j["id"] for c in cw)
+            assert set(cw) <= set(j["crosswalks"])
+            assert all(int(m.lane_junction[c]) == -1 and int(m.lane_road[c]) == -1 for c in cw)
+        # the crosswalk crosses its arm near the junction
+        c = np.array(j["center"])
+        for x in j["crosswalks"]:
+            assert np.linalg.norm(m.lane_points(x).mean(0) - c) < j["radius"]
 
 
 # ---------------------------------------------------------------------------------------------- junctions
@@ -338,12 +344,13 @@ def test_drivable_and_nearest_lane(towns):
         assert r["lane"].tolist() == lanes.tolist()
 
 
-def test_no_overlaps_outside_junctions(town):
+@pytest.mark.parametrize("seed", SEEDS)
+def test_no_overlaps_outside_junctions(towns, seed):
     """Lane areas only overlap for connectors of one junction, crosswalks over roads, and linked lanes."""
     shapely = pytest.importorskip("shapely")
     from shapely.geometry import LineString
 
-    m = town
+    m = towns[seed]
     L = m.num_lanes
     polys = [LineString(m.lane_points(i)).buffer(max(float(m.lane_width[i]) / 2 - 0.1, 0.05), cap_style=2)
              for i in range(L)]

@@ -31,7 +31,7 @@ from torch import Tensor
 from craft.errors import CraftError
 from craft.world.collision import boxes_overlap, ego_collisions
 from craft.world.kinds import AgentKind
-from craft.world.map import LaneType, LightState, MapBatch, drivable, nearest_lane, take
+from craft.world.map import LaneType, LightState, MapBatch, drivable, lane_candidates, pick_lane, take
 from craft.world.state import EndReason, StepEvents, WorldState
 
 __all__ = ["EventConfig", "update_events"]
@@ -125,12 +125,14 @@ class _Ego:
     width: Tensor  # (B,)
     time: Tensor  # (B,) seconds elapsed at the end of the step: (prev.step + 1) * dt
     moved: Tensor  # (B,) metres driven during the step
-    lane: dict  # nearest_lane(DRIVING, with heading): the ego's current lane
+    lane: dict  # nearest DRIVING lane with heading: the ego's current lane
+    cand: dict  # lane_candidates around the ego, shared by every lane query of the step
 
 
 def _ego_view(mb: MapBatch, prev: WorldState, state: WorldState, cfg: EventConfig) -> _Ego:
     pos, prev_pos = state.pos[:, 0], prev.pos[:, 0]
     yaw = state.yaw[:, 0]
+    cand = lane_candidates(mb, state.map_id, pos)
     return _Ego(
         pos=pos,
         prev_pos=prev_pos,
@@ -141,7 +143,8 @@ def _ego_view(mb: MapBatch, prev: WorldState, state: WorldState, cfg: EventConfi
         width=state.width[:, 0],
         time=(prev.step + 1).to(pos.dtype) * cfg.dt,
         moved=(pos - prev_pos).norm(dim=-1),
-        lane=nearest_lane(mb, state.map_id, pos, yaw, types=(LaneType.DRIVING,)),
+        lane=pick_lane(cand, (LaneType.DRIVING,), yaw),
+        cand=cand,
     )
 
 
@@ -261,31 +264,41 @@ def _stop_signs(mb: MapBatch, prev: WorldState, state: WorldState, ego: _Ego, cf
     return book, {"stop_infraction": infraction.any(-1), "inside": inside, "ok": ok & ~left}
 
 
-def _route_tangents(state: WorldState) -> Tensor:
-    """(B, P, 2) unit direction of the route at each point (next segment; previous one at the end)."""
-    pts, valid = state.route_pts, state.route_valid
-    seg = pts[:, 1:] - pts[:, :-1]
-    seg_ok = valid[:, 1:] & valid[:, :-1]
-    zero = torch.zeros_like(seg[:, :1])
-    fwd = torch.cat([seg, zero], 1)
-    bwd = torch.cat([zero, seg], 1)
-    fwd_ok = torch.cat([seg_ok, torch.zeros_like(seg_ok[:, :1])], 1)
-    t = torch.where(fwd_ok[..., None], fwd, bwd)
+def _window(state: WorldState, start: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Route points ``start .. start + width`` (clamped): indices (B, W), points (B, W, 2), valid (B, W)."""
+    B, P = state.route_valid.shape
+    j = (start[:, None] + torch.arange(width, device=start.device)).clamp(0, P - 1)
+    pts = state.route_pts.gather(1, j[..., None].expand(B, width, 2))
+    return j, pts, state.route_valid.gather(1, j)
+
+
+def _tangents_at(state: WorldState, j: Tensor) -> Tensor:
+    """(B, W, 2) unit route direction at route indices ``j (B, W)`` (next segment; previous one at the end)."""
+    B, P = state.route_valid.shape
+    nxt = (j + 1).clamp(max=P - 1)
+    has_next = (j + 1 < P) & state.route_valid.gather(1, nxt)
+    a = torch.where(has_next, j, (j - 1).clamp_min(0))
+    b = torch.where(has_next, nxt, j)
+    g = lambda k: state.route_pts.gather(1, k[..., None].expand(B, k.shape[1], 2))  # noqa: E731
+    t = g(b) - g(a)
     return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-9)
 
 
-def _route_distance(state: WorldState, pos: Tensor) -> Tensor:
-    """(B,) distance from pos (B, 2) to the valid route polyline (0 for worlds without a route)."""
-    pts, valid = state.route_pts, state.route_valid
+ROUTE_WINDOW_BACK = 20  # route points behind the progress point searched for the distance to the route
+ROUTE_WINDOW = 160  # route points searched in all (Bench2Drive's route tests also look at a window)
+
+
+def _route_distance(state: WorldState, pos: Tensor, start: Tensor) -> Tensor:
+    """(B,) distance from pos (B, 2) to the route polyline near the progress point (0 without a route)."""
+    j, pts, valid = _window(state, (start - ROUTE_WINDOW_BACK).clamp_min(0), ROUTE_WINDOW)
     a, ab = pts[:, :-1], pts[:, 1:] - pts[:, :-1]
     u = (((pos[:, None] - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-9)).clamp(0.0, 1.0)
     seg_d = (pos[:, None] - (a + u[..., None] * ab)).norm(dim=-1)
-    inf = torch.full_like(seg_d, float("inf"))
-    seg_d = torch.where(valid[:, 1:] & valid[:, :-1], seg_d, inf)
+    seg_d = torch.where(valid[:, 1:] & valid[:, :-1], seg_d, torch.full_like(seg_d, float("inf")))
     pt_d = (pos[:, None] - pts).norm(dim=-1)
     pt_d = torch.where(valid, pt_d, torch.full_like(pt_d, float("inf")))
     d = torch.minimum(seg_d.min(-1).values, pt_d.min(-1).values)
-    return torch.where(valid.any(-1), d, torch.zeros_like(d))
+    return torch.where(state.route_valid.any(-1), d, torch.zeros_like(d))
 
 
 def _route_progress(prev: WorldState, state: WorldState, ego: _Ego, cfg: EventConfig) -> tuple[dict, dict]:
@@ -301,12 +314,11 @@ def _route_progress(prev: WorldState, state: WorldState, ego: _Ego, cfg: EventCo
     """
     pts, valid, cum = state.route_pts, state.route_valid, state.route_cum
     B, P = valid.shape
-    tang = _route_tangents(state)  # (B, P, 2)
     j = prev.progress_idx[:, None] + torch.arange(1, cfg.progress_window + 1, device=pts.device)  # (B, W)
     in_range = j < P
     jc = j.clamp(max=P - 1)
     pj = pts.gather(1, jc[..., None].expand(B, jc.shape[1], 2))
-    tj = tang.gather(1, jc[..., None].expand(B, jc.shape[1], 2))
+    tj = _tangents_at(state, jc)
     rel = ego.pos[:, None] - pj
     passed = in_range & valid.gather(1, jc) & ((rel * tj).sum(-1) >= 0) & (rel.norm(dim=-1) < cfg.progress_reach)
     idx = torch.maximum(prev.progress_idx, torch.where(passed, jc, torch.full_like(jc, -1)).max(-1).values)
@@ -324,13 +336,13 @@ def _route_progress(prev: WorldState, state: WorldState, ego: _Ego, cfg: EventCo
     )
     progress = torch.where(completed, torch.maximum(progress, length), progress)
     rc = torch.where(has_route, (progress / length.clamp_min(1e-6)).clamp(max=1.0) * 100.0, torch.zeros_like(rc))
-    heading = tang.gather(1, idx[:, None, None].expand(B, 1, 2)).squeeze(1)
+    heading = _tangents_at(state, idx[:, None]).squeeze(1)
     book = {"progress": progress, "progress_idx": idx}
     events = {
         "progress": progress - prev.progress,
         "route_completion": rc,
         "completed": completed,
-        "route_dist": _route_distance(state, ego.pos),
+        "route_dist": _route_distance(state, ego.pos, idx),
         "route_heading": torch.atan2(heading[:, 1], heading[:, 0]),
         "has_route": has_route,
     }
@@ -348,9 +360,9 @@ def _lanes(mb: MapBatch, prev: WorldState, state: WorldState, ego: _Ego, cfg: Ev
     Returns (bookkeeping, events ``driven``, ``outside_lanes`` (metres), ``wrong_direction (B,)`` bool).
     """
     m = state.map_id
-    near = nearest_lane(mb, m, ego.pos, None, types=(LaneType.DRIVING, LaneType.PARKING))
+    near = pick_lane(ego.cand, (LaneType.DRIVING, LaneType.PARKING))
     outside = near["dist"] > 0.5 * near["width"] + cfg.outside_margin
-    drv = nearest_lane(mb, m, ego.pos, None, types=(LaneType.DRIVING,))
+    drv = pick_lane(ego.cand, (LaneType.DRIVING,))
     in_junction = take(mb.lane_junction, m, drv["lane"].clamp_min(0)) >= 0
     opposite = _wrap(ego.yaw - drv["heading"]).abs() > math.radians(cfg.wrong_direction_deg)
     wrong = (drv["lane"] >= 0) & ~in_junction & opposite
@@ -427,8 +439,8 @@ def _flags(
     clear = ~(blocking & others).any(-1)
     go_zone = ~stop_zone & clear & ~route["completed"]
     # lanes
-    on_road = drivable(mb, m, ego.pos)
-    edge = nearest_lane(mb, m, ego.pos, None, types=(LaneType.DRIVING, LaneType.SHOULDER))
+    on_road = drivable(mb, m, ego.pos, cand=ego.cand)
+    edge = pick_lane(ego.cand, (LaneType.DRIVING, LaneType.SHOULDER))
     emergency = (edge["lane"] >= 0) & (take(mb.lane_type, m, edge["lane"].clamp_min(0)) == int(LaneType.SHOULDER))
     emergency = emergency & (edge["dist"] <= 0.5 * edge["width"])
     lane_dist = ego.lane["dist"]

@@ -75,7 +75,7 @@ class RawLane:
     speed_limit: float
     type: LaneType = LaneType.DRIVING
     road: int = -1  # road id (lanes of one carriageway side share it), -1 for junction connectors
-    junction: int = -1  # junction id for connector lanes, else -1
+    junction: int = -1  # junction id for vehicle connector lanes (driving lanes inside a junction), else -1
     successors: list[int] = field(default_factory=list)
     left: int = -1  # same-direction neighbour on the left
     right: int = -1  # same-direction neighbour on the right
@@ -475,13 +475,14 @@ def _conflicts(lanes, points, point_s, offs, counts):
                 ta, tb, hit = _seg_intersect(pa[:-1], pa[1:], pb[:-1], pb[1:])
                 # ignore touching at the very start (shared entry point)
                 if hit.any():
-                    ia, ib = np.argwhere(hit)[0]
+                    ia, ib = np.nonzero(hit)
                     s_a = sa[ia] + ta[ia, ib] * (sa[ia + 1] - sa[ia])
                     s_b = sb[ib] + tb[ia, ib] * (sb[ib + 1] - sb[ib])
-                    if s_a < 0.5 and s_b < 0.5:
-                        continue  # they fan out from one entry point: not a conflict
-                    found[a].append((b, float(s_a), float(s_b)))
-                    found[b].append((a, float(s_b), float(s_a)))
+                    real = (s_a >= 0.5) | (s_b >= 0.5)  # fanning out from one entry point is no conflict
+                    if real.any():
+                        k = int(np.argmin(np.where(real, s_a, np.inf)))
+                        found[a].append((b, float(s_a[k]), float(s_b[k])))
+                        found[b].append((a, float(s_b[k]), float(s_a[k])))
     C = max([1] + [len(f) for f in found])
     conflict = np.full((L, C), -1, np.int64)
     cs = np.zeros((L, C), np.float32)
@@ -588,6 +589,10 @@ class MapBatch:
         self.grid_count = _stack([m.grid_count for m in maps], self.device).clamp_min(0)
         self.grid_items = _stack([m.grid_items for m in maps], self.device)
         self.grid_capacity = int(max(int(m.grid_count.max()) for m in maps))
+        # packed tables for the hot lane_pose gather: one index_select per lookup instead of three
+        # 1-D columns: a 1-D index_select is several times faster than gathering rows of 2-3 values
+        self.point_x = self.points[..., 0].contiguous()
+        self.point_y = self.points[..., 1].contiguous()
 
     @property
     def num_maps(self) -> int:
@@ -605,19 +610,88 @@ def lane_pose(mb: MapBatch, map_id: torch.Tensor, lane: torch.Tensor, s: torch.T
     """
     map_id = map_id.expand_as(lane)
     lane_c = lane.clamp_min(0)
-    off = take(mb.lane_offset, map_id, lane_c)
-    n = take(mb.lane_count, map_id, lane_c)
-    length = take(mb.lane_length, map_id, lane_c)
+    return lane_pose_at(mb, map_id, take(mb.lane_offset, map_id, lane_c), take(mb.lane_count, map_id, lane_c),
+                        take(mb.lane_length, map_id, lane_c), s)
+
+
+def lane_pose_at(mb: MapBatch, map_id, offset, count, length, s):
+    """:func:`lane_pose` with the lanes' point offset, point count and length already looked up (...)."""
     sc = torch.minimum(s.clamp_min(0.0), length)
-    spacing = length / (n - 1).clamp_min(1).to(s.dtype)
+    spacing = length / (count - 1).clamp_min(1).to(s.dtype)
     f = sc / spacing.clamp_min(1e-6)
-    i0 = f.floor().long().clamp(max=(n - 2).clamp_min(0))
-    w = (f - i0.to(f.dtype)).clamp(0.0, 1.0).unsqueeze(-1)
-    p0 = take(mb.points, map_id, off + i0)
-    p1 = take(mb.points, map_id, off + i0 + 1)
-    pos = p0 + w * (p1 - p0)
-    heading = take(mb.point_heading, map_id, off + i0)
-    return pos, heading
+    i0 = torch.minimum(f.floor(), (count - 2).clamp_min(0).to(f.dtype))
+    w = (f - i0).clamp(0.0, 1.0)
+    i0 = offset + i0.long()
+    x0, y0 = take(mb.point_x, map_id, i0), take(mb.point_y, map_id, i0)
+    x1, y1 = take(mb.point_x, map_id, i0 + 1), take(mb.point_y, map_id, i0 + 1)
+    pos = torch.stack([x0 + w * (x1 - x0), y0 + w * (y1 - y0)], -1)
+    return pos, take(mb.point_heading, map_id, i0)
+
+
+def lane_candidates(mb: MapBatch, map_id: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every lane segment binned in the grid cell of each query point, with its geometry.
+
+    map_id: (Q,), pos: (Q, 2). Returns (Q, K) tensors: ``ok`` (slot used), ``lane``, ``type``, ``dist``
+    (to the segment), ``lateral`` (signed, left positive), ``heading`` (segment), ``s`` (arc length of the
+    projection). Several :func:`pick_lane` queries can share one call.
+    """
+    cell = ((pos - mb.grid_origin[map_id]) / GRID_CELL).floor().long()
+    shape = mb.grid_shape[map_id]
+    inside = (cell >= 0).all(-1) & (cell < shape).all(-1)
+    cid = (cell[:, 0].clamp(min=0) * shape[:, 1] + cell[:, 1].clamp(min=0)).clamp(max=mb.grid_start.shape[1] - 1)
+    start = take(mb.grid_start, map_id, cid)
+    count = torch.where(inside, take(mb.grid_count, map_id, cid), torch.zeros_like(cid))
+    K = max(1, mb.grid_capacity)
+    k = torch.arange(K, device=pos.device)
+    ok = k[None, :] < count[:, None]  # (Q, K)
+    idx = (start[:, None] + k[None, :]).clamp(max=mb.grid_items.shape[1] - 1)
+    mid = map_id[:, None].expand(-1, K)
+    seg = take(mb.grid_items, mid, idx).clamp_min(0)  # (Q, K) first point of the segment
+    lane = take(mb.point_lane, mid, seg)
+    a = take(mb.points, mid, seg)
+    b = take(mb.points, mid, seg + 1)
+    ab = b - a
+    l2 = (ab * ab).sum(-1).clamp_min(1e-9)
+    u = (((pos[:, None, :] - a) * ab).sum(-1) / l2).clamp(0.0, 1.0)
+    d = pos[:, None, :] - (a + u.unsqueeze(-1) * ab)
+    dist = torch.sqrt((d * d).sum(-1))
+    cross = ab[..., 0] * d[..., 1] - ab[..., 1] * d[..., 0]
+    return {
+        "ok": ok,
+        "lane": lane,
+        "type": take(mb.lane_type, mid, lane),
+        "width": take(mb.lane_width, mid, lane),
+        "dist": dist,
+        "lateral": torch.sign(cross) * dist,
+        "heading": take(mb.point_heading, mid, seg),
+        "s": take(mb.point_s, mid, seg) + u * l2.sqrt(),
+    }
+
+
+def pick_lane(cand: dict, types: tuple = (LaneType.DRIVING,), heading: torch.Tensor | None = None,
+              heading_weight: float = 2.0) -> dict[str, torch.Tensor]:
+    """The best candidate of the given lane types (see :func:`nearest_lane` for the result layout)."""
+    ok = torch.zeros_like(cand["ok"])
+    for t in types:
+        ok |= cand["type"] == int(t)
+    ok &= cand["ok"]
+    cost = cand["dist"]
+    if heading is not None:
+        cost = cost + heading_weight * (1 - torch.cos(_wrap(heading[:, None] - cand["heading"])))
+    cost = torch.where(ok, cost, torch.full_like(cost, float("inf")))
+    best = cost.argmin(-1, keepdim=True)
+    found = torch.gather(ok, 1, best).squeeze(1)
+    g = lambda x: torch.gather(x, 1, best).squeeze(1)  # noqa: E731
+    head_b = g(cand["heading"])
+    return {
+        "lane": torch.where(found, g(cand["lane"]), torch.full_like(best.squeeze(1), -1)),
+        "s": g(cand["s"]),
+        "lateral": g(cand["lateral"]),
+        "dist": torch.where(found, g(cand["dist"]), torch.full_like(head_b, float("inf"))),
+        "heading": head_b,
+        "heading_diff": _wrap(heading - head_b) if heading is not None else torch.zeros_like(head_b),
+        "width": g(cand["width"]),
+    }
 
 
 def nearest_lane(
@@ -632,61 +706,12 @@ def nearest_lane(
 
     map_id: (Q,), pos: (Q, 2), heading: (Q,) optional — when given, the match cost adds
     ``heading_weight * (1 - cos(heading difference))`` metres so that overlapping lanes in a junction
-    resolve to the one the agent drives along.
+    resolve to the one the agent drives along. Only lanes within half width + ``GRID_MARGIN`` are found.
     Returns dict with ``lane (Q,)`` (-1 if none within reach), ``s (Q,)`` arc length, ``lateral (Q,)``
     signed offset (left positive), ``dist (Q,)`` |lateral| (inf if none), ``heading_diff (Q,)`` wrapped,
     ``width (Q,)``.
     """
-    cell = ((pos - mb.grid_origin[map_id]) / GRID_CELL).floor().long()
-    shape = mb.grid_shape[map_id]
-    inside = (cell >= 0).all(-1) & (cell < shape).all(-1)
-    cid = (cell[:, 0].clamp(min=0) * shape[:, 1] + cell[:, 1].clamp(min=0)).clamp(max=mb.grid_start.shape[1] - 1)
-    start = take(mb.grid_start, map_id, cid)
-    count = torch.where(inside, take(mb.grid_count, map_id, cid), torch.zeros_like(cid))
-    K = max(1, mb.grid_capacity)
-    k = torch.arange(K, device=pos.device)
-    ok = k[None, :] < count[:, None]  # (Q, K)
-    idx = (start[:, None] + k[None, :]).clamp(max=mb.grid_items.shape[1] - 1)
-    seg = take(mb.grid_items, map_id[:, None], idx).clamp_min(0)  # (Q, K) first point of the segment
-    mid = map_id[:, None].expand_as(seg)
-    lane = take(mb.point_lane, mid, seg)
-    ltype = take(mb.lane_type, mid, lane)
-    tmask = torch.zeros_like(ok)
-    for t in types:
-        tmask |= ltype == int(t)
-    ok = ok & tmask
-    a = take(mb.points, mid, seg)
-    b = take(mb.points, mid, seg + 1)
-    ab = b - a
-    L2 = (ab * ab).sum(-1).clamp_min(1e-9)
-    u = (((pos[:, None, :] - a) * ab).sum(-1) / L2).clamp(0.0, 1.0)
-    proj = a + u.unsqueeze(-1) * ab
-    d = pos[:, None, :] - proj
-    dist = d.norm(dim=-1)
-    cross = ab[..., 0] * d[..., 1] - ab[..., 1] * d[..., 0]
-    lateral = torch.sign(cross) * dist
-    seg_heading = take(mb.point_heading, mid, seg)
-    cost = dist
-    if heading is not None:
-        hd = _wrap(heading[:, None] - seg_heading)
-        cost = cost + heading_weight * (1 - torch.cos(hd))
-    cost = torch.where(ok, cost, torch.full_like(cost, float("inf")))
-    best = cost.argmin(-1, keepdim=True)
-    found = torch.gather(ok, 1, best).squeeze(1)
-    g = lambda x: torch.gather(x, 1, best).squeeze(1)  # noqa: E731
-    lane_b = torch.where(found, g(lane), torch.full_like(g(lane), -1))
-    s = g(take(mb.point_s, mid, seg)) + g(u) * g(L2).sqrt()
-    head_b = g(seg_heading)
-    out = {
-        "lane": lane_b,
-        "s": s,
-        "lateral": g(lateral),
-        "dist": torch.where(found, g(dist), torch.full_like(s, float("inf"))),
-        "heading": head_b,
-        "heading_diff": _wrap(heading - head_b) if heading is not None else torch.zeros_like(s),
-        "width": take(mb.lane_width, map_id, lane_b.clamp_min(0)),
-    }
-    return out
+    return pick_lane(lane_candidates(mb, map_id, pos), types, heading, heading_weight)
 
 
 def light_states(mb: MapBatch, map_id: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -714,9 +739,14 @@ def _wrap(a: torch.Tensor) -> torch.Tensor:
     return torch.remainder(a + torch.pi, 2 * torch.pi) - torch.pi
 
 
-def drivable(mb: MapBatch, map_id: torch.Tensor, pos: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """Whether each point lies on a driving, parking or shoulder lane (within half width + margin). (Q,) bool."""
-    r = nearest_lane(mb, map_id, pos, None, types=(LaneType.DRIVING, LaneType.PARKING, LaneType.SHOULDER))
+DRIVABLE = (LaneType.DRIVING, LaneType.PARKING, LaneType.SHOULDER)
+
+
+def drivable(mb: MapBatch, map_id: torch.Tensor, pos: torch.Tensor, margin: float = 0.0,
+             cand: dict | None = None) -> torch.Tensor:
+    """Whether each point lies on a driving, parking or shoulder lane (within half width + margin). (Q,) bool.
+    ``cand``: precomputed :func:`lane_candidates` of the same points."""
+    r = pick_lane(cand if cand is not None else lane_candidates(mb, map_id, pos), DRIVABLE)
     return r["dist"] <= r["width"] / 2 + margin
 
 

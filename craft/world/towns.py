@@ -46,12 +46,14 @@ west of it. The eastbound carriageway's right side faces away from the grid, and
 bridges), so its ramps hang off a two-way frontage road that leaves the west border node ``(0, 2)``, runs
 around the western highway bend (concentric with it) and approaches the highway from the south.
 
-**Walk network.** Every arm of a junction has a crosswalk (lanes with ``junction`` = the junction id,
-``road`` = -1) across the road between the box and the stop line; walk nodes sit at its two ends. Corner
-pieces join the crosswalk ends of neighbouring arms around the kerb; sidewalks (``junction`` = -1) along
-both sides of every urban street join the crosswalk ends of its two junctions. Each piece is two lanes, one
-per direction; a walk lane's successors are all walk lanes leaving its end node except its own reverse, so
-the walking graph is connected.
+**Walk network.** Every arm of a junction has a crosswalk across the road between the box and the stop
+line; walk nodes sit at its two ends. Corner pieces join the crosswalk ends of neighbouring arms around the
+kerb; sidewalks along both sides of every urban street join the crosswalk ends of its two junctions. Each
+piece is two lanes, one per direction; a walk lane's successors are all walk lanes leaving its end node
+except its own reverse, so the walking graph is connected. All walk lanes have ``road`` = -1 and
+``junction`` = -1 (``junction >= 0`` marks vehicle connectors only, which is what the traffic code
+relies on); a crosswalk's junction is recorded in the features instead (``junctions[k]["crosswalks"]`` and
+per arm in ``junctions[k]["arm_info"][a]["crosswalk"]``).
 
 **Features.** ``extras["features"]`` lists lane and junction ids by what scenario placement needs (see
 :func:`_features`); ``extras["seed"]`` and ``extras["config"]`` record the inputs. All JSON-friendly.
@@ -416,6 +418,8 @@ def _new_road(cfg: TownConfig, kind, n_fwd, n_bwd, speed, side_fwd="", side_bwd=
 
 @dataclass
 class _Grid:
+    """The urban grid: street line coordinates, junction nodes by (i, j), and all roads."""
+
     xs: np.ndarray
     ys: np.ndarray
     nodes: dict
@@ -424,6 +428,8 @@ class _Grid:
 
 @dataclass
 class _Highway:
+    """The highway road, its two ramp roads and where the ramps sit (x positions and lane lengths)."""
+
     road: _Road
     frontage: _Road
     ramp_road: _Road
@@ -496,7 +502,8 @@ def _grid_layout(cfg: TownConfig, rng: np.random.Generator) -> _Grid:
     for key in [("row", j) for j in range(by + 1)] + [("col", i) for i in range(bx + 1)]:
         ring = key in (("row", 0), ("row", by), ("col", 0), ("col", bx))
         n = ring_n if ring else 1 + int(rng.choice(3, p=cfg.street_lanes_probs))
-        lines[key] = {"n": n, "bike": bool(rng.random() < cfg.bike_prob), "slow": bool(rng.random() < cfg.slow_street_prob)}
+        bike, slow = bool(rng.random() < cfg.bike_prob), bool(rng.random() < cfg.slow_street_prob)
+        lines[key] = {"n": n, "bike": bike, "slow": slow}
     if all(lines[k]["n"] == 1 for k in interior):  # at least one multi-lane avenue
         lines[interior[int(rng.integers(len(interior)))]]["n"] = 2 + int(rng.integers(2))
     if ring_n > 1 and all(lines[k]["n"] > 1 for k in interior):  # at least one two-way single-lane street
@@ -652,8 +659,8 @@ def _assign_control(cfg: TownConfig, rng: np.random.Generator, nodes: list[_Node
         nd.kind = kinds[nd.jid]
         # major axis: a T's through road; on a 4-way a random one of the two axes
         if len(nd.arms) == 3:
-            best = min(((a, b) for a in nd.arms for b in nd.arms if a is not b), key=lambda ab: float(ab[0].u @ ab[1].u))
-            nd.major = best[0].u
+            pairs = [(a, b) for a in nd.arms for b in nd.arms if a is not b]
+            nd.major = min(pairs, key=lambda ab: float(ab[0].u @ ab[1].u))[0].u  # the two opposite arms
         else:
             nd.major = nd.arms[int(rng.integers(len(nd.arms)))].u
         nd.minor_stop = bool(nd.kind == JunctionKind.STOP and len(nd.arms) == 3 and rng.random() < cfg.minor_stop_prob)
@@ -994,6 +1001,7 @@ def _build_junction(town: _Town, rng: np.random.Generator, nd: _Node) -> None:
         "outgoing": [x for a in nd.arms for x in a.outgoing],
         "connectors": {TURN_NAMES[t]: v for t, v in conns.items()},
         "arm_info": arm_info,
+        "crosswalks": [],
     })
 
 
@@ -1003,7 +1011,7 @@ def _build_walks(town: _Town, nodes: list[_Node], roads: list[_Road]) -> None:
     cfg = town.cfg
     sw, cw = cfg.sidewalk_width, cfg.crosswalk_width
     pos: list[np.ndarray] = []
-    pieces = []  # (node_a, node_b, points, type, junction, arm info dict or None)
+    pieces = []  # (node_a, node_b, points, type, (junction id, arm index) of a crosswalk or None)
 
     def node(p):
         pos.append(np.asarray(p, dtype=np.float64))
@@ -1015,11 +1023,11 @@ def _build_walks(town: _Town, nodes: list[_Node], roads: list[_Road]) -> None:
             a.walk_left = node(mid + _left(a.u) * (a.curb_left + sw / 2))
             a.walk_right = node(mid - _left(a.u) * (a.curb_right + sw / 2))
             pts = np.stack([pos[a.walk_right], pos[a.walk_left]])
-            pieces.append((a.walk_right, a.walk_left, pts, LaneType.CROSSWALK, nd.jid, (nd.jid, k)))
+            pieces.append((a.walk_right, a.walk_left, pts, LaneType.CROSSWALK, (nd.jid, k)))
         for k, a in enumerate(nd.arms):
             b = nd.arms[(k + 1) % len(nd.arms)]
             pts = _join(pos[a.walk_left], -a.u, pos[b.walk_right], b.u, 0.55 if abs(float(a.u @ b.u)) < 0.5 else 1 / 3)
-            pieces.append((a.walk_left, b.walk_right, pts, LaneType.SIDEWALK, -1, None))
+            pieces.append((a.walk_left, b.walk_right, pts, LaneType.SIDEWALK, None))
     for r in roads:
         if not r.sidewalks:
             continue
@@ -1029,24 +1037,26 @@ def _build_walks(town: _Town, nodes: list[_Node], roads: list[_Road]) -> None:
         s0, s1 = r.start, r.end
         pieces.append((s0.walk_right, s1.walk_left,
                        np.concatenate([pos[s0.walk_right][None], right, pos[s1.walk_left][None]]),
-                       LaneType.SIDEWALK, -1, None))
+                       LaneType.SIDEWALK, None))
         pieces.append((s0.walk_left, s1.walk_right,
                        np.concatenate([pos[s0.walk_left][None], left, pos[s1.walk_right][None]]),
-                       LaneType.SIDEWALK, -1, None))
+                       LaneType.SIDEWALK, None))
 
     leaving = defaultdict(list)
     made = []  # (lane id, reverse lane id, end node)
-    for na, nb, pts, typ, jid, arm_key in pieces:
+    for na, nb, pts, typ, arm_key in pieces:
         width = cw if typ == LaneType.CROSSWALK else sw
-        f = town.add(pts, width, 1.5, typ, junction=jid)
-        b = town.add(pts[::-1].copy(), width, 1.5, typ, junction=jid)
+        f = town.add(pts, width, 1.5, typ)
+        b = town.add(pts[::-1].copy(), width, 1.5, typ)
         leaving[na].append(f)
         leaving[nb].append(b)
         made += [(f, b, nb), (b, f, na)]
         tag = "crosswalks" if typ == LaneType.CROSSWALK else "sidewalks"
         town.tags[tag] += [f, b]
         if arm_key is not None:
-            town.junction_info[arm_key[0]]["arm_info"][arm_key[1]]["crosswalk"] = [f, b]
+            info = town.junction_info[arm_key[0]]
+            info["arm_info"][arm_key[1]]["crosswalk"] = [f, b]
+            info["crosswalks"] += [f, b]
     for lane, rev, end in made:
         town.lanes[lane].successors = [x for x in leaving[end] if x != rev]
 
@@ -1058,11 +1068,10 @@ def _features(town: _Town) -> dict:
     lanes = town.lanes
     driving = [i for i, ln in enumerate(lanes) if ln.type == LaneType.DRIVING and ln.junction < 0]
     extra = set(t["acceleration_lanes"]) | set(t["deceleration_lanes"])
-    multi = sorted(
-        i for i in driving
-        if i not in extra
-        and any(nb >= 0 and lanes[nb].type == LaneType.DRIVING and nb not in extra for nb in (lanes[i].left, lanes[i].right))
-    )
+    def is_lane(nb):
+        return nb >= 0 and lanes[nb].type == LaneType.DRIVING and nb not in extra
+
+    multi = sorted(i for i in driving if i not in extra and (is_lane(lanes[i].left) or is_lane(lanes[i].right)))
     keys = ["two_way_single_lane", "highway", "highway_links", "ramp_roads", "on_ramps", "off_ramps",
             "acceleration_lanes", "deceleration_lanes", "shoulders", "parking", "bike", "crosswalks",
             "sidewalks", "curves"]

@@ -26,14 +26,12 @@ so a cloned world replays identically. All of it is batched tensor code; no loop
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from craft.world.dynamics import wrap_angle
 from craft.world.kinds import AgentKind
-from craft.world.map import LaneType, LightState, MapBatch, lane_pose, take
+from craft.world.map import LaneType, LightState, MapBatch, lane_pose, lane_pose_at, take
 from craft.world.state import QUEUE, Mode, WorldState
 
 
@@ -41,9 +39,10 @@ from craft.world.state import QUEUE, Mode, WorldState
 class TrafficConfig:
     """Parameters of the reactive traffic model."""
 
-    path_step: float = 4.0  # spacing of the path samples, m
+    path_step: float = 5.0  # spacing of the path samples, m
     path_samples: int = 12  # number of path samples (covers (path_samples-1)*path_step m)
-    neighbours: int = 8  # candidate leaders examined per agent
+    leader_time: float = 3.0  # leaders are searched within leader_time * speed + leader_reach_min, s
+    leader_reach_min: float = 25.0  # m
     corridor_margin: float = 0.4  # extra lateral clearance of the path corridor, m
     pedestrian_margin: float = 1.0  # extra clearance kept from pedestrians, m
     idm_delta: float = 4.0  # IDM free-road exponent
@@ -97,7 +96,7 @@ def _connector_tables(mb: MapBatch):
     if cache is not None:
         return cache
     M, L = mb.lane_junction.shape
-    is_conn = (mb.lane_junction >= 0) & mb.lane_valid
+    is_conn = (mb.lane_junction >= 0) & mb.lane_valid & (mb.lane_type == int(LaneType.DRIVING))
     counts = is_conn.sum(1)
     C = max(1, int(counts.max()))
     conn_index = torch.full((M, L), -1, dtype=torch.long, device=mb.device)
@@ -136,7 +135,9 @@ def path_info(mb: MapBatch, state: WorldState, cfg: TrafficConfig) -> PathInfo:
     seq_ok = seq >= 0
     # a lane after a missing one is missing too
     seq_ok = torch.cumprod(seq_ok.long(), -1).bool()
-    length = torch.where(seq_ok, take(mb.lane_length, mid, seq.clamp_min(0)), torch.zeros_like(seq, dtype=torch.float32))
+    seq_c = seq.clamp_min(0)
+    lane_len = take(mb.lane_length, mid, seq_c)
+    length = torch.where(seq_ok, lane_len, torch.zeros_like(lane_len))
     first = (length[..., 0] - state.s).clamp_min(0.0)
     seg = torch.cat([first[..., None], length[..., 1:]], -1)
     ends = torch.cumsum(seg, -1)
@@ -150,9 +151,10 @@ def path_info(mb: MapBatch, state: WorldState, cfg: TrafficConfig) -> PathInfo:
     k = torch.minimum(k, (n_ok - 1).clamp_min(0)[..., None])
     before = torch.cat([torch.zeros_like(ends[..., :1]), torch.cumsum(seg, -1)[..., :-1]], -1)  # (B, N, Q)
     start = torch.gather(before, -1, k)
-    lane_k = torch.gather(seq.clamp_min(0), -1, k)
     local = d[None, None, :] - start + torch.where(k == 0, state.s[..., None], torch.zeros_like(start))
-    pts, heading = lane_pose(mb, mid, lane_k, local)
+    per = lambda x: torch.gather(x, -1, k)  # noqa: E731  (lane-level values -> samples)
+    pts, heading = lane_pose_at(mb, mid, per(take(mb.lane_offset, mid, seq_c)), per(take(mb.lane_count, mid, seq_c)),
+                                per(lane_len), local)
     return PathInfo(seq=torch.where(seq_ok, seq, torch.full_like(seq, -1)), ends=ends, path_end=path_end,
                     pts=pts, heading=heading)
 
@@ -185,53 +187,105 @@ def idm_accel(v, v0, gap, dv, a_max, b_comf, headway, min_gap, delta: float = 4.
     return a_max * (free - inter.clamp_max(1e4))
 
 
+# ---------------------------------------------------------------------- sparse pairs
+def _pairs(mask: torch.Tensor):
+    """(B, N, N) bool -> flat row index b*N+i, flat column index b*N+j, batch b, for every True entry."""
+    B, N, _ = mask.shape
+    b, i, j = mask.nonzero(as_tuple=True)
+    return b * N + i, b * N + j, b
+
+
+def _row_pairs(rows: torch.Tensor, cols: torch.Tensor):
+    """Pairs (i, j) for the few rows ``rows (B, N)`` against every column j of the same world with
+    ``cols (B, N)`` (j != i): flat row index, flat column index. Cost follows the number of rows."""
+    B, N = rows.shape
+    r = rows.reshape(-1).nonzero().squeeze(1)  # (R,)
+    b = r // N
+    j = b[:, None] * N + torch.arange(N, device=rows.device)[None, :]  # (R, N)
+    keep = cols.reshape(-1)[j] & (j != r[:, None])
+    return r[:, None].expand_as(j)[keep], j[keep]
+
+
+def _scatter_min(n: int, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """Per-row minimum of ``val`` grouped by flat row ``idx``; rows without entries get +inf. (n,)"""
+    out = torch.full((n,), float("inf"), dtype=val.dtype, device=val.device)
+    return out.scatter_reduce(0, idx, val, reduce="amin", include_self=True)
+
+
+def _argmin_rows(n: int, idx: torch.Tensor, val: torch.Tensor, payload: torch.Tensor) -> tuple:
+    """Per-row minimum of ``val`` and the largest ``payload`` among the entries attaining it (-1 if none)."""
+    best = _scatter_min(n, idx, val)
+    win = (val == best[idx]) & torch.isfinite(val)
+    pick = torch.full((n,), -1, dtype=payload.dtype, device=val.device)
+    pick = pick.scatter_reduce(0, idx[win], payload[win], reduce="amax", include_self=True)
+    return best, pick
+
+
+def _close_pairs(state: WorldState, rows: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) bool: valid j (j != i) within ``reach (B, N)`` of agent i, for the agents i in ``rows (B, N)``."""
+    N = state.num_agents
+    near = torch.cdist(state.pos, state.pos) < reach[:, :, None]
+    eye = torch.eye(N, dtype=torch.bool, device=state.device)[None]
+    return near & rows[:, :, None] & state.valid[:, None, :] & ~eye
+
+
 # ---------------------------------------------------------------------- leaders
 def _leaders(state: WorldState, path: PathInfo, cfg: TrafficConfig):
-    """Nearest entity in each agent's path corridor: gap (B, N) (inf if none), leader speed (B, N), index."""
-    B, N = state.lane.shape
-    pos, yaw = state.pos, state.yaw
-    rel = pos[:, None, :, :] - pos[:, :, None, :]  # (B, i, j, 2)
-    dist = rel.norm(dim=-1)
-    fwd = torch.stack([torch.cos(yaw), torch.sin(yaw)], -1)  # (B, N, 2)
-    ahead = (rel * fwd[:, :, None, :]).sum(-1) > -0.5 * state.length[:, :, None]
-    eye = torch.eye(N, dtype=torch.bool, device=pos.device)[None]
-    usable = state.valid[:, None, :] & ~eye & ahead
-    usable &= ~((state.kind[:, None, :] == int(AgentKind.EGO)) & ~state.react_ego[:, :, None])
-    on_path = (state.lane[:, None, :, None] == path.seq[:, :, None, :]).any(-1) & (state.lane[:, None, :] >= 0)
-    score = torch.where(usable, dist - 30.0 * on_path.float(), torch.full_like(dist, float("inf")))
-    K = min(cfg.neighbours, N)
-    sc, j = torch.topk(score, K, dim=-1, largest=False)  # (B, N, K)
-    cand_ok = torch.isfinite(sc)
+    """Nearest entity in each lane-following vehicle's path corridor.
 
-    gj = lambda x: torch.gather(x[:, None, :].expand(-1, N, -1), 2, j)  # noqa: E731
-    pj = torch.gather(pos[:, None, :, :].expand(-1, N, -1, -1), 2, j[..., None].expand(-1, -1, -1, 2))
-    a = path.pts[:, :, None, :-1, :]  # (B, N, 1, S-1, 2)
-    b = path.pts[:, :, None, 1:, :]
+    Candidate pairs (i, j) are the valid entities within the path's reach and not behind i (a sparse pair
+    list, so the cost follows local density); each j is projected on i's sampled path (nearest sample,
+    refined on its two adjacent segments). Returns gap (B, N) (inf if none), leader speed along the path
+    (B, N), leader index (B, N) (-1 if none).
+    """
+    B, N = state.lane.shape
+    S = path.pts.shape[2]
+    follows = (state.mode == Mode.LANE) & (state.lane >= 0) & state.is_vehicle() & (state.kind != int(AgentKind.EGO))
+    # look as far as the IDM can care about: a few seconds of travel, at most the sampled path
+    reach = (cfg.leader_time * state.speed + cfg.leader_reach_min).clamp(max=(S - 1) * cfg.path_step)
+    cand = _close_pairs(state, follows, reach + 5.0)
+    ignore_ego = (state.kind == int(AgentKind.EGO))[:, None, :] & ~state.react_ego[:, :, None]
+    ri, rj, _ = _pairs(cand & ~ignore_ego)
+    flat = lambda x: x.reshape(B * N, *x.shape[2:])  # noqa: E731
+    # drop pairs behind the agent before the path projection
+    rel = flat(state.pos).index_select(0, rj) - flat(state.pos).index_select(0, ri)
+    yi = flat(state.yaw).index_select(0, ri)
+    ahead = rel[:, 0] * torch.cos(yi) + rel[:, 1] * torch.sin(yi) > -0.5 * flat(state.length).index_select(0, ri)
+    ri, rj = ri[ahead], rj[ahead]
+    pts = flat(path.pts).index_select(0, ri)  # (P, S, 2)
+    heads = flat(path.heading).index_select(0, ri)  # (P, S)
+    pj = flat(state.pos).index_select(0, rj)  # (P, 2)
+    d2 = ((pts - pj[:, None, :]) ** 2).sum(-1)
+    k0 = (d2.argmin(-1) - 1).clamp(0, S - 3)  # first of three samples -> two segments
+    tri = torch.gather(pts, 1, (k0[:, None] + torch.arange(3, device=pts.device))[..., None].expand(-1, -1, 2))
+    a, b = tri[:, :2], tri[:, 1:]
     ab = b - a
     l2 = (ab * ab).sum(-1).clamp_min(1e-6)
-    u = (((pj[:, :, :, None, :] - a) * ab).sum(-1) / l2).clamp(0.0, 1.0)  # (B, N, K, S-1)
-    proj = a + u[..., None] * ab
-    lat = (pj[:, :, :, None, :] - proj).norm(dim=-1)
-    lat_min, si = lat.min(-1)  # (B, N, K)
-    arc = (si.float() + torch.gather(u, -1, si[..., None]).squeeze(-1)) * cfg.path_step
-    seg_h = torch.gather(path.heading[:, :, None, :-1].expand(-1, -1, K, -1), -1, si[..., None]).squeeze(-1)
-    phi = gj(yaw) - seg_h
+    u = (((pj[:, None, :] - a) * ab).sum(-1) / l2).clamp(0.0, 1.0)  # (P, 2)
+    diff = pj[:, None, :] - (a + u[..., None] * ab)
+    lat2 = (diff * diff).sum(-1)
+    which = lat2.argmin(-1)
+    lat = torch.gather(lat2, 1, which[:, None]).squeeze(1).sqrt()
+    seg = k0 + which
+    arc = (seg.to(pj.dtype) + torch.gather(u, 1, which[:, None]).squeeze(1)) * cfg.path_step
+    phi = flat(state.yaw).index_select(0, rj) - torch.gather(heads, 1, seg[:, None]).squeeze(1)
     c, s = torch.cos(phi).abs(), torch.sin(phi).abs()
-    lj, wj = gj(state.length), gj(state.width)
+    lj, wj = flat(state.length).index_select(0, rj), flat(state.width).index_select(0, rj)
     perp = 0.5 * (wj * c + lj * s)
     along = 0.5 * (lj * c + wj * s)
-    is_ped = gj(state.kind) == int(AgentKind.PEDESTRIAN)
-    margin = cfg.corridor_margin + cfg.pedestrian_margin * is_ped.float()
-    inside = lat_min < 0.5 * state.width[..., None] + perp + margin
-    gap = arc - along - 0.5 * state.length[..., None]
-    # the projection clamps at the path start: exclude entities that are really behind or beside us
-    inside &= cand_ok & (arc > 0.05) & (arc < (cfg.path_samples - 1) * cfg.path_step - 0.1)
-    gap = torch.where(inside, gap.clamp_min(0.05), torch.full_like(gap, float("inf")))
-    g, k = gap.min(-1)
-    v_lead = (gj(state.speed) * torch.cos(phi)).clamp_min(0.0)
-    v_lead = torch.gather(v_lead, -1, k[..., None]).squeeze(-1)
-    leader = torch.gather(j, -1, k[..., None]).squeeze(-1)
-    return g, v_lead, torch.where(torch.isfinite(g), leader, torch.full_like(leader, -1))
+    kind_j = flat(state.kind).index_select(0, rj)
+    margin = cfg.corridor_margin + cfg.pedestrian_margin * (kind_j == int(AgentKind.PEDESTRIAN)).to(pj.dtype)
+    inside = lat < 0.5 * flat(state.width).index_select(0, ri) + perp + margin
+    inside &= (arc > 0.05) & (arc < (S - 1) * cfg.path_step - 0.1)
+    gap = (arc - along - 0.5 * flat(state.length).index_select(0, ri)).clamp_min(0.05)
+    gap = torch.where(inside, gap, torch.full_like(gap, float("inf")))
+    v_along = (flat(state.speed).index_select(0, rj) * torch.cos(phi)).clamp_min(0.0)
+    best, leader = _argmin_rows(B * N, ri, gap, rj)
+    v_lead = torch.zeros(B * N, device=pj.device)
+    has = leader >= 0
+    v_lead[has] = _scatter_min(B * N, ri[gap == best[ri]], v_along[gap == best[ri]])[has]
+    leader = torch.where(has, leader % N, leader)
+    return best.view(B, N), v_lead.view(B, N), leader.view(B, N)
 
 
 # ---------------------------------------------------------------------- stop points
@@ -265,67 +319,77 @@ def _light_and_stop_gaps(mb: MapBatch, state: WorldState, path: PathInfo, lights
 
 
 def _junction_gaps(mb: MapBatch, state: WorldState, path: PathInfo, held: torch.Tensor, cfg: TrafficConfig):
-    """Yielding at junctions: distance to the point where each agent must wait (inf if free to go)."""
+    """Yielding at junctions: distance to the point where each agent must wait (inf if free to go).
+
+    Every vehicle (the ego included) with a connector among its next lanes takes part; pairs whose
+    connectors conflict are listed sparsely. Agent i yields to j when j has the right of way (higher
+    connector priority; or equal priority and j already inside the junction, or arriving first), j is not
+    itself held by a light / stop sign, neither has passed the conflict point, and j would reach it
+    within ``gap_time`` of i. Agents that can no longer stop, or are committed inside, do not yield.
+    """
     B, N, Qn = path.seq.shape
     conn_index, conflict, conflict_s = _connector_tables(mb)
-    mid = state.map_id[:, None, None]
+    C = conflict.shape[1]
+    m2 = state.map_id[:, None]
     seq = path.seq.clamp_min(0)
-    is_conn = (path.seq >= 0) & (take(mb.lane_junction, mid, seq) >= 0)
-    # the first connector on the path, among the first three lanes
+    is_conn = (path.seq >= 0) & (take(mb.lane_junction, state.map_id[:, None, None], seq) >= 0)
     is_conn[..., 3:] = False
-    has = is_conn.any(-1)
-    k = is_conn.float().argmax(-1)  # first True
-    c_lane = torch.gather(path.seq, -1, k[..., None]).squeeze(-1)
-    inside = has & (k == 0)
+    k = is_conn.float().argmax(-1)  # first connector on the path
+    c_lane = torch.gather(path.seq, -1, k[..., None]).squeeze(-1).clamp_min(0)
+    inside = is_conn.any(-1) & (k == 0)
     before = torch.cat([torch.zeros_like(path.ends[..., :1]), path.ends[..., :-1]], -1)
     entry = torch.where(inside, torch.zeros_like(state.s), torch.gather(before, -1, k[..., None]).squeeze(-1))
-    has &= entry < cfg.junction_lookahead
-    m2 = state.map_id[:, None]
-    ci = torch.where(has, conn_index[m2, c_lane.clamp_min(0)], torch.full_like(c_lane, -1))
-    ok = ci >= 0
-    cic = ci.clamp_min(0)
-    M = conflict.shape[0]
-    # pair tables (B, i, j)
-    mm = state.map_id[:, None, None]
-    cf = conflict[mm, cic[:, :, None], cic[:, None, :]] & ok[:, :, None] & ok[:, None, :]
-    s_ij = conflict_s[mm, cic[:, :, None], cic[:, None, :]]  # conflict point on i's connector
-    s_ji = conflict_s[mm, cic[:, None, :], cic[:, :, None]]  # on j's connector
-    prog = torch.where(inside, state.s, torch.zeros_like(state.s))
-    d_i = entry[:, :, None] + s_ij - prog[:, :, None]
-    d_j = entry[:, None, :] + s_ji - prog[:, None, :]
-    v = state.speed
-    t_i = d_i.clamp_min(0) / v[:, :, None].clamp_min(2.0)
-    t_j = d_j.clamp_min(0) / v[:, None, :].clamp_min(0.5)
-    prio = torch.where(ok, take(mb.lane_priority, m2, c_lane.clamp_min(0)), torch.zeros_like(c_lane))
-    p_i, p_j = prio[:, :, None], prio[:, None, :]
-    in_i, in_j = inside[:, :, None], inside[:, None, :]
-    idx = torch.arange(N, device=state.device)
-    earlier = (t_j < t_i) | ((t_j == t_i) & (idx[None, None, :] < idx[None, :, None]))
-    row = (p_j > p_i) | ((p_j == p_i) & ((in_j & ~in_i) | ((in_j == in_i) & earlier)))
-    row |= state.ignore_priority[:, None, :]
-    row &= ~held[:, None, :] | in_j
-    vehicle = state.is_vehicle()
-    other_ok = vehicle[:, None, :] & ~((state.kind[:, None, :] == int(AgentKind.EGO)) & ~state.react_ego[:, :, None])
-    not_passed_j = d_j > -(0.5 * state.length[:, None, :] + 1.0)
-    not_passed_i = d_i > -0.5 * state.length[:, :, None]
-    must = cf & row & other_ok & not_passed_j & not_passed_i & (t_j < t_i + cfg.gap_time) & (d_j < 60.0)
+    ok = is_conn.any(-1) & (entry < cfg.junction_lookahead) & state.is_vehicle()
+    ci = take(conn_index, m2, c_lane)
+    ok &= ci >= 0
+    decider = ok & (state.mode == Mode.LANE) & (state.kind != int(AgentKind.EGO)) & ~state.ignore_priority
+    ignore_ego = (state.kind == int(AgentKind.EGO))[:, None, :] & ~state.react_ego[:, :, None]
     eye = torch.eye(N, dtype=torch.bool, device=state.device)[None]
-    must &= ~eye
-    yield_ = must.any(-1)
-    can_stop = entry > v * v / (2.0 * cfg.max_brake)
+    ri, rj, rb = _pairs(decider[:, :, None] & ok[:, None, :] & ~eye & ~ignore_ego)
+    flat = lambda x: x.reshape(-1)  # noqa: E731
+    m = state.map_id[rb]
+    ci_i, ci_j = flat(ci)[ri], flat(ci)[rj]
+    lin = (m * C + ci_i) * C + ci_j
+    cf = conflict.view(-1)[lin]
+    ri, rj, m, ci_i, ci_j, lin = ri[cf], rj[cf], m[cf], ci_i[cf], ci_j[cf], lin[cf]
+    s_ij = conflict_s.view(-1)[lin]
+    s_ji = conflict_s.view(-1)[(m * C + ci_j) * C + ci_i]
+    prog = flat(torch.where(inside, state.s, torch.zeros_like(state.s)))
+    ent = flat(entry)
+    d_i = ent[ri] + s_ij - prog[ri]
+    d_j = ent[rj] + s_ji - prog[rj]
+    v = flat(state.speed)
+    t_i = d_i.clamp_min(0) / v[ri].clamp_min(2.0)
+    t_j = d_j.clamp_min(0) / v[rj].clamp_min(0.5)
+    prio = flat(take(mb.lane_priority, m2, c_lane))
+    p_i, p_j = prio[ri], prio[rj]
+    ins = flat(inside)
+    in_i, in_j = ins[ri], ins[rj]
+    earlier = (t_j < t_i) | ((t_j == t_i) & (rj < ri))
+    row = (p_j > p_i) | ((p_j == p_i) & ((in_j & ~in_i) | ((in_j == in_i) & earlier)))
+    row |= flat(state.ignore_priority)[rj]
+    row &= ~flat(held)[rj] | in_j
+    length = flat(state.length)
+    must = row & (d_j > -(0.5 * length[rj] + 1.0)) & (d_i > -0.5 * length[ri])
+    must &= (t_j < t_i + cfg.gap_time) & (d_j < 60.0)
+    d_conf = _scatter_min(B * N, ri[must], d_i[must]).view(B, N)
+    yield_ = torch.isfinite(d_conf)
+    can_stop = entry > state.speed * state.speed / (2.0 * cfg.max_brake)
     committed = (inside & (state.s > cfg.commit_dist)) | (~inside & ~can_stop)
-    yield_ &= ~committed & ~state.ignore_priority & ok
-    # wait at the entry (before) or before the first conflict point (inside)
-    d_conf = torch.where(must, d_i, torch.full_like(d_i, float("inf"))).min(-1).values
+    yield_ &= ~committed
     wait_at = torch.where(inside, d_conf - 2.0, entry - cfg.stop_margin)
-    gap = torch.where(yield_, wait_at - 0.5 * state.length, torch.full_like(wait_at, float("inf")))
-    del M
-    return gap
+    return torch.where(yield_, wait_at - 0.5 * state.length, torch.full_like(wait_at, float("inf")))
 
 
 # ---------------------------------------------------------------------- lane changes (MOBIL)
 def _mobil(mb: MapBatch, state: WorldState, path: PathInfo, a_cur: torch.Tensor, v0: torch.Tensor, cfg: TrafficConfig):
-    """Lane-change decisions: returns target lane (B, N) (-1: stay)."""
+    """Lane-change decisions (MOBIL): returns the target lane (B, N), -1 to stay.
+
+    Evaluated for 1/``mobil_every`` of the agents each step (staggered by index). On the target lane the
+    new leader and follower are the nearest agents ahead / behind by arc length (neighbouring lanes run
+    in parallel, so arc lengths compare); incentive a_new - a_cur + p (follower's change) + keep-right bias
+    must exceed the threshold, and the new follower must not need to brake harder than ``mobil_safe_brake``.
+    """
     B, N = state.lane.shape
     m2 = state.map_id[:, None]
     lane = state.lane.clamp_min(0)
@@ -334,47 +398,45 @@ def _mobil(mb: MapBatch, state: WorldState, path: PathInfo, a_cur: torch.Tensor,
     base = (
         due & (state.mode == Mode.LANE) & state.lane_changes & state.is_vehicle()
         & (state.kind != int(AgentKind.EGO)) & (state.lane >= 0) & (state.offset.abs() < 0.3)
-        & (take(mb.lane_junction, m2, lane) < 0) & ~state.hold
+        & (take(mb.lane_junction, m2, lane) < 0) & ~state.hold & (path.ends[..., 0] > cfg.lane_change_clearance)
     )
-    room = (path.ends[..., 0] > cfg.lane_change_clearance)
-    base &= room
+    target = torch.full_like(state.lane, -1)
     if not bool(base.any()):
-        return torch.full_like(state.lane, -1)
+        return target
     lane_ends = (take(mb.lane_succ, m2, lane) < 0).all(-1)  # no successor: must leave this lane
     best_gain = torch.full_like(state.s, -float("inf"))
-    target = torch.full_like(state.lane, -1)
-    same_lane_j = state.lane[:, None, :]
-    ds = state.s[:, None, :] - state.s[:, :, None]  # s_j - s_i (B, i, j), meaningful on parallel lanes
-    len_ij = 0.5 * (state.length[:, :, None] + state.length[:, None, :])
-    obstacle = state.valid[:, None, :] & (idx[None, None, :] != idx[None, :, None])
+    flat = lambda x: x.reshape(-1)  # noqa: E731
     for side, bias in ((mb.lane_left, -cfg.mobil_keep_right), (mb.lane_right, cfg.mobil_keep_right)):
-        tl = side[m2, lane]
-        tl_ok = base & (tl >= 0)
-        tl_ok &= take(mb.lane_type, m2, tl.clamp_min(0)) == int(LaneType.DRIVING)
+        tl = take(side, m2, lane)
+        tl_ok = base & (tl >= 0) & (take(mb.lane_type, m2, tl.clamp_min(0)) == int(LaneType.DRIVING))
         if not bool(tl_ok.any()):
             continue
-        on_t = (same_lane_j == tl[:, :, None]) & obstacle
-        ahead = on_t & (ds > 0)
-        behind = on_t & (ds <= 0)
-        gap_a = torch.where(ahead, ds - len_ij, torch.full_like(ds, float("inf")))
-        g_lead, j_lead = gap_a.min(-1)
-        gap_b = torch.where(behind, -ds - len_ij, torch.full_like(ds, float("inf")))
-        g_fol, j_fol = gap_b.min(-1)
-        v_lead = torch.gather(state.speed, 1, j_lead)
-        v_fol = torch.gather(state.speed, 1, j_fol)
-        has_fol = torch.isfinite(g_fol)
-        p = lambda x: torch.gather(x, 1, j_fol)  # noqa: E731
-        v0_fol = torch.gather(v0, 1, j_fol)
+        ri, rj = _row_pairs(tl_ok, state.valid)
+        on_t = flat(state.lane)[rj] == flat(tl)[ri]
+        ri, rj = ri[on_t], rj[on_t]
+        s, length = flat(state.s), flat(state.length)
+        ds = s[rj] - s[ri]
+        half = 0.5 * (length[ri] + length[rj])
+        inf = torch.full_like(ds, float("inf"))
+        g_lead, j_lead = _argmin_rows(B * N, ri, torch.where(ds > 0, ds - half, inf), rj)
+        g_fol, j_fol = _argmin_rows(B * N, ri, torch.where(ds <= 0, -ds - half, inf), rj)
+        g_lead, g_fol = g_lead.view(B, N), g_fol.view(B, N)
+        pick = lambda x, j: torch.where(j >= 0, flat(x)[j.clamp_min(0)], torch.zeros_like(flat(x)[:1]).expand_as(j)).view(B, N)  # noqa: E731
+        v_lead = pick(state.speed, j_lead)
+        has_fol = (j_fol >= 0).view(B, N)
+        v_fol = pick(state.speed, j_fol)
+        fp = {f: pick(getattr(state, f), j_fol) for f in ("a_max", "b_comf", "headway", "min_gap")}
+        fp = {f: torch.where(has_fol, x, getattr(state, f)) for f, x in fp.items()}
+        v0_fol = torch.where(has_fol, pick(v0, j_fol), v0)
         a_new = idm_accel(state.speed, v0, g_lead, state.speed - v_lead, state.a_max, state.b_comf,
                           state.headway, state.min_gap, cfg.idm_delta)
-        a_fol_new = idm_accel(v_fol, v0_fol, g_fol, v_fol - state.speed, p(state.a_max), p(state.b_comf),
-                              p(state.headway), p(state.min_gap), cfg.idm_delta)
-        gap_fl = g_lead + g_fol + state.length
-        a_fol_old = idm_accel(v_fol, v0_fol, gap_fl, v_fol - v_lead, p(state.a_max), p(state.b_comf),
-                              p(state.headway), p(state.min_gap), cfg.idm_delta)
+        a_fol_new = idm_accel(v_fol, v0_fol, g_fol, v_fol - state.speed, fp["a_max"], fp["b_comf"],
+                              fp["headway"], fp["min_gap"], cfg.idm_delta)
+        a_fol_old = idm_accel(v_fol, v0_fol, g_lead + g_fol + state.length, v_fol - v_lead, fp["a_max"],
+                              fp["b_comf"], fp["headway"], fp["min_gap"], cfg.idm_delta)
         safe = (g_lead > 1.0) & (~has_fol | ((g_fol > 1.0) & (a_fol_new > -cfg.mobil_safe_brake)))
         gain = a_new - a_cur + state.politeness * torch.where(has_fol, a_fol_new - a_fol_old, torch.zeros_like(a_new))
-        gain = gain + bias + 5.0 * lane_ends.float()
+        gain = gain + bias + 5.0 * lane_ends.to(gain.dtype)
         want = tl_ok & safe & (gain > cfg.mobil_threshold) & (gain > best_gain)
         target = torch.where(want, tl, target)
         best_gain = torch.where(want, gain, best_gain)
@@ -383,23 +445,32 @@ def _mobil(mb: MapBatch, state: WorldState, path: PathInfo, a_cur: torch.Tensor,
 
 # ---------------------------------------------------------------------- queue maintenance
 def refill_queue(mb: MapBatch, state: WorldState, lane: torch.Tensor, queue: torch.Tensor, salt: int):
-    """Fill -1 slots of ``queue (B, N, QUEUE)`` with random successors, lane by lane."""
-    m2 = state.map_id[:, None]
-    idx = torch.arange(lane.shape[1], device=lane.device)[None, :].expand_as(lane)
-    prev = lane
-    out = []
-    for q in range(QUEUE):
-        cur = queue[..., q]
-        succ = take(mb.lane_succ, m2, prev.clamp_min(0))  # (B, N, S)
+    """Fill -1 slots of ``queue (B, N, QUEUE)`` with random successors, lane by lane.
+
+    Only agents with an empty slot behind a lane that has successors are touched (gathered sparsely)."""
+    B, N = lane.shape
+    seq = torch.cat([lane[..., None], queue], -1)
+    last = torch.gather(seq, -1, ((seq >= 0).long().cumprod(-1).sum(-1) - 1).clamp_min(0)[..., None]).squeeze(-1)
+    need = (queue[..., -1] < 0) & (lane >= 0)
+    need &= take(mb.lane_succ, state.map_id[:, None], last.clamp_min(0))[..., 0] >= 0
+    rows = need.reshape(-1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return queue
+    b = rows // N
+    q = queue.reshape(-1, QUEUE)[rows].clone()
+    prev = lane.reshape(-1)[rows]
+    for k in range(QUEUE):
+        succ = take(mb.lane_succ, state.map_id[b], prev.clamp_min(0))  # (R, S)
         n = (succ >= 0).sum(-1)
-        u = hash_uniform(state.seed, state.step, idx * 8 + q, salt)
-        pick = (u * n.float()).floor().long().clamp(max=(n - 1).clamp_min(0))
-        choice = torch.gather(succ, -1, pick[..., None]).squeeze(-1)
+        u = hash_uniform(state.seed[b], state.step[b], ((rows % N) * 8 + k)[:, None], salt).squeeze(1)
+        pick = (u * n.to(u.dtype)).floor().long().clamp(max=(n - 1).clamp_min(0))
+        choice = torch.gather(succ, -1, pick[:, None]).squeeze(-1)
         choice = torch.where((prev >= 0) & (n > 0), choice, torch.full_like(choice, -1))
-        cur = torch.where(cur >= 0, cur, choice)
-        out.append(cur)
-        prev = cur
-    return torch.stack(out, -1)
+        q[:, k] = torch.where(q[:, k] >= 0, q[:, k], choice)
+        prev = q[:, k]
+    out = queue.reshape(-1, QUEUE).clone()
+    out[rows] = q
+    return out.view(B, N, QUEUE)
 
 
 def _replan_after_change(mb, state, target, path_lane, path_s, queue):
@@ -509,6 +580,7 @@ def traffic_step(mb: MapBatch, state: WorldState, lights: torch.Tensor, cfg: Tra
 
 def _kerb_wait(mb: MapBatch, state: WorldState, path: PathInfo, cfg: TrafficConfig) -> torch.Tensor:
     """(B, N) bool: pedestrian at the kerb before a crosswalk that a vehicle would reach too soon."""
+    B, N = state.lane.shape
     m2 = state.map_id[:, None]
     nxt = state.queue[..., 0]
     cur_t = take(mb.lane_type, m2, state.lane.clamp_min(0))
@@ -520,16 +592,17 @@ def _kerb_wait(mb: MapBatch, state: WorldState, path: PathInfo, cfg: TrafficConf
     if not bool(at_kerb.any()):
         return at_kerb
     mid_pt, _ = lane_pose(mb, m2, nxt.clamp_min(0), 0.5 * take(mb.lane_length, m2, nxt.clamp_min(0)))  # (B, N, 2)
-    veh = state.is_vehicle()
-    rel = mid_pt[:, :, None, :] - state.pos[:, None, :, :]  # (B, ped, veh, 2)
+    ri, rj = _row_pairs(at_kerb, state.is_vehicle())
+    rel = mid_pt.reshape(-1, 2)[ri] - state.pos.reshape(-1, 2)[rj]
     dist = rel.norm(dim=-1)
-    vel = state.speed[..., None] * torch.stack([torch.cos(state.yaw), torch.sin(state.yaw)], -1)
-    closing = (rel * vel[:, None, :, :]).sum(-1) / dist.clamp_min(0.1)
+    yaw_j, v_j = state.yaw.reshape(-1)[rj], state.speed.reshape(-1)[rj]
+    closing = v_j * (rel[:, 0] * torch.cos(yaw_j) + rel[:, 1] * torch.sin(yaw_j)) / dist.clamp_min(0.1)
     ttc = dist / closing.clamp_min(0.1)
-    danger = veh[:, None, :] & (dist < cfg.ped_cross_radius) & (
-        ((closing > 0.5) & (ttc < cfg.ped_cross_ttc)) | ((dist < cfg.ped_cross_near) & (state.speed[:, None, :] > 0.5))
-    )
-    return at_kerb & danger.any(-1)
+    danger = (dist < cfg.ped_cross_radius) & (
+        ((closing > 0.5) & (ttc < cfg.ped_cross_ttc)) | ((dist < cfg.ped_cross_near) & (v_j > 0.5)))
+    out = torch.zeros(B * N, dtype=torch.bool, device=state.device)
+    out[ri[danger]] = True
+    return at_kerb & out.view(B, N)
 
 
 def advance_lanes(mb: MapBatch, prev: WorldState, state: WorldState, cfg: TrafficConfig, dt: float) -> WorldState:
@@ -561,9 +634,5 @@ def advance_lanes(mb: MapBatch, prev: WorldState, state: WorldState, cfg: Traffi
                          offset=torch.where(follow, off, state.offset), stopped_at=stopped_at)
 
 
-def wrap(a):
-    return wrap_angle(a)
-
-
 __all__ = ["TrafficConfig", "TrafficControls", "traffic_step", "advance_lanes", "idm_accel", "hash_uniform",
-           "path_info", "refill_queue", "math"]
+           "path_info", "refill_queue"]

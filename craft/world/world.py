@@ -51,6 +51,8 @@ class WorldConfig:
     events: EventConfig = field(default_factory=EventConfig)
     spawn_gap: float = 10.0  # minimum distance between spawned background agents, m
     spawn_clear_ahead: float = 25.0  # no background vehicle spawns this close ahead of the ego on its lane, m
+    spawn_radius: float = 250.0  # background agents concentrate within this distance of the ego start, m
+    spawn_near_share: float = 3.0  # weight boost of lanes within spawn_radius (relative to their length share)
 
 
 @dataclass
@@ -226,6 +228,11 @@ class World:
         if len(lanes) == 0:
             return []
         w = m.lane_length[lanes].astype(np.float64)
+        # like Bench2Drive's background traffic, most agents start around the ego
+        mid = m.points[m.lane_offset[lanes] + m.lane_count[lanes] // 2]
+        near = np.hypot(*(mid - np.asarray(taken[0])).T) < self.cfg.spawn_radius
+        if near.any():
+            w = w * np.where(near, self.cfg.spawn_near_share / max(w[near].sum() / w.sum(), 1e-9), 1.0)
         cand_l = rng.choice(lanes, size=6 * n, p=w / w.sum())
         cand_s = rng.random(6 * n) * m.lane_length[cand_l]
         pts = m.points[m.lane_offset[cand_l] + np.minimum(np.round(cand_s / np.maximum(
