@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from craft.errors import CraftError
@@ -52,7 +51,7 @@ def cmd_sim_bench(args) -> int:
 
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs]
     result = run_sim_bench(configs, steps=args.steps, device=args.device, highway_env=not args.no_highway_env,
-                           seed=args.seed)
+                           seed=args.seed, threads=args.threads or None, highway_env_seconds=args.highway_env_seconds)
     if args.json:
         write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
@@ -76,9 +75,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="craft", description="Closed-loop reinforcement fine-tuning of driving policies.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="craft", description="Closed-loop reinforcement fine-tuning of driving policies.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("sim-bench", help="measure the world's throughput (agent-steps/s) against highway-env")
     b.add_argument("--configs", nargs="+", default=["256x64", "1024x64", "256x128"],
@@ -86,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=_positive_int, default=50, help="timed steps per configuration")
     b.add_argument("--device", type=_device, default="cpu")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     b.add_argument("--no-highway-env", action="store_true", help="skip the highway-env comparison")
+    b.add_argument("--highway-env-seconds", type=float, default=5.0, help="how long to time highway-env")
     b.add_argument("--json", help="write the figures to this JSON file")
     b.set_defaults(func=cmd_sim_bench)
 
@@ -121,5 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    t0 = time.time()
     sys.exit(main())

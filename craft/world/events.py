@@ -129,10 +129,10 @@ class _Ego:
     cand: dict  # lane_candidates around the ego, shared by every lane query of the step
 
 
-def _ego_view(mb: MapBatch, prev: WorldState, state: WorldState, cfg: EventConfig) -> _Ego:
+def _ego_view(mb: MapBatch, prev: WorldState, state: WorldState, cfg: EventConfig, cand: dict | None = None) -> _Ego:
     pos, prev_pos = state.pos[:, 0], prev.pos[:, 0]
     yaw = state.yaw[:, 0]
-    cand = lane_candidates(mb, state.map_id, pos)
+    cand = cand if cand is not None else lane_candidates(mb, state.map_id, pos)
     return _Ego(
         pos=pos,
         prev_pos=prev_pos,
@@ -494,8 +494,10 @@ def update_events(
     lights: Tensor,
     cfg: EventConfig = EventConfig(),
     end_on_collision: bool = False,
+    cand: dict | None = None,
 ) -> tuple[WorldState, StepEvents]:
-    """Apply the event rules to one world step.
+    """Apply the event rules to one world step (``cand``: the ego's :func:`lane_candidates`, if the caller
+    already has them for ``state``'s ego position).
 
     Args:
         mb: the map batch the worlds index with ``state.map_id``.
@@ -512,7 +514,7 @@ def update_events(
         bookkeeping and report no events (False / 0 / -1; measurements such as ``speed`` are still filled).
     """
     _check_shapes(mb, prev, state, lights)
-    ego = _ego_view(mb, prev, state, cfg)
+    ego = _ego_view(mb, prev, state, cfg, cand)
     col_book, col = _collisions(prev, state, ego, cfg)
     red_book, red = _red_lights(mb, prev, state, ego, lights, cfg)
     stop_book, stop = _stop_signs(mb, prev, state, ego, cfg)

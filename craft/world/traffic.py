@@ -147,7 +147,7 @@ def path_info(mb: MapBatch, state: WorldState, cfg: TrafficConfig) -> PathInfo:
     path_end = torch.where(seq_ok[..., -1], torch.full_like(last_end, float("inf")), last_end)
 
     d = torch.arange(cfg.path_samples, device=state.device, dtype=torch.float32) * cfg.path_step  # (S,)
-    k = (d[None, None, :, None] >= ends[..., None, :]).sum(-1)  # (B, N, S) which path lane
+    k = torch.searchsorted(ends, d.expand(B, N, -1).contiguous(), right=True)  # (B, N, S) which path lane
     k = torch.minimum(k, (n_ok - 1).clamp_min(0)[..., None])
     before = torch.cat([torch.zeros_like(ends[..., :1]), torch.cumsum(seg, -1)[..., :-1]], -1)  # (B, N, Q)
     start = torch.gather(before, -1, k)
@@ -343,10 +343,13 @@ def _junction_gaps(mb: MapBatch, state: WorldState, path: PathInfo, held: torch.
     ci = take(conn_index, m2, c_lane)
     ok &= ci >= 0
     decider = ok & (state.mode == Mode.LANE) & (state.kind != int(AgentKind.EGO)) & ~state.ignore_priority
-    ignore_ego = (state.kind == int(AgentKind.EGO))[:, None, :] & ~state.react_ego[:, :, None]
-    eye = torch.eye(N, dtype=torch.bool, device=state.device)[None]
-    ri, rj, rb = _pairs(decider[:, :, None] & ok[:, None, :] & ~eye & ~ignore_ego)
+    jid = take(mb.lane_junction, m2, c_lane)
+    ri, rj = _row_pairs(decider, ok)
     flat = lambda x: x.reshape(-1)  # noqa: E731
+    keep = flat(jid)[ri] == flat(jid)[rj]  # only road users of the same junction can conflict
+    keep &= flat(state.react_ego)[ri] | (flat(state.kind)[rj] != int(AgentKind.EGO))
+    ri, rj = ri[keep], rj[keep]
+    rb = ri // N
     m = state.map_id[rb]
     ci_i, ci_j = flat(ci)[ri], flat(ci)[rj]
     lin = (m * C + ci_i) * C + ci_j

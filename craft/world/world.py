@@ -25,7 +25,7 @@ from craft.errors import CraftError
 from craft.world.dynamics import bicycle_step, pedestrian_step
 from craft.world.events import EventConfig, update_events
 from craft.world.kinds import DEFAULT_SIZE, AgentKind
-from craft.world.map import LaneType, MapBatch, RoadMap, light_states, nearest_lane
+from craft.world.map import DRIVABLE, LaneType, MapBatch, RoadMap, lane_candidates, light_states, pick_lane
 from craft.world.state import QUEUE, Mode, StepEvents, WorldState, empty_state
 from craft.world.traffic import TrafficConfig, advance_lanes, refill_queue, traffic_step
 
@@ -305,8 +305,8 @@ class World:
         st = st.replace(pos=new_pos, yaw=new_yaw, speed=new_speed, steer=torch.where(moving & ~ped, steer_s, st.steer),
                         accel=applied)
         st = advance_lanes(self.maps, state, st, cfg.traffic, cfg.dt)
-        st = self._sync_ego(st)
-        st, events = update_events(self.maps, state, st, lights, cfg.events, cfg.end_on_collision)
+        st, cand = self._sync_ego(st, with_candidates=True)
+        st, events = update_events(self.maps, state, st, lights, cfg.events, cfg.end_on_collision, cand)
         st = st.replace(step=st.step + 1)
         return st, events
 
@@ -314,11 +314,12 @@ class World:
         """Independent copy of the state (cheap)."""
         return state.clone()
 
-    def _sync_ego(self, st: WorldState) -> WorldState:
-        """Match the ego to its lane (heading-aware) and advance its route index and lane queue."""
+    def _sync_ego(self, st: WorldState, with_candidates: bool = False):
+        """Match the ego to its lane (heading-aware) and advance its route index and lane queue.
+        With ``with_candidates`` also returns the ego's lane candidates for the event rules."""
         mb = self.maps
-        r = nearest_lane(mb, st.map_id, st.pos[:, 0], st.yaw[:, 0],
-                         types=(LaneType.DRIVING, LaneType.PARKING, LaneType.SHOULDER))
+        cand = lane_candidates(mb, st.map_id, st.pos[:, 0])
+        r = pick_lane(cand, DRIVABLE, st.yaw[:, 0])
         on = r["lane"] >= 0
         lane = torch.where(on & (r["dist"] <= r["width"] / 2 + 1.0), r["lane"], torch.full_like(r["lane"], -1))
         # route index: the first route lane at or after the current index that matches
@@ -341,7 +342,8 @@ class World:
         # off-route ego: assume it continues straight through successors
         filled = refill_queue(mb, st, lane_all, queue, salt=3)
         queue[:, 0] = torch.where(on_route[:, None], q_route, filled[:, 0])
-        return st.replace(lane=lane_all, s=s_all, queue=queue, route_idx=idx)
+        st = st.replace(lane=lane_all, s=s_all, queue=queue, route_idx=idx)
+        return (st, cand) if with_candidates else st
 
 
 # ---------------------------------------------------------------------- helpers
