@@ -198,3 +198,26 @@ def test_hash_uniform_is_deterministic_and_uniform():
     assert 0.0 <= float(u1.min()) and float(u1.max()) < 1.0
     assert abs(float(u1.mean()) - 0.5) < 0.03
     assert not torch.equal(u1, hash_uniform(seed, step, idx, 4))
+
+
+def test_background_traffic_rarely_collides():
+    """Reactive traffic in generated towns: vehicles avoid each other (rear-ends, junction conflicts,
+    lane changes). Distinct colliding vehicle pairs per vehicle-km stay low."""
+    from craft.world.collision import pairwise_collisions
+    from craft.world.towns import generate_town
+    from craft.world.world import random_specs
+
+    world = World([generate_town(0), generate_town(1)])
+    B = 24
+    state = world.reset(random_specs(world.maps, B, seed=5, n_vehicles=40, n_pedestrians=8), seed=5)
+    pairs, km = set(), 0.0
+    ctrl = torch.zeros(B, 2)
+    for _ in range(300):
+        prev = state
+        state, _ = world.step(state, ctrl)
+        veh = state.is_vehicle() & (state.kind != int(AgentKind.EGO))
+        km += float(((state.pos - prev.pos).norm(dim=-1) * veh).sum()) / 1000
+        i, j, b = pairwise_collisions(state.pos, state.yaw, state.length, state.width, veh)
+        pairs |= set(zip(b.tolist(), i.tolist(), j.tolist()))
+    assert km > 100
+    assert len(pairs) / km < 0.03, (len(pairs), km)

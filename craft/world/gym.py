@@ -30,8 +30,10 @@ depends only on the reset seed, the env index and the actions: same seed and act
 and rewards. The new world is spliced into the batch at its index. Padded sizes (agents ``N``, route lanes
 ``R``, route points ``P``) differ between worlds, so the new world is padded to the batch's sizes with the
 fill values of :func:`~craft.world.state.empty_state` (route points and their arc lengths repeat the last
-point, as ``World.reset`` does); when the new world needs more room the whole batch is padded up first.
-Padding never changes a world's behaviour (padded agents are invalid, padded route points invalid).
+point, as ``World.reset`` does); when the new world needs more room the whole batch is padded up first,
+and padding that no world needs any more is cut afterwards (the batch stays as small as its largest
+world). Padding never changes a world's behaviour (padded agents and route points are invalid); the tests
+check that an env's rewards do not depend on ``num_envs``.
 
 Reward (:class:`GymConfig`): a simple default so RL libraries have something to optimise -- NOT CRAFT's
 reward (CRAFT trains its policies with its own objectives). Per env step it sums, over the simulator
@@ -42,8 +44,10 @@ steps of that env step: metres of route progress x ``reward_progress``, counted 
 Infos (gymnasium's dict-of-arrays convention, each key with its ``_key`` mask, all True): per env
 ``route_completion`` (percent), ``progress`` / ``outside_lanes`` / ``driven`` (m this step),
 ``collisions`` / ``red_lights`` / ``stop_infractions`` (counts this step), ``speed`` (m/s),
-``episode_step``, ``episode``, ``episode_seed``, ``map_index``, ``end_reason`` (names, ``"running"`` while
-running; see :class:`~craft.world.state.EndReason`).
+``episode_step`` (env steps into the episode), ``episode_index`` (0 for the first episode after a seeded
+reset), ``episode_seed``, ``map_index``, ``end_reason`` (names, ``"running"`` while running; see
+:class:`~craft.world.state.EndReason`). There is no ``episode`` key: gymnasium's ``RecordEpisodeStatistics``
+wrapper adds that one.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ try:  # gymnasium >= 1.1
 except ImportError:  # pragma: no cover - gymnasium 1.0 used the plain string
     _NEXT_STEP = "NextStep"
 
-__all__ = ["GymConfig", "CraftVectorEnv", "pad_state"]
+__all__ = ["GymConfig", "CraftVectorEnv", "resize_state"]
 
 ACTIONS = ("control", "trajectory")
 ACCEL_RANGE = (-8.0, 3.5)  # m/s^2
@@ -134,7 +138,8 @@ class GymConfig:
             raise CraftError(f"GymConfig.action must be one of {ACTIONS}, got {self.action!r}")
         seeds = tuple(self.town_seeds) if isinstance(self.town_seeds, (list, tuple)) else None
         if not seeds or not all(is_int(s) and s >= 0 for s in seeds):
-            raise CraftError(f"GymConfig.town_seeds must be a non-empty tuple of integers >= 0, got {self.town_seeds!r}")
+            raise CraftError(f"GymConfig.town_seeds must be a non-empty tuple of integers >= 0, "
+                             f"got {self.town_seeds!r}")
         if not (isinstance(self.route_min_length, (int, float)) and math.isfinite(self.route_min_length)
                 and self.route_min_length > 0):
             raise CraftError(f"GymConfig.route_min_length must be positive and finite, got {self.route_min_length!r}")
@@ -148,20 +153,22 @@ class GymConfig:
 
 
 # ---------------------------------------------------------------------- padding
-def pad_state(state: WorldState, N: int, R: int, P: int) -> WorldState:
-    """``state`` padded to ``N`` agents, ``R`` route lanes and ``P`` route points (each >= the current size).
+def resize_state(state: WorldState, N: int, R: int, P: int) -> WorldState:
+    """``state`` with its padded sizes set to ``N`` agents, ``R`` route lanes and ``P`` route points.
 
-    New slots take :func:`~craft.world.state.empty_state`'s fill values (invalid agents, ``-1`` lanes,
-    invalid route points); ``route_pts`` / ``route_cum`` repeat their last entry, as :meth:`World.reset`
-    pads them (so the arc lengths stay sorted). Fields whose size does not change are shared, not copied.
+    Growing fills new slots with :func:`~craft.world.state.empty_state`'s fill values (invalid agents, ``-1``
+    lanes, invalid route points), except ``route_pts`` / ``route_cum``, which repeat their last entry as
+    :meth:`World.reset` pads them (so the arc lengths stay sorted). Shrinking cuts trailing slots: the caller
+    must only cut padding (each world's agents, route lanes and route points must fit). Fields whose size
+    does not change are shared, not copied.
     """
     B = state.batch_size
     K = state.light_override.shape[1]
     Q = state.stop_ok.shape[1]
-    n0, r0, p0 = state.num_agents, state.route_lanes.shape[1], state.route_pts.shape[1]
-    if N < n0 or R < r0 or P < p0:
-        raise CraftError(f"pad_state cannot shrink a state: ({n0}, {r0}, {p0}) -> ({N}, {R}, {P})")
-    if (N, R, P) == (n0, r0, p0):
+    p0 = state.route_pts.shape[1]
+    if min(N, R, P) < 1:
+        raise CraftError(f"resize_state: sizes must be >= 1, got N={N}, R={R}, P={P}")
+    if (N, R, P) == (state.num_agents, state.route_lanes.shape[1], p0):
         return state
     out = empty_state(B, N, K, Q, R, P, device=state.device).tensors()
     for name, src in state.tensors().items():
@@ -169,8 +176,9 @@ def pad_state(state: WorldState, N: int, R: int, P: int) -> WorldState:
         if dst.shape == src.shape:
             out[name] = src
             continue
-        dst[tuple(slice(0, n) for n in src.shape)] = src
-        if name in ("route_pts", "route_cum"):
+        keep = tuple(slice(0, min(a, b)) for a, b in zip(src.shape, dst.shape))
+        dst[keep] = src[keep]
+        if name in ("route_pts", "route_cum") and dst.shape[1] > p0:
             dst[:, p0:] = src[:, -1:]
     return WorldState(**out)
 
@@ -240,6 +248,7 @@ class CraftVectorEnv(gymnasium.vector.VectorEnv):
         self._map_index = np.zeros(self.num_envs, np.int64)
         self._t = np.zeros(self.num_envs, np.int64)  # env steps in the current episode
         self._autoreset = np.zeros(self.num_envs, bool)
+        self._world_sizes = np.ones((self.num_envs, 3), np.int64)  # each world's own (N, R, P)
         self._fig = None
 
     # ------------------------------------------------------------------ spaces
@@ -282,6 +291,7 @@ class CraftVectorEnv(gymnasium.vector.VectorEnv):
                                 n_pedestrians=self.cfg.n_pedestrians, min_length=self.cfg.route_min_length)[0]
             spec.map_index = mi
             out.append(self.world.reset([spec], ep_seed))
+            self._world_sizes[i] = self._sizes(out[-1])
             self._episode_seed[i] = ep_seed
             self._map_index[i] = mi
             self._episode[i] = ep + 1
@@ -289,28 +299,31 @@ class CraftVectorEnv(gymnasium.vector.VectorEnv):
         return out
 
     @staticmethod
-    def _sizes(s: WorldState) -> tuple[int, int, int]:
-        return s.num_agents, int(s.route_lanes.shape[1]), int(s.route_pts.shape[1])
-
-    def _assemble(self, fresh: list[WorldState]) -> WorldState:
-        sizes = np.array([self._sizes(s) for s in fresh]).max(0).tolist()
-        return WorldState.concat([pad_state(s, *sizes) for s in fresh])
+    def _sizes(s: WorldState) -> np.ndarray:
+        return np.array([s.num_agents, s.route_lanes.shape[1], s.route_pts.shape[1]], np.int64)
 
     def _start_episodes(self, envs: np.ndarray) -> None:
-        """Replace the worlds of ``envs`` by new episodes (padding the batch up when a new world is larger)."""
-        fresh = self._assemble(self._new_worlds(envs))
-        sizes = np.maximum(self._sizes(self.state), self._sizes(fresh)).tolist()
-        self.state = pad_state(self.state, *sizes)
-        idx = torch.as_tensor(envs, dtype=torch.long, device=self.device)
-        self.state = _splice(self.state, idx, pad_state(fresh, *sizes))
-        mask = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
-        mask[idx] = True
-        self.driver.tracker = self.driver.tracker.reset(mask)
+        """Replace the worlds of ``envs`` by new episodes, then fit the batch's padded sizes to the largest
+        world (padding up first when a new world is larger than the batch, cutting unused padding after)."""
+        fresh = self._new_worlds(envs)
+        need = self._world_sizes.max(0)
+        if self.state is None:
+            self.state = WorldState.concat([resize_state(f, *need.tolist()) for f in fresh])
+        else:
+            big = np.maximum(need, self._sizes(self.state)).tolist()
+            idx = torch.as_tensor(envs, dtype=torch.long, device=self.device)
+            new = WorldState.concat([resize_state(f, *big) for f in fresh])
+            self.state = resize_state(_splice(resize_state(self.state, *big), idx, new), *need.tolist())
+            mask = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+            mask[idx] = True
+            self.driver.tracker = self.driver.tracker.reset(mask)
 
     # ------------------------------------------------------------------ gymnasium API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start a new episode in every env. ``seed`` (int >= 0) makes everything reproducible; ``None``
         keeps the current seed (drawn at random the first time) and moves every env to its next episode."""
+        if self.closed:
+            raise CraftError("the environment is closed")
         if options is not None and not isinstance(options, dict):
             raise CraftError(f"reset options must be a dict or None, got {type(options).__name__}")
         if seed is not None:
@@ -323,8 +336,8 @@ class CraftVectorEnv(gymnasium.vector.VectorEnv):
             self.single_action_space.seed(int(seed))
         elif self._base_seed is None:
             self._base_seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0] >> 1)
-        envs = np.arange(self.num_envs)
-        self.state = self._assemble(self._new_worlds(envs))
+        self.state = None
+        self._start_episodes(np.arange(self.num_envs))
         self.driver = PlanExecutor(self.num_envs, self.device, dt=self.world.cfg.dt)
         self._autoreset[:] = False
         zeros = np.zeros(self.num_envs)
@@ -333,10 +346,10 @@ class CraftVectorEnv(gymnasium.vector.VectorEnv):
 
     def step(self, actions):
         """Advance every env by one action (see the module docstring for autoreset, reward and infos)."""
-        if self.state is None:
-            raise CraftError("call reset() before step()")
         if self.closed:
             raise CraftError("the environment is closed")
+        if self.state is None:
+            raise CraftError("call reset() before step()")
         a = torch.as_tensor(np.asarray(actions, dtype=np.float32), device=self.device)
         if tuple(a.shape) != tuple(self.action_space.shape):
             raise CraftError(f"actions must have shape {self.action_space.shape}, got {tuple(a.shape)}")
@@ -401,7 +414,7 @@ class CraftVectorEnv(gymnasium.vector.VectorEnv):
             "stop_infractions": np.asarray(stops).astype(np.int64),
             "speed": st.speed[:, 0].detach().cpu().numpy().astype(np.float64),
             "episode_step": self._t.copy(),
-            "episode": self._episode - 1,
+            "episode_index": self._episode - 1,
             "episode_seed": self._episode_seed.copy(),
             "map_index": self._map_index.copy(),
             "end_reason": names,

@@ -266,6 +266,8 @@ def _leaders(state: WorldState, path: PathInfo, cfg: TrafficConfig):
     lat2 = (diff * diff).sum(-1)
     which = lat2.argmin(-1)
     lat = torch.gather(lat2, 1, which[:, None]).squeeze(1).sqrt()
+    side = ab[:, :, 0] * diff[:, :, 1] - ab[:, :, 1] * diff[:, :, 0]  # > 0: j left of the path
+    lat = torch.where(torch.gather(side, 1, which[:, None]).squeeze(1) >= 0, lat, -lat)  # signed
     seg = k0 + which
     arc = (seg.to(pj.dtype) + torch.gather(u, 1, which[:, None]).squeeze(1)) * cfg.path_step
     phi = flat(state.yaw).index_select(0, rj) - torch.gather(heads, 1, seg[:, None]).squeeze(1)
@@ -275,7 +277,10 @@ def _leaders(state: WorldState, path: PathInfo, cfg: TrafficConfig):
     along = 0.5 * (lj * c + wj * s)
     kind_j = flat(state.kind).index_select(0, rj)
     margin = cfg.corridor_margin + cfg.pedestrian_margin * (kind_j == int(AgentKind.PEDESTRIAN)).to(pj.dtype)
-    inside = lat < 0.5 * flat(state.width).index_select(0, ri) + perp + margin
+    # the corridor sweeps from the agent's current lateral offset (mid lane change) to the lane centre
+    half = 0.5 * flat(state.width).index_select(0, ri) + perp + margin
+    off = flat(state.offset).index_select(0, ri)
+    inside = (lat < off.clamp_min(0.0) + half) & (lat > off.clamp_max(0.0) - half)
     inside &= (arc > 0.05) & (arc < (S - 1) * cfg.path_step - 0.1)
     gap = (arc - along - 0.5 * flat(state.length).index_select(0, ri)).clamp_min(0.05)
     gap = torch.where(inside, gap, torch.full_like(gap, float("inf")))
@@ -292,7 +297,8 @@ def _leaders(state: WorldState, path: PathInfo, cfg: TrafficConfig):
 def _light_and_stop_gaps(mb: MapBatch, state: WorldState, path: PathInfo, lights, cfg: TrafficConfig):
     """Distance to the nearest stop point from lights and stop signs on the path (inf if none).
 
-    Also returns the updated ``stopped_at`` (stop signs served)."""
+    Also returns the updated ``stopped_at`` (stop signs served) and ``stop_here (B, N, Q)``: which path
+    lanes end at a stop point now."""
     B, N, Qn = path.seq.shape
     mid = state.map_id[:, None, None]
     seq = path.seq.clamp_min(0)
@@ -313,19 +319,17 @@ def _light_and_stop_gaps(mb: MapBatch, state: WorldState, path: PathInfo, lights
     cur_sign = sign_stop[..., 0]
     now_served = cur_sign & (state.speed < cfg.stop_serve_speed) & (path.ends[..., 0] < cfg.stop_serve_dist + 0.5 * state.length)
     stopped_at = torch.where(now_served, state.lane, state.stopped_at)
-    # must-stop flag used by junction yielding: the agent is held before its connector
-    held = stop_here.any(-1)
-    return gap - 0.5 * state.length, stopped_at, held
+    return gap - 0.5 * state.length, stopped_at, stop_here
 
 
-def _junction_gaps(mb: MapBatch, state: WorldState, path: PathInfo, held: torch.Tensor, cfg: TrafficConfig):
+def _junction_gaps(mb: MapBatch, state: WorldState, path: PathInfo, stop_here: torch.Tensor, cfg: TrafficConfig):
     """Yielding at junctions: distance to the point where each agent must wait (inf if free to go).
 
     Every vehicle (the ego included) with a connector among its next lanes takes part; pairs whose
-    connectors conflict are listed sparsely. Agent i yields to j when j has the right of way (higher
-    connector priority; or equal priority and j already inside the junction, or arriving first), j is not
+    connectors conflict are listed sparsely. Agent i yields to j when j has the right of way (j already
+    inside the junction and i not; else higher connector priority; else arriving first), j is not
     itself held by a light / stop sign, neither has passed the conflict point, and j would reach it
-    within ``gap_time`` of i. Agents that can no longer stop, or are committed inside, do not yield.
+    within ``gap_time`` of i. Anyone already inside the junction has the right of way over those outside. Agents that can no longer stop, or are committed inside, do not yield.
     """
     B, N, Qn = path.seq.shape
     conn_index, conflict, conflict_s = _connector_tables(mb)
@@ -340,6 +344,8 @@ def _junction_gaps(mb: MapBatch, state: WorldState, path: PathInfo, held: torch.
     before = torch.cat([torch.zeros_like(path.ends[..., :1]), path.ends[..., :-1]], -1)
     entry = torch.where(inside, torch.zeros_like(state.s), torch.gather(before, -1, k[..., None]).squeeze(-1))
     ok = is_conn.any(-1) & (entry < cfg.junction_lookahead) & state.is_vehicle()
+    # held: must stop (red light, unserved stop sign) before reaching that connector
+    held = (stop_here & (torch.arange(Qn, device=state.device) < k[..., None])).any(-1)
     ci = take(conn_index, m2, c_lane)
     ok &= ci >= 0
     decider = ok & (state.mode == Mode.LANE) & (state.kind != int(AgentKind.EGO)) & ~state.ignore_priority
@@ -369,7 +375,8 @@ def _junction_gaps(mb: MapBatch, state: WorldState, path: PathInfo, held: torch.
     ins = flat(inside)
     in_i, in_j = ins[ri], ins[rj]
     earlier = (t_j < t_i) | ((t_j == t_i) & (rj < ri))
-    row = (p_j > p_i) | ((p_j == p_i) & ((in_j & ~in_i) | ((in_j == in_i) & earlier)))
+    # whoever is already inside the junction goes first; otherwise priority, then arrival order
+    row = (in_j & ~in_i) | ((in_j == in_i) & ((p_j > p_i) | ((p_j == p_i) & earlier)))
     row |= flat(state.ignore_priority)[rj]
     row &= ~flat(held)[rj] | in_j
     length = flat(state.length)
@@ -389,8 +396,7 @@ def _mobil(mb: MapBatch, state: WorldState, path: PathInfo, a_cur: torch.Tensor,
     """Lane-change decisions (MOBIL): returns the target lane (B, N), -1 to stay.
 
     Evaluated for 1/``mobil_every`` of the agents each step (staggered by index). On the target lane the
-    new leader and follower are the nearest agents ahead / behind by arc length (neighbouring lanes run
-    in parallel, so arc lengths compare); incentive a_new - a_cur + p (follower's change) + keep-right bias
+    new leader and follower are the nearest agents ahead / behind along the agent's heading; incentive a_new - a_cur + p (follower's change) + keep-right bias
     must exceed the threshold, and the new follower must not need to brake harder than ``mobil_safe_brake``.
     """
     B, N = state.lane.shape
@@ -417,8 +423,10 @@ def _mobil(mb: MapBatch, state: WorldState, path: PathInfo, a_cur: torch.Tensor,
         ri, rj = _row_pairs(tl_ok, state.valid)
         on_t = flat(state.lane)[rj] == flat(tl)[ri]
         ri, rj = ri[on_t], rj[on_t]
-        s, length = flat(state.s), flat(state.length)
-        ds = s[rj] - s[ri]
+        length = flat(state.length)
+        # longitudinal distance along i's heading (robust where neighbouring lanes' arc lengths differ)
+        px, py, yi = flat(state.pos[..., 0]), flat(state.pos[..., 1]), flat(state.yaw)[ri]
+        ds = (px[rj] - px[ri]) * torch.cos(yi) + (py[rj] - py[ri]) * torch.sin(yi)
         half = 0.5 * (length[ri] + length[rj])
         inf = torch.full_like(ds, float("inf"))
         g_lead, j_lead = _argmin_rows(B * N, ri, torch.where(ds > 0, ds - half, inf), rj)
@@ -521,8 +529,8 @@ def traffic_step(mb: MapBatch, state: WorldState, lights: torch.Tensor, cfg: Tra
     v0 = torch.where(override, state.speed_override, v0)
 
     g_lead, v_lead, _ = _leaders(state, path, cfg)
-    g_stop, stopped_at, held = _light_and_stop_gaps(mb, state, path, lights, cfg)
-    g_junc = _junction_gaps(mb, state, path, held, cfg)
+    g_stop, stopped_at, stop_here = _light_and_stop_gaps(mb, state, path, lights, cfg)
+    g_junc = _junction_gaps(mb, state, path, stop_here, cfg)
     g_end = path.path_end - 0.5 * state.length - cfg.stop_margin
     g_fixed = torch.minimum(torch.minimum(g_stop, g_junc), g_end)
 
@@ -614,10 +622,12 @@ def advance_lanes(mb: MapBatch, prev: WorldState, state: WorldState, cfg: Traffi
     m2 = state.map_id[:, None]
     follow = (state.mode == Mode.LANE) & (state.lane >= 0) & state.valid & (state.kind != int(AgentKind.EGO))
     lane = state.lane.clamp_min(0)
-    _, h = lane_pose(mb, m2, lane, state.s)
-    dp = state.pos - prev.pos
-    ds = (dp[..., 0] * torch.cos(h) + dp[..., 1] * torch.sin(h)).clamp_min(0.0)
-    s = state.s + torch.where(follow, ds, torch.zeros_like(ds))
+    # project the new position onto the lane tangent at the old arc length: self-correcting, so the arc
+    # length never drifts away from the position (integrating travelled distance would)
+    p_s, h = lane_pose(mb, m2, lane, state.s)
+    dp = state.pos - p_s
+    ds = dp[..., 0] * torch.cos(h) + dp[..., 1] * torch.sin(h)
+    s = (state.s + torch.where(follow, ds, torch.zeros_like(ds))).clamp_min(0.0)
     cur, queue = state.lane, state.queue
     for _ in range(2):
         length = take(mb.lane_length, m2, cur.clamp_min(0))
