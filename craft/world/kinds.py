@@ -27,3 +27,11 @@ DEFAULT_SIZE = {
     AgentKind.PEDESTRIAN: (0.6, 0.6, 0.5),
     AgentKind.STATIC: (4.5, 1.9, 2.8),
 }
+
+# (length, width) of the static objects scenarios place (kind STATIC; the size tells them apart).
+STATIC_SIZES = {
+    "parked_car": (4.5, 1.9),
+    "cone": (0.4, 0.4),
+    "traffic_warning": (0.8, 1.2),  # warning sign / barrier
+    "debris": (1.6, 1.2),  # accident debris
+}

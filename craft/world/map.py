@@ -633,7 +633,8 @@ def lane_candidates(mb: MapBatch, map_id: torch.Tensor, pos: torch.Tensor) -> di
 
     map_id: (Q,), pos: (Q, 2). Returns (Q, K) tensors: ``ok`` (slot used), ``lane``, ``type``, ``dist``
     (to the segment), ``lateral`` (signed, left positive), ``heading`` (segment), ``s`` (arc length of the
-    projection). Several :func:`pick_lane` queries can share one call.
+    projection), ``beyond`` (the projection falls past the lane's first or last point). Several
+    :func:`pick_lane` queries can share one call.
     """
     cell = ((pos - mb.grid_origin[map_id]) / GRID_CELL).floor().long()
     shape = mb.grid_shape[map_id]
@@ -656,6 +657,10 @@ def lane_candidates(mb: MapBatch, map_id: torch.Tensor, pos: torch.Tensor) -> di
     d = pos[:, None, :] - (a + u.unsqueeze(-1) * ab)
     dist = torch.sqrt((d * d).sum(-1))
     cross = ab[..., 0] * d[..., 1] - ab[..., 1] * d[..., 0]
+    # projections past a lane's very first or last point (the distance would round the lane's end)
+    first = seg == take(mb.lane_offset, mid, lane)
+    last = seg + 2 == take(mb.lane_offset, mid, lane) + take(mb.lane_count, mid, lane)
+    beyond = (first & (u <= 0.0)) | (last & (u >= 1.0))
     return {
         "ok": ok,
         "lane": lane,
@@ -665,6 +670,7 @@ def lane_candidates(mb: MapBatch, map_id: torch.Tensor, pos: torch.Tensor) -> di
         "lateral": torch.sign(cross) * dist,
         "heading": take(mb.point_heading, mid, seg),
         "s": take(mb.point_s, mid, seg) + u * l2.sqrt(),
+        "beyond": beyond,
     }
 
 
@@ -674,7 +680,7 @@ def pick_lane(cand: dict, types: tuple = (LaneType.DRIVING,), heading: torch.Ten
     ok = torch.zeros_like(cand["ok"])
     for t in types:
         ok |= cand["type"] == int(t)
-    ok &= cand["ok"]
+    ok &= cand["ok"] & (cand["dist"] <= cand["width"] / 2 + GRID_MARGIN)
     cost = cand["dist"]
     if heading is not None:
         cost = cost + heading_weight * (1 - torch.cos(_wrap(heading[:, None] - cand["heading"])))
@@ -746,8 +752,12 @@ def drivable(mb: MapBatch, map_id: torch.Tensor, pos: torch.Tensor, margin: floa
              cand: dict | None = None) -> torch.Tensor:
     """Whether each point lies on a driving, parking or shoulder lane (within half width + margin). (Q,) bool.
     ``cand``: precomputed :func:`lane_candidates` of the same points."""
-    r = pick_lane(cand if cand is not None else lane_candidates(mb, map_id, pos), DRIVABLE)
-    return r["dist"] <= r["width"] / 2 + margin
+    c = cand if cand is not None else lane_candidates(mb, map_id, pos)
+    on = c["ok"] & ~c["beyond"] & (c["dist"] <= c["width"] / 2 + margin)
+    typed = torch.zeros_like(on)
+    for t in DRIVABLE:
+        typed |= c["type"] == int(t)
+    return (on & typed).any(-1)
 
 
 def take(table: torch.Tensor, map_id: torch.Tensor, *idx: torch.Tensor) -> torch.Tensor:
