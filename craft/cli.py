@@ -51,7 +51,7 @@ def cmd_sim_bench(args) -> int:
 
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs]
     result = run_sim_bench(configs, steps=args.steps, device=args.device, highway_env=not args.no_highway_env,
-                           seed=args.seed, threads=args.threads or None, highway_env_seconds=args.highway_env_seconds)
+                           seed=args.seed, threads=args.threads, highway_env_seconds=args.highway_env_seconds)
     if args.json:
         write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=_positive_int, default=50, help="timed steps per configuration")
     b.add_argument("--device", type=_device, default="cpu")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    b.add_argument("--threads", type=_positive_int, nargs="+", default=None,
+                   help="torch thread counts to try per configuration (default: 1 and all cores; best reported)")
     b.add_argument("--no-highway-env", action="store_true", help="skip the highway-env comparison")
     b.add_argument("--highway-env-seconds", type=float, default=5.0, help="how long to time highway-env")
     b.add_argument("--json", help="write the figures to this JSON file")

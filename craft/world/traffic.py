@@ -202,8 +202,10 @@ def _row_pairs(rows: torch.Tensor, cols: torch.Tensor):
     r = rows.reshape(-1).nonzero().squeeze(1)  # (R,)
     b = r // N
     j = b[:, None] * N + torch.arange(N, device=rows.device)[None, :]  # (R, N)
-    keep = cols.reshape(-1)[j] & (j != r[:, None])
-    return r[:, None].expand_as(j)[keep], j[keep]
+    j = j.reshape(-1)
+    ri = r.repeat_interleave(N)
+    keep = cols.reshape(-1).index_select(0, j) & (j != ri)
+    return ri[keep], j[keep]
 
 
 def _scatter_min(n: int, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
