@@ -68,6 +68,24 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from craft.bench.runner import EvalConfig, evaluate, make_driver
+    from craft.scenarios.splits import SPLITS
+
+    if args.split not in SPLITS:
+        raise CraftError(f"unknown split '{args.split}': use one of {', '.join(SPLITS)}")
+    cfg = EvalConfig(protocol=args.protocol, gif_worst=args.gif, batch_size=args.batch_size, seed=args.seed)
+    driver = make_driver(args.policy)
+    summary = evaluate(driver, args.split, args.out, cfg, town_seeds=args.town_seeds, routes=args.routes,
+                       device=args.device)
+    ab = summary["abilities"]
+    print(f"{driver.name} on {args.split} ({summary['num_routes']} routes, {args.protocol}): "
+          f"DS {summary['DS']:.2f}  SR {summary['SR']:.2f}  RC {summary['RC']:.2f}  IS {summary['IS']:.3f}  "
+          f"abilities mean {ab['Mean'] if ab['Mean'] is not None else float('nan'):.2f}  "
+          f"({summary['wall_time_s']:.0f} s) -> {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from craft.demo import run_demo
 
@@ -103,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--town-seed", type=int, default=0)
     r.add_argument("--out", required=True)
     r.set_defaults(func=cmd_render)
+
+    e = sub.add_parser("eval", help="closed-loop evaluation on a benchmark split (Bench2Drive metrics)")
+    e.add_argument("--policy", required=True, help="expert, lane-follow, or a checkpoint path")
+    e.add_argument("--split", default="test", help="test, val, train or long")
+    e.add_argument("--routes", type=_positive_int, help="routes per scenario type (default: the split's)")
+    e.add_argument("--town-seeds", type=int, nargs="+", help="evaluate on these town seeds instead")
+    e.add_argument("--protocol", choices=["b2d", "b2d-star"], default="b2d")
+    e.add_argument("--device", type=_device, default="cpu")
+    e.add_argument("--gif", type=int, default=0, metavar="K", help="GIFs of the K lowest-DS routes")
+    e.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
+    e.add_argument("--seed", type=int, default=0, help="background traffic seed")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the quick start: render a town, drive worlds in closed loop, write a GIF")
     d.add_argument("--out", default="out/demo")

@@ -1,0 +1,264 @@
+"""Closed-loop evaluation: run a driver on a split's scenario routes, batched, and score them like Bench2Drive.
+
+One batch of worlds runs all routes together (``EvalConfig.batch_size`` at a time): every step the
+scenario scripts fire their triggers, the driver re-plans every ``replan_every`` steps, the shared tracker
+turns the plan into controls (plus ControlLoss perturbations), and the world reports its events. When all
+routes of a batch have ended the per-step logs become :class:`~craft.bench.metrics.RouteLog` s and are
+scored. The GIFs of the worst routes are made by re-running just those routes (the world is
+deterministic, so the replay is the same drive) with frames recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from craft.bench.metrics import RouteLog, aggregate, results_json, score_route
+from craft.bench.report import ability_bar_chart, per_type_table, summary_markdown
+from craft.errors import CraftError
+from craft.world.autopilot import PlanExecutor, route_plan
+from craft.world.kinds import AgentKind
+from craft.world.map import take
+from craft.world.state import EndReason
+from craft.world.world import World, WorldConfig
+
+PROTOCOLS = ("b2d", "b2d-star")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How an evaluation runs."""
+
+    protocol: str = "b2d"  # b2d, or b2d-star: a collision ends the route (the CRAFT paper's patched protocol)
+    replan_every: int = 5  # simulator steps between driver re-plans (0.5 s)
+    batch_size: int = 220  # routes simulated together
+    max_steps: int = 2000  # 200 s tick cap (the world also ends routes by its own rules)
+    seed: int = 0  # background traffic seed
+    gif_worst: int = 0  # GIFs of this many lowest-DS routes
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise CraftError(f"unknown protocol '{self.protocol}': use one of {', '.join(PROTOCOLS)}")
+        for name in ("replan_every", "batch_size", "max_steps"):
+            if getattr(self, name) < 1:
+                raise CraftError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.gif_worst < 0:
+            raise CraftError(f"EvalConfig.gif_worst must be >= 0, got {self.gif_worst}")
+
+
+class Driver(Protocol):
+    """Anything that plans ego trajectories: ``plan(world, state) -> (B, T, 3)`` ego frame, 0.5 s spacing."""
+
+    name: str
+
+    def plan(self, world: World, state) -> torch.Tensor: ...
+
+
+class LaneFollow:
+    """Sanity baseline: follow the route centreline at the lane speed limit, ignoring everyone and every signal."""
+
+    name = "lane-follow"
+
+    def plan(self, world: World, state) -> torch.Tensor:
+        limit = take(world.maps.lane_speed_limit, state.map_id, state.lane[:, 0].clamp_min(0))
+        return route_plan(state, limit)
+
+
+class ExpertDriver:
+    """The privileged PDM-Lite-like expert."""
+
+    name = "expert"
+
+    def __init__(self):
+        from craft.experts.pdm import PrivilegedExpert
+
+        self.expert = PrivilegedExpert()
+
+    def plan(self, world: World, state) -> torch.Tensor:
+        return self.expert.plan(world, state)
+
+
+def make_driver(policy: str) -> Driver:
+    """``expert``, ``lane-follow`` or a checkpoint path."""
+    if policy == "expert":
+        return ExpertDriver()
+    if policy == "lane-follow":
+        return LaneFollow()
+    path = Path(policy)
+    if not path.exists():
+        raise CraftError(f"policy '{policy}' is neither expert, lane-follow nor an existing checkpoint path")
+    raise CraftError(f"'{policy}' is not a CRAFT policy checkpoint (checkpoint policies are loaded by "
+                     "craft.policies, which this build does not have yet)")
+
+
+# ---------------------------------------------------------------------- one batch
+_STEP_FIELDS = ("collision_pedestrian", "collision_vehicle", "collision_layout", "collided_agent", "red_light",
+                "stop_infraction", "speed", "accel", "yaw_rate", "background_speed", "done", "end_reason")
+
+
+def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, frames_for: set[int] = frozenset(),
+              progress: tqdm | None = None):
+    """Drive ``instances`` (ScenarioInstance) in one batch. Returns (route logs, frames by batch index)."""
+    from craft.demo import frame_of
+    from craft.scenarios.base import start
+    from craft.scenarios.script import apply
+
+    state, table = start(world, instances, cfg.seed)
+    B = state.batch_size
+    ex = PlanExecutor(B, state.device, dt=world.cfg.dt)
+    rec = {k: [] for k in _STEP_FIELDS}
+    rec.update(pos=[], progress=[], driven=[], outside=[])
+    frames: dict[int, list] = {b: [] for b in frames_for}
+    ended_at = torch.full((B,), -1, dtype=torch.long)
+    for t in range(cfg.max_steps):
+        state, table = apply(state, table, maps=world.maps, dt=world.cfg.dt)
+        if t % cfg.replan_every == 0:
+            ex.set_plan(state, driver.plan(world, state))
+        control = ex.control(state) + table.ego_perturbation
+        state, ev = world.step(state, control)
+        for k in _STEP_FIELDS:
+            rec[k].append(getattr(ev, k).detach().cpu())
+        rec["pos"].append(state.pos[:, 0].detach().cpu())
+        rec["progress"].append(state.progress.detach().cpu())
+        rec["driven"].append(state.driven.detach().cpu())
+        rec["outside"].append(state.driven_outside.detach().cpu())
+        for b in frames_for:
+            if ended_at[b] < 0 and t % 2 == 0:
+                frames[b].append(frame_of(world, state, b))
+        newly = ev.done.cpu() & (ended_at < 0)
+        ended_at[newly] = t
+        if progress is not None:
+            progress.update(1)
+            if newly.any():
+                progress.set_postfix(routes_done=f"{int((ended_at >= 0).sum())}/{B}")
+        if bool(state.done.all()):
+            break
+    steps = len(rec["speed"])
+    R = {k: torch.stack(v) for k, v in rec.items()}  # (T, B, ...)
+    final_reason = state.end_reason.cpu()
+    logs = []
+    for b, inst in enumerate(instances):
+        n = int(ended_at[b]) + 1 if ended_at[b] >= 0 else steps
+        logs.append(_route_log(b, inst, R, n, world, state, final_reason))
+    return logs, frames
+
+
+def _route_log(b: int, inst, R: dict, n: int, world: World, state, final_reason) -> RouteLog:
+    dt = world.cfg.dt
+    col = {"collisions_pedestrian": "collision_pedestrian", "collisions_vehicle": "collision_vehicle",
+           "collisions_layout": "collision_layout"}
+    infractions: dict[str, list[dict]] = {}
+    pos = R["pos"][:n, b].numpy()
+    prog = R["progress"][:n, b].numpy()
+    for key, field in col.items():
+        steps = torch.nonzero(R[field][:n, b]).flatten().tolist()
+        out = []
+        for i in steps:
+            other = int(R["collided_agent"][i, b])
+            kind = AgentKind(int(state.kind[b, other])).name if other >= 0 else "UNKNOWN"
+            out.append({"t": (i + 1) * dt, "x": float(pos[i, 0]), "y": float(pos[i, 1]), "other_kind": kind,
+                        "other_id": other, "progress_m": float(prog[i]), "driven_m": float(R["driven"][i, b]),
+                        "outside_lanes_m": float(R["outside"][i, b])})
+        infractions[key] = out
+    for key, field in (("red_light", "red_light"), ("stop_infraction", "stop_infraction")):
+        infractions[key] = [{"t": (i + 1) * dt, "x": float(pos[i, 0]), "y": float(pos[i, 1])}
+                            for i in torch.nonzero(R[field][:n, b]).flatten().tolist()]
+    reason = EndReason.NAMES[int(final_reason[b])]
+    yield_failed = False
+    if inst.emergency_index is not None:
+        e = inst.emergency_index
+        ego, ev_pos, ev_yaw = state.pos[b, 0], state.pos[b, e], state.yaw[b, e]
+        ahead = (ego - ev_pos) @ torch.stack([torch.cos(ev_yaw), torch.sin(ev_yaw)])
+        yield_failed = bool(ahead > 0)
+    speed = R["speed"][:n, b].numpy()
+    return RouteLog(
+        route_id=inst.meta.get("route_id", f"{inst.type}_{b}"),
+        scenario_type=inst.type,
+        town_seed=int(inst.town_seed),
+        route_length_m=float(state.route_length[b]),
+        progress_m=float(state.progress[b]),
+        completed=reason == "completed",
+        end_reason=reason,
+        infractions=infractions,
+        driven_m=float(state.driven[b]),
+        outside_lanes_m=float(state.driven_outside[b]),
+        yield_emergency_failed=yield_failed,
+        first_junction_progress_m=inst.first_junction_progress_m,
+        kinematics={"speed": speed, "accel_lon": R["accel"][:n, b].numpy(),
+                    "accel_lat": speed * R["yaw_rate"][:n, b].numpy(), "yaw_rate": R["yaw_rate"][:n, b].numpy()},
+        checkpoint_speeds={"ego_speed": speed, "background_speed": R["background_speed"][:n, b].numpy(),
+                           "progress_m": prog},
+        duration_s=n * dt,
+    )
+
+
+# ---------------------------------------------------------------------- whole split
+def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig = EvalConfig(),
+             town_seeds: list[int] | None = None, routes: int | None = None, device: str = "cpu") -> dict:
+    """Evaluate ``driver`` on ``split``; writes results.json, summary.md, abilities.png and GIFs into ``out``.
+
+    Returns the summary. Nothing is written until every route has run (no partial results file).
+    """
+    from craft.scenarios.splits import split_specs, split_town_seeds
+    from craft.world.towns import generate_town
+
+    seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
+    instances = split_specs(split, town_seeds=seeds, routes=routes)
+    if not instances:
+        raise CraftError(f"split '{split}' produced no routes")
+    t0 = time.time()
+    used = sorted({inst.spec.map_index for inst in instances})
+    remap = {m: i for i, m in enumerate(used)}
+    for inst in instances:
+        inst.spec.map_index = remap[inst.spec.map_index]
+    world = World([generate_town(seeds[m]) for m in used],
+                  WorldConfig(end_on_collision=cfg.protocol == "b2d-star"), device=device)
+    for i, inst in enumerate(instances):
+        inst.meta.setdefault("route_id", f"RouteScenario_{i}_rep0")
+    logs: list[RouteLog] = []
+    for i in range(0, len(instances), cfg.batch_size):
+        batch = instances[i:i + cfg.batch_size]
+        desc = f"eval {driver.name} on {split} routes {i + 1}-{i + len(batch)}/{len(instances)}"
+        with tqdm(total=cfg.max_steps, desc=desc, unit="step") as bar:
+            batch_logs, _ = run_batch(world, batch, driver, cfg, progress=bar)
+        logs += batch_logs
+    records = [score_route(log, cfg.protocol, index=i) for i, log in enumerate(logs)]
+    summary = aggregate(records, num_routes=len(instances), protocol=cfg.protocol, split=split,
+                        town_seeds=seeds, policy=driver.name)
+    summary["wall_time_s"] = time.time() - t0
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "results.json", json.dumps(results_json(summary, records), indent=2))
+    per_type = per_type_table(records)
+    _write_text(out / "summary.md", summary_markdown(summary, per_type))
+    ability_bar_chart(summary, str(out / "abilities.png"))
+    if cfg.gif_worst:
+        _worst_gifs(world, instances, records, driver, cfg, out)
+    return summary
+
+
+def _worst_gifs(world, instances, records, driver, cfg, out: Path) -> None:
+    from craft.world.render import render_gif
+
+    order = np.argsort([r["scores"]["score_composed"] for r in records])[: cfg.gif_worst]
+    chosen = [instances[i] for i in order]
+    _, frames = run_batch(world, chosen, driver, cfg, frames_for=set(range(len(chosen))))
+    for k, i in enumerate(order):
+        inst = instances[i]
+        path = out / f"worst{k}_{inst.type}.gif"
+        render_gif(world.maps.maps[inst.spec.map_index], frames[k], str(path),
+                   title=f"{inst.type} DS {records[i]['scores']['score_composed']:.1f}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

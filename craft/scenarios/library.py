@@ -1,0 +1,706 @@
+"""The scenario types (Bench2Drive's 44, as far as implemented), built from :mod:`craft.scenarios.base`.
+
+Each builder places the ego route and the scenario's agents on a fitting town feature and writes the
+script. Parameters (positions, speeds, trigger distances) are drawn from ``ctx.rng``. Agent indices in
+rules are world indices (first explicit agent = 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from craft.world.kinds import AgentKind
+from craft.world.map import JunctionKind, LaneType, LightState
+from craft.world.state import Mode
+from craft.scenarios.base import LEFT, RIGHT, STRAIGHT, Ctx, NoPlace, lane_pose, offset_pose, register
+from craft.scenarios.script import Action, Trigger
+
+SIG, STOP, UNC = JunctionKind.SIGNAL, JunctionKind.STOP, JunctionKind.UNCONTROLLED
+NONSIG = (STOP, UNC)
+HALF_PI = math.pi / 2
+
+
+# ====================================================================== shared pieces
+def _straight_event(ctx: Ctx, lanes: list[int], margin: float = 15.0, span: float = 10.0):
+    """Route whose event (an obstacle) sits on one of ``lanes`` at ``s``: (lane, s)."""
+    lane = ctx.choice(lanes, "fitting road lane")
+    L = float(ctx.m.lane_length[lane])
+    if L < 2 * margin + span:
+        raise NoPlace(f"lane {lane} too short")
+    s = ctx.u(margin, L - margin - span)
+    pre, s0 = ctx.back(lane, s, ctx.u(30.0, 60.0))
+    ctx.set_route(pre, [lane], s0, reach=(lane, s, span + ctx.u(15.0, 35.0)))
+    ctx.meta.update(event_lane=lane, event_s=s, event_progress=ctx.progress_of(lane, s))
+    return lane, s
+
+
+def _oncoming(ctx: Ctx, lane: int, s_obs: float, n: int, trigger_d: float, anchor: int) -> list[int]:
+    """Held vehicles on the opposite lane beyond the obstacle, released when the ego nears ``anchor``."""
+    m = ctx.m
+    opp = int(m.lane_left_opposite[lane])
+    if opp < 0:
+        raise NoPlace(f"lane {lane} has no opposite lane")
+    L = float(m.lane_length[opp])
+    s_opp = L - s_obs  # same road, reversed
+    out = []
+    d = ctx.u(12.0, 25.0)
+    for i in range(n):
+        so = s_opp - d - i * ctx.u(14.0, 22.0)
+        if so < 3.0:
+            break
+        v = ctx.u(6.0, float(m.lane_speed_limit[opp]))
+        a = ctx.add(AgentKind.CAR, lane=opp, s=so, hold=True, v_des=v, lane_changes=False)
+        ctx.rule(a, Trigger.near_agent(anchor, trigger_d), Action.release(), "oncoming")
+        out.append(a)
+    if not out:
+        raise NoPlace("no room for oncoming traffic")
+    return out
+
+
+def _obstacle_lanes(ctx: Ctx, two_ways: bool) -> list[int]:
+    if two_ways:
+        return ctx.road_lanes(min_len=55.0, two_way=True)
+    return ctx.road_lanes(min_len=55.0, left_free=True)
+
+
+def _parked(ctx: Ctx, lane: int, s: float, lateral: float = -0.4) -> int:
+    return ctx.add_static("parked_car", lane, s, lateral)
+
+
+def _accident(ctx: Ctx, lane: int, s: float) -> int:
+    """Police car (siren off, static) behind two crashed cars and debris; returns the first agent."""
+    police = ctx.add(AgentKind.EMERGENCY, pos=offset_pose(ctx.m, lane, s, -0.3)[0],
+                     yaw=lane_pose(ctx.m, lane, s)[1], mode=Mode.STATIC, speed=0.0)
+    ctx.add_static("parked_car", lane, s + ctx.u(8.0, 11.0), ctx.u(-0.6, 0.2), yaw_offset=ctx.u(-0.6, 0.6))
+    ctx.add_static("debris", lane, s + ctx.u(13.0, 15.0), ctx.u(-0.5, 0.5))
+    ctx.add_static("parked_car", lane, s + ctx.u(17.0, 20.0), ctx.u(-0.5, 0.3), yaw_offset=ctx.u(-1.2, 1.2))
+    return police
+
+
+def _construction(ctx: Ctx, lane: int, s: float) -> int:
+    """A warning sign and a taper of cones closing the lane; returns the sign."""
+    w = float(ctx.m.lane_width[lane])
+    sign = ctx.add_static("traffic_warning", lane, s, 0.0)
+    n = int(ctx.rng.integers(5, 9))
+    for i in range(n):
+        frac = min(1.0, (i + 1) / 3)
+        ctx.add_static("cone", lane, s + 2.0 + 2.5 * i, (-0.5 * w + 0.3) * (1 - frac) + (0.5 * w - 0.3) * frac * 0.0)
+    return sign
+
+
+# ====================================================================== Overtaking
+def _obstacle_type(kind: str, two_ways: bool):
+    def build(ctx: Ctx):
+        lane, s = _straight_event(ctx, _obstacle_lanes(ctx, two_ways), span=22.0 if kind != "parked" else 8.0)
+        if kind == "parked":
+            first = _parked(ctx, lane, s)
+            if ctx.rng.random() < 0.5:
+                _parked(ctx, lane, s + ctx.u(7.0, 10.0))
+        elif kind == "accident":
+            first = _accident(ctx, lane, s)
+        else:
+            first = _construction(ctx, lane, s)
+        ctx.meta["obstacle"] = first
+        if two_ways:
+            _oncoming(ctx, lane, s, int(ctx.rng.integers(2, 5)), ctx.u(35.0, 60.0), first)
+        else:  # traffic on the free lane too, so the lane change needs a gap
+            left = int(ctx.m.lane_left[lane])
+            a = ctx.add(AgentKind.CAR, lane=left, s=max(0.0, s - ctx.u(25.0, 45.0)), hold=True,
+                        v_des=ctx.u(7.0, 11.0))
+            ctx.rule(a, Trigger.near_agent(first, ctx.u(35.0, 55.0)), Action.release(), "side traffic")
+    return build
+
+
+register("ParkedObstacle", "Overtaking")(_obstacle_type("parked", False))
+register("ParkedObstacleTwoWays", "Overtaking")(_obstacle_type("parked", True))
+register("Accident", "Overtaking")(_obstacle_type("accident", False))
+register("AccidentTwoWays", "Overtaking")(_obstacle_type("accident", True))
+register("ConstructionObstacle", "Overtaking")(_obstacle_type("construction", False))
+register("ConstructionObstacleTwoWays", "Overtaking")(_obstacle_type("construction", True))
+
+
+def _hazard(two_ways: bool):
+    def build(ctx: Ctx):
+        lane, s = _straight_event(ctx, _obstacle_lanes(ctx, two_ways), span=25.0)
+        d = ctx.u(25.0, 45.0)
+        bikes = []
+        for i in range(int(ctx.rng.integers(1, 4))):
+            b = ctx.add(AgentKind.BICYCLE, lane=lane, s=s + 4.0 * i, hold=True, lane_changes=False,
+                        speed_override=ctx.u(2.0, 4.0), react_ego=False)
+            ctx.rule(b, Trigger.near_agent(b, d), Action.release(), "cyclists start")
+            bikes.append(b)
+        ctx.meta["obstacle"] = bikes[0]
+        if two_ways:
+            _oncoming(ctx, lane, s, int(ctx.rng.integers(2, 4)), d + 10.0, bikes[0])
+    return build
+
+
+register("HazardAtSideLane", "Overtaking")(_hazard(False))
+register("HazardAtSideLaneTwoWays", "Overtaking")(_hazard(True))
+
+
+@register("VehicleOpensDoorTwoWays", "Overtaking")
+def _opens_door(ctx: Ctx):
+    lane, s = _straight_event(ctx, _obstacle_lanes(ctx, True), span=10.0)
+    w = float(ctx.m.lane_width[lane])
+    car = ctx.add_static("parked_car", lane, s, -0.5 * w + 0.8)
+    # the open door: a thin static box beside the car's driver side, hidden until the ego comes close
+    pos, h = offset_pose(ctx.m, lane, s + 0.8, -0.5 * w + 0.8 + 1.0 + 0.45)
+    door = ctx.add(AgentKind.STATIC, pos=pos, yaw=h + 1.2, mode=Mode.STATIC, size=(1.0, 0.15))
+    ctx.rule(door, Trigger.time(0.0), Action.valid(False), "door closed")
+    ctx.rule(door, Trigger.near_agent(car, ctx.u(18.0, 30.0)), Action.valid(True), "door opens")
+    ctx.meta.update(obstacle=car, door=door)
+    _oncoming(ctx, lane, s, int(ctx.rng.integers(2, 4)), ctx.u(35.0, 55.0), car)
+
+
+# ====================================================================== Emergency_Brake
+def _crossing_walker(ctx: Ctx, kind: AgentKind, parking_only: bool = False):
+    """A pedestrian / cyclist hidden behind a parked car on the right steps in front of the ego."""
+    m = ctx.m
+    if parking_only:
+        parks = [p for p in ctx.f["parking"] if float(m.lane_length[p]) > 40 and ctx.is_driving(int(m.lane_left[p]))]
+        p = ctx.choice(parks, "parking lane")
+        lane = int(m.lane_left[p])
+        _straight_event(ctx, [lane], span=8.0)
+    else:
+        lane, _ = _straight_event(ctx, ctx.road_lanes(min_len=45.0), span=8.0)
+    s = ctx.meta["event_s"]
+    w = float(m.lane_width[lane])
+    right = int(m.lane_right[lane])
+    if right >= 0 and int(m.lane_type[right]) == int(LaneType.PARKING):
+        car_lat = -0.5 * w - 0.5 * float(m.lane_width[right])
+    else:
+        car_lat = -0.5 * w - 1.0 if right < 0 else -0.5 * w - 0.5 * float(m.lane_width[right])
+    car = ctx.add_static("parked_car", lane, s, car_lat)
+    if parking_only:
+        ctx.add_static("parked_car", lane, s + ctx.u(7.0, 9.0), car_lat)
+    (px, py), h = offset_pose(m, lane, s + 3.6, car_lat - 0.3)
+    walker = ctx.add(kind, pos=(px, py), yaw=h + HALF_PI, mode=Mode.FREE, hold=True, react_ego=False,
+                     lane_changes=False)
+    speed = ctx.u(1.5, 3.0) if kind == AgentKind.PEDESTRIAN else ctx.u(3.0, 5.0)
+    ctx.rule(walker, Trigger.near_agent(walker, ctx.u(14.0, 24.0)), Action.free(h + HALF_PI, speed),
+             "steps out")
+    ctx.meta.update(walker=walker, walker_yaw=h + HALF_PI)
+
+
+@register("DynamicObjectCrossing", "Emergency_Brake")
+def _doc(ctx: Ctx):
+    _crossing_walker(ctx, AgentKind.PEDESTRIAN if ctx.rng.random() < 0.7 else AgentKind.BICYCLE)
+
+
+@register("ParkingCrossingPedestrian", "Emergency_Brake")
+def _pcp(ctx: Ctx):
+    _crossing_walker(ctx, AgentKind.PEDESTRIAN, parking_only=True)
+
+
+@register("HardBreakRoute", "Emergency_Brake")
+def _hard_break(ctx: Ctx):
+    lanes = ctx.road_lanes(min_len=90.0)
+    lane = ctx.choice(lanes, "long road lane")
+    L = float(ctx.m.lane_length[lane])
+    s_ego = ctx.u(2.0, 10.0)
+    ctx.set_route([], [lane], s_ego, reach=ctx.u(60.0, 90.0))
+    lead = ctx.add(AgentKind.CAR, lane=lane, s=s_ego + ctx.u(14.0, 22.0), lane_changes=False, react_ego=False,
+                   speed_override=ctx.u(6.0, 9.0), ignore_lights=True)
+    brake_at = ctx.u(20.0, max(22.0, min(45.0, L - 45.0)))
+    ctx.rule(lead, Trigger.progress(brake_at), Action.speed(0.0), "lead brakes")
+    ctx.rule(lead, Trigger.after(0, ctx.u(4.0, 8.0)), Action.speed(ctx.u(6.0, 9.0)), "lead drives on")
+    ctx.meta.update(lead=lead, brake_progress=brake_at)
+
+
+def _cut_in(ctx: Ctx, parking: bool):
+    m = ctx.m
+    if parking:
+        parks = [p for p in ctx.f["parking"] if float(m.lane_length[p]) > 45 and ctx.is_driving(int(m.lane_left[p]))]
+        p = ctx.choice(parks, "parking lane")
+        lane = int(m.lane_left[p])
+        L = float(m.lane_length[p])
+        s = ctx.u(20.0, L - 15.0)
+        side = p
+    else:
+        lanes = [x for x in ctx.road_lanes(min_len=60.0, multi=True) if m.lane_left[x] >= 0]
+        side = ctx.choice(lanes, "multi-lane road lane")
+        lane = int(m.lane_right[side]) if m.lane_right[side] >= 0 and ctx.is_driving(int(m.lane_right[side])) \
+            else None
+        if lane is None:
+            lane, side = side, int(m.lane_left[side])
+        L = float(m.lane_length[side])
+        s = ctx.u(25.0, L - 15.0)
+    pre, s0 = ctx.back(lane, s, ctx.u(40.0, 75.0))
+    ctx.set_route(pre, [lane], s0, reach=(lane, min(s, float(m.lane_length[lane])), ctx.u(20.0, 40.0)))
+    if parking:
+        # parked cars behind it and (leaving room to pull out) further ahead
+        ctx.add_static("parked_car", side, s - ctx.u(6.0, 7.5), 0.0)
+        ctx.add_static("parked_car", side, min(L - 3.0, s + ctx.u(13.0, 16.0)), 0.0)
+    else:  # a queue of stopped cars on the side lane: behind the cutter, and one well ahead
+        for k in range(int(ctx.rng.integers(1, 3))):
+            ctx.add(AgentKind.CAR, lane=side, s=max(0.0, s - 7.5 * (k + 1)), hold=True)
+        ctx.add(AgentKind.CAR, lane=side, s=min(L - 2.0, s + ctx.u(16.0, 22.0)), hold=True)
+    car = ctx.add(AgentKind.CAR, lane=side, s=s, hold=True, lane_changes=False, react_ego=True)
+    ctx.rule(car, Trigger.near_agent(car, ctx.u(14.0, 24.0)), Action.cut_in(lane, ctx.u(4.0, 7.0)), "cut in")
+    ctx.meta.update(cutter=car, target_lane=lane, event_progress=ctx.progress_of(lane, min(s, float(m.lane_length[lane]))))
+
+
+@register("StaticCutIn", "Emergency_Brake")
+def _static_cut_in(ctx: Ctx):
+    _cut_in(ctx, parking=False)
+
+
+@register("ParkingCutIn", "Emergency_Brake")
+def _parking_cut_in(ctx: Ctx):
+    _cut_in(ctx, parking=True)
+
+
+@register("ControlLoss", "Emergency_Brake")
+def _control_loss(ctx: Ctx):
+    lanes = ctx.road_lanes(min_len=60.0)
+    lane = ctx.choice(lanes, "road lane")
+    pre, s0 = ctx.back(lane, 0.0, ctx.u(10.0, 30.0))
+    ctx.set_route(pre, [lane], s0, reach=ctx.u(60.0, 90.0))
+    at = ctx.u(15.0, 35.0)
+    prev = None
+    for k in range(3):
+        trig = Trigger.progress(at) if prev is None else Trigger.after(prev, ctx.u(1.0, 2.5))
+        prev = ctx.rule(0, trig, Action.perturb(ctx.u(-1.5, 0.5), ctx.u(-0.12, 0.12), ctx.u(0.6, 1.5)),
+                        f"slip {k}")
+    ctx.meta["first_slip_progress"] = at
+
+
+EGO_SPEED = 7.0  # ego speed assumed when timing scripted agents against its arrival, m/s
+
+
+def _conflict_s(m, conn: int, other: int) -> tuple[float, float]:
+    """Arc lengths of the conflict point of two connectors on each of them."""
+    row = [int(x) for x in m.lane_conflict[conn]]
+    if other in row:
+        k = row.index(other)
+        return float(m.lane_conflict_s[conn, k]), float(m.lane_conflict_other_s[conn, k])
+    return 0.5 * float(m.lane_length[conn]), 0.5 * float(m.lane_length[other])
+
+
+def _crossing_vehicle(ctx: Ctx, kinds, flags: dict, ego_turn=STRAIGHT, other_turns=(STRAIGHT,),
+                      n: int = 1, kind=AgentKind.CAR, spacing=(10.0, 16.0), speed=(7.0, 11.0),
+                      lights: bool = False, arms=None, streams: int = 1, where=None) -> list[int]:
+    """Ego through a junction; ``n`` vehicles per stream on conflicting connectors (``streams`` different
+    ones), held upstream and released rolling as the ego approaches its stop line, timed to reach the
+    conflict area about when an ego at ~8 m/s would."""
+    info = ctx.through_junction(kinds, ego_turn, arms=arms, where=where)
+    conf = ctx.conflicting(info["connector"], other_turns)
+    if len(conf) < streams:
+        raise NoPlace("not enough conflicting movements")
+    order = ctx.rng.permutation(len(conf))
+    m = ctx.m
+    d_trig = ctx.u(22.0, 38.0)  # ego distance to its stop line at release
+    anchor = offset_pose(m, info["incoming"], float(m.lane_length[info["incoming"]]), 0.0)[0]
+    out_ids = []
+    used = []
+    for q in order[:streams]:
+        inc, conn, out = conf[int(q)]
+        used.append((inc, conn))
+        L_in = float(m.lane_length[inc])
+        v = ctx.u(*speed)
+        s_ego, s_other = _conflict_s(m, info["connector"], conn)
+        # reach the conflict point when an ego cruising at EGO_SPEED would (the first of a flow a bit earlier)
+        t_ego = (d_trig + s_ego) / EGO_SPEED - (ctx.u(0.5, 2.0) if n > 1 else ctx.u(-0.3, 0.3))
+        d = max(3.0, v * t_ego - s_other)
+        for k in range(n):
+            lane, s, path = ctx.lane_path_back(inc, L_in, d)
+            if len(path) > 1:  # the pinned queue (3 lanes) must still reach the junction connector
+                if k == 0:
+                    raise NoPlace("crossing traffic would start too far from the junction")
+                break
+            a = ctx.add(kind, lane=lane, s=s, hold=True, lane_changes=False, queue=(path + [conn, out])[:3],
+                        speed_override=v, **flags)
+            ctx.rule(a, Trigger.near_point(anchor[0], anchor[1], d_trig), Action.release(v), "crossing traffic")
+            out_ids.append(a)
+            d += ctx.u(*spacing)
+    inc, conn = used[0]
+    if lights:
+        li_ego, li_other = int(m.lane_light[info["incoming"]]), int(m.lane_light[inc])
+        if li_ego >= 0:
+            ctx.rule(li_ego, Trigger.near_point(anchor[0], anchor[1], d_trig + 10.0), Action.light(LightState.GREEN))
+        if li_other >= 0:
+            ctx.rule(li_other, Trigger.near_point(anchor[0], anchor[1], d_trig + 10.0), Action.light(LightState.RED))
+    ctx.meta.update(other_incoming=inc, other_connector=conn, crossing=out_ids, trigger_point=anchor)
+    return out_ids
+
+
+@register("OppositeVehicleRunningRedLight", "Emergency_Brake", traffic_signs=True)
+def _ovrrl(ctx: Ctx):
+    _crossing_vehicle(ctx, (SIG,), dict(ignore_lights=True, ignore_priority=True, react_ego=False), lights=True)
+
+
+@register("OppositeVehicleTakingPriority", "Emergency_Brake", traffic_signs=True)
+def _ovtp(ctx: Ctx):
+    _crossing_vehicle(ctx, NONSIG, dict(ignore_stops=True, ignore_priority=True, react_ego=False))
+
+
+def _after_turn_crosser(ctx: Ctx, kind: AgentKind):
+    turn = LEFT if ctx.rng.random() < 0.5 else RIGHT
+    info = ctx.through_junction((SIG, STOP, UNC), turn, after=(35.0, 70.0))
+    m = ctx.m
+    out = info["outgoing"]
+    s = ctx.u(6.0, 12.0)
+    w = float(m.lane_width[out])
+    lat = -0.5 * w - ctx.u(1.5, 3.0)
+    (px, py), h = offset_pose(m, out, s, lat)
+    a = ctx.add(kind, pos=(px, py), yaw=h + HALF_PI, mode=Mode.FREE, hold=True, react_ego=False,
+                lane_changes=False)
+    speed = ctx.u(1.4, 2.5) if kind == AgentKind.PEDESTRIAN else ctx.u(3.0, 5.0)
+    ctx.rule(a, Trigger.near_agent(a, ctx.u(18.0, 28.0)), Action.free(h + HALF_PI, speed), "crosses")
+    ctx.meta.update(walker=a, walker_yaw=h + HALF_PI)
+
+
+@register("VehicleTurningRoute", "Emergency_Brake", traffic_signs=True)
+def _vtr(ctx: Ctx):
+    _after_turn_crosser(ctx, AgentKind.BICYCLE)
+
+
+@register("VehicleTurningRoutePedestrian", "Emergency_Brake", traffic_signs=True)
+def _vtrp(ctx: Ctx):
+    _after_turn_crosser(ctx, AgentKind.PEDESTRIAN)
+
+
+@register("PedestrianCrossing", "Emergency_Brake", traffic_signs=True)
+def _ped_crossing(ctx: Ctx):
+    info = ctx.through_junction((SIG, STOP, UNC), STRAIGHT, after=(30.0, 70.0))
+    m = ctx.m
+    j = ctx.f["junctions"][info["junction"]]
+    out = info["outgoing"]
+    arm = next((a for a in j["arm_info"] if out in a["outgoing"]), None)
+    if arm is None or not arm["crosswalk"]:
+        raise NoPlace("exit arm without crosswalk")
+    # the crosswalk direction that starts on the ego's right side
+    p_out, h_out = lane_pose(m, out, 0.0)
+    best = None
+    for cw in arm["crosswalk"]:
+        p0, hc = lane_pose(m, cw, 0.0)
+        side = -math.sin(h_out) * (p0[0] - p_out[0]) + math.cos(h_out) * (p0[1] - p_out[1])
+        if side < 0:
+            best = (cw, p0, hc)
+    if best is None:
+        raise NoPlace("no crosswalk start on the right")
+    cw, p0, hc = best
+    mid = lane_pose(m, cw, 0.5 * float(m.lane_length[cw]))[0]
+    d = ctx.u(22.0, 35.0)
+    walkers = []
+    for k in range(int(ctx.rng.integers(1, 4))):
+        q = p0 + 0.7 * k * ctx.u(-1, 1) * np.array([math.cos(hc + HALF_PI), math.sin(hc + HALF_PI)])
+        a = ctx.add(AgentKind.PEDESTRIAN, pos=(float(q[0]), float(q[1])), yaw=hc, mode=Mode.FREE, hold=True,
+                    react_ego=False, lane_changes=False)
+        ctx.rule(a, Trigger.near_point(float(mid[0]), float(mid[1]), d), Action.free(hc, ctx.u(1.2, 2.0)),
+                 "crossing")
+        walkers.append(a)
+    ctx.meta.update(walker=walkers[0], walker_yaw=hc, crosswalk=cw)
+
+
+@register("BlockedIntersection", "Emergency_Brake", traffic_signs=True)
+def _blocked(ctx: Ctx):
+    turn = [LEFT, RIGHT, STRAIGHT][int(ctx.rng.integers(3))]
+    info = ctx.through_junction((SIG, STOP, UNC), turn, after=(30.0, 70.0))
+    out = info["outgoing"]
+    b = ctx.add(AgentKind.CAR, lane=out, s=ctx.u(3.0, 7.0), hold=True, lane_changes=False)
+    r = ctx.rule(b, Trigger.near_agent(b, ctx.u(10.0, 16.0)), Action.speed(0.0), "blocking")
+    ctx.rule(b, Trigger.after(r, ctx.u(6.0, 12.0)), Action.release(), "clears")
+    ctx.rule(b, Trigger.after(r, 0.0), Action.speed(float("nan")), "clears speed")
+    ctx.meta["blocker"] = b
+
+
+# ====================================================================== Merging
+def _junction_flow(ctx: Ctx, kinds, ego_turn, other_turns, n, flags, kind=AgentKind.CAR, arms=None):
+    return _crossing_vehicle(ctx, kinds, flags, ego_turn=ego_turn, other_turns=other_turns, n=n, kind=kind,
+                             arms=arms)
+
+
+@register("SignalizedJunctionLeftTurn", "Merging", traffic_signs=True)
+def _sjlt(ctx: Ctx):
+    _junction_flow(ctx, (SIG,), LEFT, (STRAIGHT,), int(ctx.rng.integers(1, 3)), dict(ignore_priority=False))
+
+
+@register("SignalizedJunctionRightTurn", "Merging", traffic_signs=True)
+def _sjrt(ctx: Ctx):
+    _junction_flow(ctx, (SIG,), RIGHT, (STRAIGHT, LEFT), int(ctx.rng.integers(1, 3)),
+                   dict(ignore_lights=True, ignore_priority=True))
+
+
+@register("NonSignalizedJunctionLeftTurn", "Merging", traffic_signs=True)
+def _nsjlt(ctx: Ctx):
+    _junction_flow(ctx, NONSIG, LEFT, (STRAIGHT,), int(ctx.rng.integers(1, 3)),
+                   dict(ignore_priority=True, ignore_stops=True))
+
+
+@register("NonSignalizedJunctionRightTurn", "Merging", traffic_signs=True)
+def _nsjrt(ctx: Ctx):
+    _junction_flow(ctx, NONSIG, RIGHT, (STRAIGHT, LEFT), int(ctx.rng.integers(1, 3)),
+                   dict(ignore_priority=True, ignore_stops=True))
+
+
+@register("SignalizedJunctionLeftTurnEnterFlow", "Merging", traffic_signs=True)
+def _sjltef(ctx: Ctx):
+    _junction_flow(ctx, (SIG,), LEFT, (STRAIGHT, RIGHT, LEFT), int(ctx.rng.integers(4, 7)),
+                   dict(ignore_lights=True, ignore_priority=True))
+
+
+@register("NonSignalizedJunctionLeftTurnEnterFlow", "Merging", traffic_signs=True)
+def _nsjltef(ctx: Ctx):
+    _junction_flow(ctx, NONSIG, LEFT, (STRAIGHT, RIGHT, LEFT), int(ctx.rng.integers(4, 7)),
+                   dict(ignore_priority=True, ignore_stops=True))
+
+
+@register("EnterActorFlow", "Merging", traffic_signs=True)
+def _eaf(ctx: Ctx):
+    _junction_flow(ctx, (SIG, STOP, UNC), [LEFT, RIGHT][int(ctx.rng.integers(2))], (STRAIGHT, LEFT, RIGHT),
+                   int(ctx.rng.integers(4, 8)), dict(ignore_priority=True, ignore_stops=True, ignore_lights=True))
+
+
+@register("CrossingBicycleFlow", "Merging", traffic_signs=True)
+def _cbf(ctx: Ctx):
+    _junction_flow(ctx, (SIG, STOP, UNC), [LEFT, RIGHT][int(ctx.rng.integers(2))], (STRAIGHT, LEFT, RIGHT),
+                   int(ctx.rng.integers(4, 8)), dict(ignore_priority=True, ignore_stops=True, ignore_lights=True),
+                   kind=AgentKind.BICYCLE)
+
+
+def _interurban(j: dict) -> bool:
+    """Junctions on the highway / frontage side of the town (an arm that is not an urban street)."""
+    return j["terminal"] or any(a["road_kind"] not in ("street",) for a in j["arm_info"])
+
+
+@register("InterurbanActorFlow", "Merging")
+def _iaf(ctx: Ctx):
+    _crossing_vehicle(ctx, (SIG, STOP, UNC), dict(ignore_priority=True, ignore_stops=True, ignore_lights=True),
+                      ego_turn=LEFT, other_turns=(STRAIGHT,), n=int(ctx.rng.integers(4, 8)), where=_interurban,
+                      speed=(9.0, 13.0))
+
+
+@register("InterurbanAdvancedActorFlow", "Merging")
+def _iaaf(ctx: Ctx):
+    # flows from two directions to cross / merge into
+    _crossing_vehicle(ctx, (SIG, STOP, UNC), dict(ignore_priority=True, ignore_stops=True, ignore_lights=True),
+                      ego_turn=LEFT, other_turns=(STRAIGHT, LEFT, RIGHT), n=int(ctx.rng.integers(3, 6)),
+                      where=_interurban, streams=2, speed=(9.0, 13.0))
+
+
+@register("MergerIntoSlowTrafficV2", "Merging")
+def _merger_v2(ctx: Ctx):
+    # turn into a road whose traffic (merging into the same exit lane) is slow and dense
+    _crossing_vehicle(ctx, (SIG, STOP, UNC), dict(ignore_priority=True, ignore_stops=True, ignore_lights=True),
+                      ego_turn=RIGHT, other_turns=(STRAIGHT, LEFT), n=int(ctx.rng.integers(4, 7)),
+                      spacing=(7.0, 10.0), speed=(2.5, 4.5))
+
+
+def _platoon(ctx: Ctx, lane: int, s_front: float, n: int, speed: float, gap=(8.0, 12.0), t0: float = 0.0,
+             trigger: Trigger | None = None, **flags) -> list[int]:
+    """``n`` vehicles driving at ``speed``, front one at ``(lane, s_front)``, the rest behind it (following
+    lane predecessors); held, then released rolling at ``t0`` s or when ``trigger`` holds."""
+    out = []
+    d = 0.0
+    for k in range(n):
+        ln, s, path = ctx.lane_path_back(lane, s_front, d)
+        a = ctx.add(AgentKind.CAR, lane=ln, s=s, hold=True, lane_changes=False, queue=path[:3],
+                    speed_override=speed, v_des=speed, **flags)
+        ctx.rule(a, trigger if trigger is not None else Trigger.time(t0), Action.release(speed), "flow")
+        out.append(a)
+        d += ctx.u(*gap) + 4.6
+    return out
+
+
+@register("MergerIntoSlowTraffic", "Merging")
+def _merger(ctx: Ctx):
+    m = ctx.m
+    acc = ctx.choice(ctx.f["acceleration_lanes"], "acceleration lane")
+    main = int(m.lane_left[acc])
+    ramps = [p for p in m.predecessors(acc) if ctx.is_driving(p)]
+    if not ctx.is_driving(main) or not ramps:
+        raise NoPlace("acceleration lane without ramp / main lane")
+    ramp = ramps[0]
+    s0 = ctx.u(10.0, 45.0)
+    ctx.set_route([], [ramp, acc, main], s0, reach=(main, float(m.lane_length[acc]) * 0.5, ctx.u(25.0, 50.0)))
+    e = 0.5 * float(m.lane_length[acc])  # the dense route leaves the acceleration lane half way
+    mp = lane_pose(m, main, e)[0]  # where the dense route merges
+    v = ctx.u(3.0, 6.0)
+    flow = _platoon(ctx, main, min(float(m.lane_length[main]) - 5.0, e + ctx.u(25.0, 45.0)),
+                    int(ctx.rng.integers(5, 9)), v, trigger=Trigger.near_point(float(mp[0]), float(mp[1]),
+                                                                             ctx.u(45.0, 70.0)))
+    ctx.meta.update(flow=flow, merge_lane=main)
+    ctx.n_vehicles = max(ctx.n_vehicles, 15)
+
+
+@register("HighwayExit", "Merging")
+def _highway_exit(ctx: Ctx):
+    m = ctx.m
+    dec = ctx.choice(ctx.f["deceleration_lanes"], "deceleration lane")
+    rights = [p for p in m.predecessors(dec) if ctx.is_driving(p)]
+    if not rights:
+        raise NoPlace("deceleration lane without a feeding lane")
+    r = rights[0]
+    inner = int(m.lane_left[r])
+    offs = [x for x in m.successors(dec) if ctx.is_driving(x)]
+    if not ctx.is_driving(inner) or not offs:
+        raise NoPlace("no inner lane / off-ramp")
+    L = float(m.lane_length[r])
+    s0 = max(0.0, L - ctx.u(50.0, 90.0))
+    ctx.set_route([], [inner, r, dec, offs[0]], s0, reach=(offs[0], ctx.u(10.0, 40.0), 0.0))
+    e = s0 + 0.5 * (L - s0)  # where the route changes lane
+    mp = lane_pose(m, r, e)[0]
+    flow = _platoon(ctx, r, min(L - 3.0, e + ctx.u(5.0, 20.0)), int(ctx.rng.integers(3, 6)), ctx.u(9.0, 13.0),
+                    gap=(12.0, 20.0), trigger=Trigger.near_point(float(mp[0]), float(mp[1]), ctx.u(25.0, 40.0)))
+    ctx.meta.update(flow=flow, exit_lane=dec)
+
+
+@register("SequentialLaneChange", "Merging")
+def _sequential(ctx: Ctx):
+    m = ctx.m
+    cands = []
+    for x in range(m.num_lanes):
+        if not ctx.is_driving(x) or m.lane_junction[x] >= 0 or x in ctx.extra_lanes:
+            continue
+        left = int(m.lane_left[x])
+        if ctx.is_driving(left) and left not in ctx.extra_lanes and float(m.lane_length[x]) >= 130.0:
+            cands.append(x)
+    r = ctx.choice(cands, "long two-lane section")
+    left = int(m.lane_left[r])
+    L = float(m.lane_length[r])
+    s0 = ctx.u(0.0, max(0.0, L - 130.0))
+    # route r -> left -> r; the world's dense route leaves each lane half way along its rest
+    e1 = s0 + 0.5 * (L - s0)
+    e2 = e1 + 0.5 * (L - e1)
+    ctx.set_route([], [r, left, r], s0, reach=(r, min(L, e2 + ctx.u(15.0, 30.0)), 0.0))
+    a = _broken_down(ctx, r, ctx.u(e1 + 4.0, max(e1 + 5.0, e2 - 12.0)))
+    b = _broken_down(ctx, left, min(L - 2.0, e2 + ctx.u(8.0, 15.0)))
+    ctx.meta.update(obstacle=a, obstacle2=b)
+
+
+def _broken_down(ctx: Ctx, lane: int, s: float) -> int:
+    car = ctx.add_static("parked_car", lane, s, 0.0)
+    ctx.add_static("traffic_warning", lane, max(0.0, s - ctx.u(6.0, 10.0)), 0.0)
+    return car
+
+
+@register("HighwayCutIn", "Merging")
+def _highway_cut_in(ctx: Ctx):
+    m = ctx.m
+    acc = ctx.choice(ctx.f["acceleration_lanes"], "acceleration lane")
+    main = int(m.lane_left[acc])
+    if not ctx.is_driving(main):
+        raise NoPlace("acceleration lane without a main lane")
+    ramp = ctx.choice(m.predecessors(acc), "on-ramp")
+    s_car = ctx.u(10.0, 40.0)
+    pre, s0 = ctx.back(main, s_car, ctx.u(45.0, 80.0))
+    ctx.set_route(pre, [main], s0, reach=(main, s_car, ctx.u(40.0, 70.0)))
+    v = ctx.u(12.0, 18.0)
+    car = ctx.add(AgentKind.CAR, lane=acc, s=s_car, hold=True, lane_changes=False, speed=0.0)
+    ctx.rule(car, Trigger.near_agent(car, ctx.u(20.0, 35.0)), Action.cut_in(main, v, initial_speed=v), "cut in")
+    ctx.meta.update(cutter=car, target_lane=main, ramp=ramp)
+    ctx.n_vehicles = max(ctx.n_vehicles, 20)
+
+
+@register("ParkingExit", "Merging")
+def _parking_exit(ctx: Ctx):
+    m = ctx.m
+    parks = [p for p in ctx.f["parking"] if float(m.lane_length[p]) > 40 and ctx.is_driving(int(m.lane_left[p]))]
+    p = ctx.choice(parks, "parking lane")
+    drive = int(m.lane_left[p])
+    L = float(m.lane_length[p])
+    s = ctx.u(8.0, L - 25.0)
+    e = s + 0.5 * (L - s)  # where the dense route leaves the parking lane
+    ctx.set_route([], [p, drive], s, reach=(drive, e, ctx.u(30.0, 60.0)))
+    ctx.add_static("parked_car", p, min(L - 2.5, e + ctx.u(4.0, 6.0)), 0.0)
+    if s > 7.0:
+        ctx.add_static("parked_car", p, s - ctx.u(6.0, 7.0), 0.0)
+    # traffic approaching from behind on the driving lane
+    t0 = ctx.u(0.5, 3.0)
+    for k in range(int(ctx.rng.integers(1, 4))):
+        lane, s1, path = ctx.lane_path_back(drive, s, ctx.u(20.0, 30.0) + 18.0 * k)
+        a = ctx.add(AgentKind.CAR, lane=lane, s=s1, hold=True, queue=path[:3], lane_changes=False,
+                    speed_override=ctx.u(6.0, 10.0))
+        ctx.rule(a, Trigger.time(t0), Action.release(), "traffic")
+    ctx.meta.update(parking_lane=p, drive_lane=drive)
+
+
+# ====================================================================== Give_Way
+@register("YieldToEmergencyVehicle", "Give_Way")
+def _yield_ev(ctx: Ctx):
+    m = ctx.m
+    lanes = ctx.road_lanes(min_len=70.0)
+    lane = ctx.choice(lanes, "long road lane")
+    L = float(m.lane_length[lane])
+    back = ctx.u(25.0, 45.0)
+    s_ego = ctx.u(back + 2.0, min(L - 10.0, back + 20.0)) if L - 10.0 > back + 2.0 else None
+    if s_ego is None:
+        raise NoPlace("lane too short")
+    ctx.set_route([], [lane], s_ego, reach=ctx.u(70.0, 120.0))
+    speed = ctx.u(12.0, 18.0)
+    ev = ctx.add(AgentKind.EMERGENCY, lane=lane, s=s_ego - back, siren=True, hold=True, lane_changes=False,
+                 speed_override=speed, v_des=speed, ignore_lights=True, ignore_priority=True, ignore_stops=True,
+                 react_ego=True, headway=0.8, min_gap=2.0, a_max=3.5)
+    ctx.queues[ev] = ctx.route[1:4]
+    ctx.rule(ev, Trigger.time(ctx.u(0.5, 2.0)), Action.release(), "emergency vehicle starts")
+    ctx.emergency = ev
+    ctx.meta.update(emergency=ev)
+
+
+@register("InvadingTurn", "Give_Way")
+def _invading(ctx: Ctx):
+    m = ctx.m
+    curves = [c for c in ctx.f["curves"] if ctx.is_driving(c) and m.lane_junction[c] < 0 and c not in ctx.extra_lanes
+              and float(m.lane_length[c]) > 50.0 and _opposite(ctx, c) >= 0]
+    lane = ctx.choice(curves, "curved two-way road")
+    L = float(m.lane_length[lane])
+    pre, s0 = ctx.back(lane, 0.0, ctx.u(15.0, 40.0))
+    ctx.set_route(pre, [lane], s0, reach=(lane, 0.8 * L, 0.0))
+    opp = _opposite(ctx, lane)
+    Lo = float(m.lane_length[opp])
+    d_trig = ctx.u(35.0, 55.0)
+    n = int(ctx.rng.integers(2, 4))
+    cars = []
+    for k in range(n):
+        so = Lo - L * ctx.u(0.55, 0.8) - 15.0 * k
+        if so < 0:
+            break
+        a = ctx.add(AgentKind.CAR, lane=opp, s=so, hold=True, lane_changes=False, react_ego=False,
+                    speed_override=ctx.u(6.0, 9.0))
+        r = ctx.rule(a, Trigger.near_agent(a, d_trig), Action.release(), "oncoming")
+        ctx.rule(a, Trigger.after(r, 0.0), Action.offset(ctx.u(2.0, 2.6), 8.0), "invade")
+        cars.append(a)
+    if not cars:
+        raise NoPlace("no room for oncoming cars")
+    ctx.meta.update(invaders=cars, opposite=opp)
+
+
+def _opposite(ctx: Ctx, lane: int) -> int:
+    """The innermost opposite-direction lane next to ``lane`` (same road), or -1."""
+    m = ctx.m
+    cur = lane
+    while m.lane_left[cur] >= 0:
+        cur = int(m.lane_left[cur])
+    return int(m.lane_left_opposite[cur]) if m.lane_left_opposite[cur] >= 0 and cur == lane else -1
+
+
+# ====================================================================== Traffic_Signs
+def _vanilla(kinds, turns, need_stop=None, arms=None, light=None):
+    def build(ctx: Ctx):
+        turn = turns[int(ctx.rng.integers(len(turns)))]
+        info = ctx.through_junction(kinds, turn, arms=arms, need_stop=need_stop)
+        if light is not None:
+            li = int(ctx.m.lane_light[info["incoming"]])
+            if li < 0:
+                raise NoPlace("ego lane has no light")
+            p = lane_pose(ctx.m, info["incoming"], float(ctx.m.lane_length[info["incoming"]]))[0]
+            r = ctx.rule(li, Trigger.near_point(float(p[0]), float(p[1]), ctx.u(30.0, 45.0)), Action.light(light),
+                         "force light")
+            if light == LightState.RED:
+                ctx.rule(li, Trigger.after(r, ctx.u(8.0, 14.0)), Action.light(LightState.GREEN), "turn green")
+                ctx.rule(li, Trigger.after(r, 40.0), Action.light(-1), "back to cycle")
+            ctx.meta.update(light=li, stop_point=(float(p[0]), float(p[1])))
+    return build
+
+
+register("VanillaSignalizedTurnEncounterRedLight", "Traffic_Signs")(_vanilla((SIG,), (LEFT, RIGHT), light=LightState.RED))
+register("VanillaSignalizedTurnEncounterGreenLight", "Traffic_Signs")(
+    _vanilla((SIG,), (LEFT, RIGHT), light=LightState.GREEN))
+register("VanillaNonSignalizedTurn", "Traffic_Signs")(_vanilla((UNC,), (LEFT, RIGHT), need_stop=False))
+register("VanillaNonSignalizedTurnEncounterStopsign", "Traffic_Signs")(_vanilla((STOP,), (LEFT, RIGHT), need_stop=True))
+register("T_Junction", "Traffic_Signs")(_vanilla((SIG, STOP, UNC), (LEFT, RIGHT), arms=(3,)))
+

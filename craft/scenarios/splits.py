@@ -1,0 +1,138 @@
+"""Benchmark splits: deterministic scenario routes on disjoint ranges of town seeds.
+
+| split | routes per type | town seeds |
+|---|---|---|
+| ``test``  | 5  (44 x 5 = 220, like Bench2Drive) | 10000 .. 10019 |
+| ``val``   | 2  | 20000 .. 20009 |
+| ``train`` | 20 | 30000 .. 30199 |
+| ``long``  | TODO: 500-1500 m routes chaining several scenarios (seeds 40000 .. 40019 reserved); raises |
+
+``split_specs(split)`` returns ``ScenarioInstance`` s sorted by type, then route number. Each instance's
+``spec.map_index`` indexes :func:`split_town_seeds` (``split`` or the ``town_seeds`` passed), so::
+
+    seeds = split_town_seeds("test")
+    world = World([generate_town(s) for s in seeds])
+    insts = split_specs("test")
+
+Route ``k`` of a type goes to town ``pool[(h(type) + k * step) % len(pool)]``; when that town cannot host
+the type the next towns of the pool are tried (deterministically). The route's random draws come from
+``numpy.random.default_rng([split id, type index in B2D order, k])``, so the same arguments give the same
+scenarios. Scenario types of Bench2Drive that are not implemented yet are **skipped with a warning**
+(``UserWarning`` naming them); ``strict=True`` raises :class:`CraftError` instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+
+import numpy as np
+
+from craft.errors import CraftError
+from craft.scenarios.base import ScenarioInstance, build_scenario, implemented_types
+
+B2D_TYPES = (
+    "Accident", "AccidentTwoWays", "BlockedIntersection", "ConstructionObstacle", "ConstructionObstacleTwoWays",
+    "ControlLoss", "CrossingBicycleFlow", "DynamicObjectCrossing", "EnterActorFlow", "HardBreakRoute",
+    "HazardAtSideLane", "HazardAtSideLaneTwoWays", "HighwayCutIn", "HighwayExit", "InterurbanActorFlow",
+    "InterurbanAdvancedActorFlow", "InvadingTurn", "MergerIntoSlowTraffic", "MergerIntoSlowTrafficV2",
+    "NonSignalizedJunctionLeftTurn", "NonSignalizedJunctionLeftTurnEnterFlow", "NonSignalizedJunctionRightTurn",
+    "OppositeVehicleRunningRedLight", "OppositeVehicleTakingPriority", "ParkedObstacle", "ParkedObstacleTwoWays",
+    "ParkingCrossingPedestrian", "ParkingCutIn", "ParkingExit", "PedestrianCrossing", "SequentialLaneChange",
+    "SignalizedJunctionLeftTurn", "SignalizedJunctionLeftTurnEnterFlow", "SignalizedJunctionRightTurn",
+    "StaticCutIn", "T_Junction", "VanillaNonSignalizedTurn", "VanillaNonSignalizedTurnEncounterStopsign",
+    "VanillaSignalizedTurnEncounterGreenLight", "VanillaSignalizedTurnEncounterRedLight", "VehicleOpensDoorTwoWays",
+    "VehicleTurningRoute", "VehicleTurningRoutePedestrian", "YieldToEmergencyVehicle",
+)
+assert len(B2D_TYPES) == 44
+
+SPLITS = {
+    # name: (split id, first town seed, number of town seeds, routes per type)
+    "test": (1, 10000, 20, 5),
+    "val": (2, 20000, 10, 2),
+    "train": (3, 30000, 200, 20),
+    "long": (4, 40000, 20, 0),
+}
+
+
+def split_town_seeds(split: str) -> list[int]:
+    """The town seeds of ``split`` (disjoint between splits); map_index i of its instances = seed i."""
+    if split not in SPLITS:
+        raise CraftError(f"unknown split '{split}' (one of {sorted(SPLITS)})")
+    _, first, n, _ = SPLITS[split]
+    return list(range(first, first + n))
+
+
+def missing_types() -> list[str]:
+    """Bench2Drive types without a builder yet."""
+    have = set(implemented_types())
+    return [t for t in B2D_TYPES if t not in have]
+
+
+def split_specs(split: str, town_seeds: list[int] | None = None, routes: int | None = None,
+                types: list[str] | None = None, strict: bool = False) -> list[ScenarioInstance]:
+    """Deterministic scenario instances of ``split`` (see the module docstring).
+
+    town_seeds: override the split's town pool (``spec.map_index`` then indexes this list).
+    routes: routes per type (default 5 test / 2 val / 20 train). types: restrict to these types.
+    """
+    from craft.world.towns import generate_town
+
+    if split not in SPLITS:
+        raise CraftError(f"unknown split '{split}' (one of {sorted(SPLITS)})")
+    sid, _, _, default_routes = SPLITS[split]
+    if split == "long":
+        raise CraftError("the 'long' split (500-1500 m routes chaining several scenarios) is not implemented "
+                         "yet; use 'test', 'val' or 'train'")
+    pool = list(town_seeds) if town_seeds is not None else split_town_seeds(split)
+    if not pool:
+        raise CraftError("split_specs needs at least one town seed")
+    n_routes = default_routes if routes is None else int(routes)
+    if n_routes < 1:
+        raise CraftError(f"routes must be >= 1, got {routes}")
+    wanted = list(types) if types is not None else list(B2D_TYPES)
+    unknown = [t for t in wanted if t not in B2D_TYPES]
+    if unknown:
+        raise CraftError(f"unknown scenario types {unknown}; Bench2Drive types are {list(B2D_TYPES)}")
+    have = set(implemented_types())
+    missing = [t for t in wanted if t not in have]
+    if missing:
+        msg = (f"scenario types not implemented yet, skipped: {missing}; implemented: {sorted(have)}")
+        if strict:
+            raise CraftError(msg)
+        warnings.warn(msg, stacklevel=2)
+    towns: dict[int, object] = {}
+
+    def town(i):
+        s = pool[i]
+        if s not in towns:
+            towns[s] = generate_town(s)
+        return towns[s]
+
+    out = []
+    step = 7 if len(pool) % 7 else 3
+    for t in wanted:
+        if t not in have:
+            continue
+        ti = B2D_TYPES.index(t)
+        h = zlib.crc32(t.encode())
+        for k in range(n_routes):
+            base = (h + k * step) % len(pool)
+            err = None
+            for tries in range(min(len(pool), 8)):
+                mi = (base + tries) % len(pool)
+                rng = np.random.default_rng([sid, ti, k, tries])
+                try:
+                    inst = build_scenario(t, town(mi), rng, map_index=mi)
+                    inst.meta["split"] = split
+                    inst.meta["route_id"] = k
+                    out.append(inst)
+                    break
+                except CraftError as e:
+                    err = e
+            else:
+                raise CraftError(f"split '{split}': no town of the pool could host '{t}' route {k}: {err}")
+    return out
+
+
+__all__ = ["B2D_TYPES", "SPLITS", "split_specs", "split_town_seeds", "missing_types"]
