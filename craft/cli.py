@@ -74,10 +74,11 @@ def cmd_eval(args) -> int:
 
     if args.split not in SPLITS:
         raise CraftError(f"unknown split '{args.split}': use one of {', '.join(SPLITS)}")
-    cfg = EvalConfig(protocol=args.protocol, gif_worst=args.gif, batch_size=args.batch_size, seed=args.seed)
+    cfg = EvalConfig(protocol=args.protocol, gif_worst=args.gif, batch_size=args.batch_size, seed=args.seed,
+                     max_steps=args.max_steps)
     driver = make_driver(args.policy)
     summary = evaluate(driver, args.split, args.out, cfg, town_seeds=args.town_seeds, routes=args.routes,
-                       device=args.device)
+                       device=args.device, types=args.types)
     ab = summary["abilities"]
     print(f"{driver.name} on {args.split} ({summary['num_routes']} routes, {args.protocol}): "
           f"DS {summary['DS']:.2f}  SR {summary['SR']:.2f}  RC {summary['RC']:.2f}  IS {summary['IS']:.3f}  "
@@ -127,11 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="test, val, train or long")
     e.add_argument("--routes", type=_positive_int, help="routes per scenario type (default: the split's)")
     e.add_argument("--town-seeds", type=int, nargs="+", help="evaluate on these town seeds instead")
+    e.add_argument("--types", nargs="+", help="only these scenario types")
     e.add_argument("--protocol", choices=["b2d", "b2d-star"], default="b2d")
     e.add_argument("--device", type=_device, default="cpu")
     e.add_argument("--gif", type=int, default=0, metavar="K", help="GIFs of the K lowest-DS routes")
     e.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
     e.add_argument("--seed", type=int, default=0, help="background traffic seed")
+    e.add_argument("--max-steps", type=_positive_int, default=2000, help="simulation steps cap (200 s)")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_eval)
 

@@ -23,7 +23,7 @@ from craft.world.map import (
     RawStop,
     RoadMap,
 )
-from craft.world.state import EndReason, StepEvents, WorldState, empty_state
+from craft.world.state import EndReason, Mode, StepEvents, WorldState, empty_state
 
 W = 3.5  # lane width, m
 CFG = EventConfig()
@@ -468,6 +468,10 @@ def test_kinematics_background_and_distances():
     put(s, 0, 1, 40.0, -3.5, v=6.0, kind=AgentKind.CAR)
     put(s, 0, 2, 30.0, 7.5, v=1.0, kind=AgentKind.PEDESTRIAN)
     put(s, 0, 3, 90.0, 0.0, v=20.0, kind=AgentKind.TRUCK)  # 70 m away: not background
+    s.mode[0, 1:4] = Mode.LANE  # moving traffic
+    s.mode[1, 1:] = Mode.LANE
+    put(s, 1, 1, 35.0, 3.5, v=0.0, kind=AgentKind.EMERGENCY)  # parked (STATIC mode): not traffic
+    s.mode[1, 1] = Mode.STATIC
     _, ev = go(s, 20.5, 0.4, yaw=0.05, v=6.0)
     assert ev.speed.tolist() == pytest.approx([6.0, 6.0])
     assert ev.accel.tolist() == pytest.approx([10.0, 10.0], rel=1e-4)

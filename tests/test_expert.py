@@ -170,3 +170,27 @@ def test_random_towns_beat_the_naive_follower(towns):
     assert infractions(ev_e) <= 1
     assert infractions(ev_e) < infractions(ev_r)
     assert total(ev_e, "outside_lanes").sum().item() < 5.0
+
+
+def test_yields_to_priority_traffic_at_uncontrolled_junction():
+    # the ego comes from the minor road (lane 1 -> connector 3), a car on the priority road (lane 0 -> 2) does
+    # not react to the ego and would reach the crossing at the same time
+    world = World([crossroads(JunctionKind.UNCONTROLLED)])
+    car = AgentSpec(kind=AgentKind.CAR, lane=0, s=40.0, speed=10.0, behaviour={"v_des": 10.0, "react_ego": False})
+    spec = WorldSpec(0, [1, 3, 5], ego_s=50.0, ego_speed=8.0, n_vehicles=0, n_pedestrians=0, agents=[car])
+    st, ev = drive(world, world.reset([spec], seed=0), 100)
+    assert total(ev, "collision_any").item() == 0
+    assert st.pos[0, 0, 1] > 5.0  # crossed after the car
+    st_r, ev_r = drive(world, world.reset([spec], seed=0), 100, planner=lambda w, s: route_plan(s, 8.0))
+    assert total(ev_r, "collision_any").item() > 0  # the naive follower does not yield
+
+
+def test_moves_aside_for_an_emergency_vehicle():
+    # two same-direction lanes; the ego drives in the left one, an emergency vehicle with its siren comes from behind
+    world = World([straight_road(800.0, lanes=2, speed=12.0)])
+    ev_car = AgentSpec(kind=AgentKind.EMERGENCY, lane=1, s=10.0, speed=14.0, siren=True,
+                       behaviour={"v_des": 20.0, "lane_changes": False})
+    spec = WorldSpec(0, [1], ego_s=60.0, ego_speed=8.0, n_vehicles=0, n_pedestrians=0, agents=[ev_car])
+    st, ev = drive(world, world.reset([spec], seed=0), 150)
+    assert total(ev, "collision_any").item() == 0
+    assert st.pos[0, 1, 0] > st.pos[0, 0, 0]  # the emergency vehicle is ahead now

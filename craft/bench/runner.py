@@ -202,7 +202,8 @@ def _route_log(b: int, inst, R: dict, n: int, world: World, state, final_reason)
 
 # ---------------------------------------------------------------------- whole split
 def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig = EvalConfig(),
-             town_seeds: list[int] | None = None, routes: int | None = None, device: str = "cpu") -> dict:
+             town_seeds: list[int] | None = None, routes: int | None = None, device: str = "cpu",
+             types: list[str] | None = None) -> dict:
     """Evaluate ``driver`` on ``split``; writes results.json, summary.md, abilities.png and GIFs into ``out``.
 
     Returns the summary. Nothing is written until every route has run (no partial results file).
@@ -211,7 +212,7 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     from craft.world.towns import generate_town
 
     seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
-    instances = split_specs(split, town_seeds=seeds, routes=routes)
+    instances = split_specs(split, town_seeds=seeds, routes=routes, types=types)
     if not instances:
         raise CraftError(f"split '{split}' produced no routes")
     t0 = time.time()
@@ -222,7 +223,7 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     world = World([generate_town(seeds[m]) for m in used],
                   WorldConfig(end_on_collision=cfg.protocol == "b2d-star"), device=device)
     for i, inst in enumerate(instances):
-        inst.meta.setdefault("route_id", f"RouteScenario_{i}_rep0")
+        inst.meta["route_id"] = f"RouteScenario_{i}_{inst.type}_{inst.meta.get('route_id', 0)}"
     logs: list[RouteLog] = []
     for i in range(0, len(instances), cfg.batch_size):
         batch = instances[i:i + cfg.batch_size]

@@ -3,28 +3,32 @@
 Each call of :meth:`PrivilegedExpert.plan` (batched over worlds; no Python loops over worlds, agents or
 proposals) does:
 
-1. **Paths.** The route centreline ahead of the ego, sampled every ``path_step`` m, plus laterally shifted
-   copies: small nudges (``offsets``) and a full lane width to the left / right (a lane change into the
-   same-direction neighbour, or into the opposite-direction lane ``left_opposite`` for two-way overtakes).
-   Every path starts at the ego's current lateral offset from the route and blends (smoothstep) to its
-   target offset over ``ramp_min + ramp_time * v`` m, so a path with target 0 is the "return to the route"
-   manoeuvre after an overtake.
-2. **Stop points** along the route: red lights (and yellow when stoppable), stop signs not yet served
-   (the ego stops with its centre in the trigger area until the world's ``stop_ok`` flag is set), junction
-   yielding (a conflicting vehicle with the right of way reaching the conflict point within ``gap_time``
-   of the ego), the end of the route.
-3. **Speed proposals** per path: IDM with several desired speeds (``speed_factors`` x speed limit, capped
-   by a curvature speed limit), the leader being the nearest agent currently inside that path's corridor,
-   plus a comfortable and a hard braking profile.
+1. **Paths.** The route centreline ahead of the ego, sampled every ``path_step`` m, shifted laterally (Frenet
+   offset d(s) along the route normal): path 0 keeps the ego's current offset (stop profiles live there),
+   then small nudges (``offsets``) and a full lane width to the left / right (a lane change into the
+   same-direction neighbour, or into the opposite-direction lane ``left_opposite`` for two-way overtakes;
+   which one it is follows from the lanes found under the path). Every path starts at the ego's current
+   offset and slope and blends (cubic Hermite) to its target over ``ramp_min + ramp_time * v`` m (shorter
+   for small shifts), so the target-0 path is the "return to the route" manoeuvre after an overtake.
+2. **Stop points** along the route: red lights (and yellow when the line can be reached braking at most
+   ``yellow_decel``), stop signs not yet served (the ego stops with its centre in the trigger area until
+   the world's ``stop_ok`` flag is set, then goes), junction yielding (a conflicting vehicle with the right
+   of way, not held by its own light / stop sign, reaching the conflict point within ``gap_time`` of the
+   ego: the ego waits at the connector entry).
+3. **Speed proposals** per path: IDM with several desired speeds (``speed_factors`` x speed limit, capped by
+   a curvature speed limit), the leader being the nearest agent inside that path's corridor (agents
+   projected once into the route frame), plus a comfortable and a hard braking profile.
 4. **Forecast** of other agents over ``sim_steps * sim_dt`` s: lane-following agents move along their lane
    path (:func:`craft.world.traffic.path_info`) at their current speed (decelerating if braking), stopping
    at their red lights / stop lines; pedestrians waiting at a kerb stay; others keep heading and speed.
-5. **Score** (PDM style): hard gates (no at-fault collision, drivable area, no red-light / stop-sign
-   violation) times a weighted average of progress, time-to-collision, comfort and lane keeping, times a
-   penalty for the opposite-direction lane. The best proposal wins; when none passes the gates, the one
-   whose first at-fault collision is latest (braking hardest on ties) is used.
-6. **Emergency vehicles** with a siren approaching from behind: right-hand paths and slow profiles are
-   favoured, left ones penalised.
+5. **Score** (PDM style): hard gates (no at-fault collision with the forecast -- rear-end hits on a ego that
+   keeps its lateral offset are not at fault --, drivable area, no red-light / stop-sign / yield
+   violation, no opposite-lane proposal heading into oncoming traffic or stopping there) times a weighted
+   average of progress, time-to-collision, comfort and lane keeping, times ``opposite_factor`` for
+   proposals using an opposite-direction lane while the route lane is not blocked. The best proposal wins;
+   when none passes the gates, the one whose first at-fault collision is latest (braking hardest) is used.
+6. **Emergency vehicles** with a siren approaching from behind: desired speeds are scaled down, right-hand
+   positions are rewarded instead of lane keeping, left moves penalised.
 
 The result is a ``(B, horizon, 3)`` ego-frame trajectory at ``waypoint_dt`` spacing (the format policies
 emit), executed by :class:`craft.world.autopilot.PlanExecutor`.
@@ -159,14 +163,9 @@ class ExpertDebug:
     collision_step: torch.Tensor  # (B, G) long, first at-fault collision step (sim_steps if none)
     progress: torch.Tensor  # (B, G) metres along the path at the horizon
     path_offset: torch.Tensor  # (B, G) target lateral offset of the proposal's path, m
-    speed_variant: torch.Tensor  # (G,) long, speed profile index (len(speed_factors) = comfort stop, +1 hard stop)
+    speed_variant: torch.Tensor  # (G,) long, speed profile: i < len(speed_factors) IDM, then comfort stop, hard stop
     chosen: torch.Tensor  # (B,) long, index of the chosen proposal
     stop_dist: torch.Tensor  # (B,) distance to the nearest stop point (light / sign / yield / route end), m
-
-
-def _smoothstep(x: torch.Tensor) -> torch.Tensor:
-    x = x.clamp(0.0, 1.0)
-    return x * x * (3.0 - 2.0 * x)
 
 
 def _interp1(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -336,13 +335,26 @@ class PrivilegedExpert:
         lat_move = (D[..., None] - d0[:, None, None]).abs().expand(B, Gp, Fv).reshape(B, G) > 0.4
         # other's position in the ego proposal frame: behind the ego = rear-ended (not at fault) unless we
         # were moving sideways into it
-        rel = f_pos[:, None] - pos_g[:, :, :, None, :]  # (B, G, H, N, 2)
-        cy, sy = torch.cos(yaw_g)[..., None], torch.sin(yaw_g)[..., None]
-        x_rel = rel[..., 0] * cy + rel[..., 1] * sy
-        behind = x_rel < -0.25 * L0[:, None, None, None]
-        static = (state.kind == int(AgentKind.STATIC))[:, None, None, :]
-        fault = hits & moving[..., None] & (~behind | lat_move[:, :, None, None] | static)
-        any_fault = fault.any(-1)  # (B, G, H)
+        static = state.kind == int(AgentKind.STATIC)
+
+        def behind_of(hb, hg, hh, hn):
+            """Whether the other of each hit lies behind the proposal's ego box centre (sparse over hits)."""
+            rel = f_pos[hb, hh, hn] - pos_g[hb, hg, hh]
+            yw = yaw_g[hb, hg, hh]
+            return rel[:, 0] * torch.cos(yw) + rel[:, 1] * torch.sin(yw) < -0.25 * L0[hb]
+
+        # at fault: the ego moves, and the other was not behind it at first contact (being rear-ended; the
+        # forecast lets such a follower drive through the ego afterwards) unless we moved sideways
+        hb, hg, hh, hn = hits.nonzero(as_tuple=True)
+        pair = (hb * G + hg) * N + hn
+        first = torch.full((B * G * N,), H, dtype=torch.long, device=dev)
+        first.scatter_reduce_(0, pair, hh, "amin")
+        at_first = hh == first[pair]
+        rear = torch.zeros(B * G * N, dtype=torch.bool, device=dev)
+        rear[pair[at_first]] = behind_of(hb[at_first], hg[at_first], hh[at_first], hn[at_first])
+        f_h = moving[hb, hg, hh] & (~rear[pair] | lat_move[hb, hg] | static[hb, hn])
+        any_fault = torch.zeros(B, G, H, dtype=torch.bool, device=dev)
+        any_fault[hb[f_h], hg[f_h], hh[f_h]] = True
         col_ok = ~any_fault.any(-1)
         col_step = torch.where(col_ok, torch.full_like(col_ok, H, dtype=torch.long),
                                any_fault.to(torch.uint8).argmax(-1))
@@ -357,9 +369,13 @@ class PrivilegedExpert:
                                         f_valid)
         # only agents already ahead of the ego's front count (not those beside it that we are passing)
         rel0 = state.pos - ego_p[:, None]
-        ahead0 = rel0[..., 0] * torch.cos(ego_yaw)[:, None] + rel0[..., 1] * torch.sin(ego_yaw)[:, None] > 0.5 * L0[:, None]
-        ttc_fault = hits_ttc & moving[..., None] & (ext[..., None] > 0.5) & ~behind & ahead0[:, None, None, :]
-        ttc_ok = ~ttc_fault.any(-1).any(-1)
+        x0 = rel0[..., 0] * torch.cos(ego_yaw)[:, None] + rel0[..., 1] * torch.sin(ego_yaw)[:, None]
+        ahead0 = x0 > 0.5 * L0[:, None]
+        hb, hg, hh, hn = hits_ttc.nonzero(as_tuple=True)
+        f_h = moving[hb, hg, hh] & (ext[hb, hg, hh] > 0.5) & ahead0[hb, hn] & ~behind_of(hb, hg, hh, hn)
+        ttc_bad = torch.zeros(B, G, dtype=torch.bool, device=dev)
+        ttc_bad[hb[f_h], hg[f_h]] = True
+        ttc_ok = ~ttc_bad
 
         prog = s_t[..., -1].reshape(B, G)
         # drivable / direction along the travelled part of each path
@@ -481,10 +497,15 @@ class PrivilegedExpert:
         typed = torch.zeros_like(ltype, dtype=torch.bool)
         for t in DRIVABLE:
             typed |= ltype == int(t)
-        keep = typed
-        qi, mq, seg, lane = qi[keep], mq[keep], seg[keep], lane[keep]
+        qi, mq, seg, lane = qi[typed], mq[typed], seg[typed], lane[typed]
         a = take(mb.points, mq, seg)
         ab = take(mb.points, mq, seg + 1) - a
+        # segments too far from the centreline point to hold any of the shifted points
+        reach = d.abs().amax() + 0.5 * take(mb.lane_width, mq, lane) + 0.3
+        u0 = (((pos[qi] - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-9)).clamp(0, 1)
+        r0 = pos[qi] - (a + u0[:, None] * ab)
+        near = (r0 * r0).sum(-1) <= reach * reach
+        qi, mq, seg, lane, a, ab = qi[near], mq[near], seg[near], lane[near], a[near], ab[near]
         l2 = (ab * ab).sum(-1).clamp_min(1e-9)
         half = 0.5 * take(mb.lane_width, mq, lane) + 0.3
         off = take(mb.lane_offset, mq, lane)

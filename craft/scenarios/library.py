@@ -1,8 +1,51 @@
-"""The scenario types (Bench2Drive's 44, as far as implemented), built from :mod:`craft.scenarios.base`.
+"""The scenario types (all 44 of Bench2Drive), built from :mod:`craft.scenarios.base`.
 
 Each builder places the ego route and the scenario's agents on a fitting town feature and writes the
-script. Parameters (positions, speeds, trigger distances) are drawn from ``ctx.rng``. Agent indices in
-rules are world indices (first explicit agent = 1).
+script. Parameters (positions, speeds, trigger distances, counts) are drawn from ``ctx.rng``. Agent
+indices in rules are world indices (first explicit agent = 1). Timing of crossing traffic assumes an ego
+cruising at ``EGO_SPEED`` (7 m/s) towards its stop line.
+
+Overtaking
+    ParkedObstacle / Accident (static police car + crashed cars + debris) / ConstructionObstacle (sign +
+    cone taper) on a lane with a free same-direction left lane, plus a held car on that lane released as the
+    ego nears; ``TwoWays`` variants on two-way single-lane roads with held oncoming cars released as the ego
+    nears the obstacle. HazardAtSideLane(TwoWays): 1-3 held cyclists released at 2-4 m/s (lane centre: the
+    world keeps no persistent lateral offset for lane agents). VehicleOpensDoorTwoWays: parked car at the
+    lane edge and a door box hidden (``valid`` False) until the ego is 18-30 m away.
+Merging
+    (Non)SignalizedJunctionLeft/RightTurn(EnterFlow), EnterActorFlow, CrossingBicycleFlow (bicycles),
+    InterurbanActorFlow / InterurbanAdvancedActorFlow (junctions with a highway / frontage arm; advanced:
+    two streams), MergerIntoSlowTrafficV2 (slow dense stream merging into the ego's exit lane): held
+    vehicles on conflicting connectors (the map's ``lane_conflict``), queues pinned through the junction,
+    released rolling when the ego is 22-38 m from its stop line, timed to the conflict point; flows carry
+    ``ignore_priority`` / ``ignore_stops`` / ``ignore_lights`` as the type needs. HighwayCutIn: a held car on
+    the acceleration lane cuts into the ego's highway lane at 12-18 m/s when the ego is 20-35 m away.
+    MergerIntoSlowTraffic: route on-ramp -> acceleration lane -> main lane with a slow platoon released
+    near the merge point. HighwayExit: route inner lane -> right lane -> deceleration lane -> off-ramp with
+    a platoon on the right lane. SequentialLaneChange: route r -> left -> r on parallel lanes with a
+    broken-down car blocking each lane the route leaves. ParkingExit: start on a parking lane between parked
+    cars, traffic approaching from behind.
+Emergency_Brake
+    DynamicObjectCrossing / ParkingCrossingPedestrian: a pedestrian (or cyclist) hidden behind a parked car
+    steps out (FREE mode, heading across the road) at 14-24 m. PedestrianCrossing: 1-3 pedestrians cross
+    the exit crosswalk of a junction. VehicleTurningRoute(Pedestrian): after the ego's turn a cyclist /
+    pedestrian crosses the exit road. HardBreakRoute: lead car brakes to 0 after the ego passes 20-45 m of
+    route, drives on 4-8 s later. StaticCutIn / ParkingCutIn: a stopped / parked car cuts into the ego lane
+    (world lane-change model via :meth:`Action.cut_in`). OppositeVehicleRunningRedLight: crossing car with
+    ``ignore_lights``, its light forced red and the ego's green. OppositeVehicleTakingPriority: same on a
+    non-signalised junction. BlockedIntersection: a car stops on the exit lane, clears 6-12 s after the ego
+    reaches it. ControlLoss: three chained ego control perturbations (``table.ego_perturbation``).
+Give_Way
+    YieldToEmergencyVehicle: emergency vehicle (siren) 25-45 m behind the ego on its lane, released after
+    0.5-2 s at 12-18 m/s, ignoring lights / priority (``ScenarioInstance.emergency_index``). InvadingTurn:
+    oncoming cars on a curved two-way road held at a sustained lateral offset into the ego lane
+    (:meth:`Action.offset`).
+Traffic_Signs
+    VanillaSignalizedTurnEncounterRedLight (ego light forced red 30-45 m before the line, green 8-14 s later,
+    back to its cycle after 40 s) / GreenLight (forced green), VanillaNonSignalizedTurn (uncontrolled, no
+    stop sign), VanillaNonSignalizedTurnEncounterStopsign (a stop sign on the ego's lane), T_Junction
+    (3-arm junction). Starred Bench2Drive types also count for Traffic_Signs
+    (``ScenarioInstance.abilities``).
 """
 
 from __future__ import annotations
@@ -84,9 +127,9 @@ def _construction(ctx: Ctx, lane: int, s: float) -> int:
     w = float(ctx.m.lane_width[lane])
     sign = ctx.add_static("traffic_warning", lane, s, 0.0)
     n = int(ctx.rng.integers(5, 9))
-    for i in range(n):
-        frac = min(1.0, (i + 1) / 3)
-        ctx.add_static("cone", lane, s + 2.0 + 2.5 * i, (-0.5 * w + 0.3) * (1 - frac) + (0.5 * w - 0.3) * frac * 0.0)
+    for i in range(n):  # taper from the right edge across to the left edge, then along it
+        frac = min(1.0, i / 3)
+        ctx.add_static("cone", lane, s + 2.0 + 2.5 * i, -0.5 * w + 0.3 + (w - 0.6) * frac)
     return sign
 
 
@@ -240,7 +283,8 @@ def _cut_in(ctx: Ctx, parking: bool):
         ctx.add(AgentKind.CAR, lane=side, s=min(L - 2.0, s + ctx.u(16.0, 22.0)), hold=True)
     car = ctx.add(AgentKind.CAR, lane=side, s=s, hold=True, lane_changes=False, react_ego=True)
     ctx.rule(car, Trigger.near_agent(car, ctx.u(14.0, 24.0)), Action.cut_in(lane, ctx.u(4.0, 7.0)), "cut in")
-    ctx.meta.update(cutter=car, target_lane=lane, event_progress=ctx.progress_of(lane, min(s, float(m.lane_length[lane]))))
+    ctx.meta.update(cutter=car, target_lane=lane,
+                    event_progress=ctx.progress_of(lane, min(s, float(m.lane_length[lane]))))
 
 
 @register("StaticCutIn", "Emergency_Brake")
@@ -557,7 +601,9 @@ def _sequential(ctx: Ctx):
         if not ctx.is_driving(x) or m.lane_junction[x] >= 0 or x in ctx.extra_lanes:
             continue
         left = int(m.lane_left[x])
-        if ctx.is_driving(left) and left not in ctx.extra_lanes and float(m.lane_length[x]) >= 130.0:
+        # parallel lanes only (equal lengths): the dense route carries the arc length across a lane change
+        if ctx.is_driving(left) and left not in ctx.extra_lanes and float(m.lane_length[x]) >= 130.0 \
+                and abs(float(m.lane_length[x]) - float(m.lane_length[left])) < 1.5:
             cands.append(x)
     r = ctx.choice(cands, "long two-lane section")
     left = int(m.lane_left[r])
@@ -697,7 +743,8 @@ def _vanilla(kinds, turns, need_stop=None, arms=None, light=None):
     return build
 
 
-register("VanillaSignalizedTurnEncounterRedLight", "Traffic_Signs")(_vanilla((SIG,), (LEFT, RIGHT), light=LightState.RED))
+register("VanillaSignalizedTurnEncounterRedLight", "Traffic_Signs")(
+    _vanilla((SIG,), (LEFT, RIGHT), light=LightState.RED))
 register("VanillaSignalizedTurnEncounterGreenLight", "Traffic_Signs")(
     _vanilla((SIG,), (LEFT, RIGHT), light=LightState.GREEN))
 register("VanillaNonSignalizedTurn", "Traffic_Signs")(_vanilla((UNC,), (LEFT, RIGHT), need_stop=False))

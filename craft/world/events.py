@@ -32,7 +32,7 @@ from craft.errors import CraftError
 from craft.world.collision import boxes_overlap, ego_collisions
 from craft.world.kinds import AgentKind
 from craft.world.map import LaneType, LightState, MapBatch, drivable, lane_candidates, pick_lane, take
-from craft.world.state import EndReason, StepEvents, WorldState
+from craft.world.state import EndReason, Mode, StepEvents, WorldState
 
 __all__ = ["EventConfig", "update_events"]
 
@@ -450,7 +450,8 @@ def _flags(
     for kd in _BACKGROUND_KINDS:
         bg_kind |= state.kind == int(kd)
     near = (state.pos - ego.pos[:, None]).norm(dim=-1) <= cfg.background_radius
-    bg = others & bg_kind & near
+    # moving traffic only: parked / scripted-static vehicles and agents held by a script are not traffic
+    bg = others & bg_kind & near & ~state.hold & (state.mode != Mode.STATIC)
     n_bg = bg.sum(-1)
     bg_sum = torch.where(bg, state.speed.abs(), torch.zeros_like(state.speed)).sum(-1)
     bg_speed = torch.where(n_bg > 0, bg_sum / n_bg.clamp_min(1), torch.full_like(bg_sum, float("nan")))
