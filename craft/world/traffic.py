@@ -447,7 +447,8 @@ def _mobil(mb: MapBatch, state: WorldState, path: PathInfo, a_cur: torch.Tensor,
                               fp["headway"], fp["min_gap"], cfg.idm_delta)
         a_fol_old = idm_accel(v_fol, v0_fol, g_lead + g_fol + state.length, v_fol - v_lead, fp["a_max"],
                               fp["b_comf"], fp["headway"], fp["min_gap"], cfg.idm_delta)
-        safe = (g_lead > 1.0) & (~has_fol | ((g_fol > 1.0) & (a_fol_new > -cfg.mobil_safe_brake)))
+        safe = (g_lead > 1.0) & (a_new > -cfg.mobil_safe_brake)
+        safe &= ~has_fol | ((g_fol > 1.0) & (a_fol_new > -cfg.mobil_safe_brake))
         gain = a_new - a_cur + state.politeness * torch.where(has_fol, a_fol_new - a_fol_old, torch.zeros_like(a_new))
         gain = gain + bias + 5.0 * lane_ends.to(gain.dtype)
         want = tl_ok & safe & (gain > cfg.mobil_threshold) & (gain > best_gain)
@@ -526,7 +527,7 @@ def traffic_step(mb: MapBatch, state: WorldState, lights: torch.Tensor, cfg: Tra
     lane = state.lane.clamp_min(0)
     limit = take(mb.lane_speed_limit, m2, lane)
     v0 = torch.minimum(state.v_des, cfg.speed_limit_factor * limit)
-    v0 = torch.where(state.lane >= 0, v0, state.v_des)
+    v0 = torch.where((state.lane >= 0) & ~state.siren, v0, state.v_des)  # sirens may exceed the limit
     override = torch.isfinite(state.speed_override)
     v0 = torch.where(override, state.speed_override, v0)
 

@@ -51,6 +51,7 @@ class WorldConfig:
     events: EventConfig = field(default_factory=EventConfig)
     spawn_gap: float = 10.0  # minimum distance between spawned background agents, m
     spawn_clear_ahead: float = 25.0  # no background vehicle spawns this close ahead of the ego on its lane, m
+    spawn_clear_behind: float = 40.0  # no background vehicle spawns this close behind the ego (its lane and the lanes before), m
     spawn_radius: float = 250.0  # background agents concentrate within this distance of the ego start, m
     spawn_near_share: float = 3.0  # weight boost of lanes within spawn_radius (relative to their length share)
 
@@ -173,7 +174,11 @@ class World:
             agents.append(self._explicit(m, b, k, a))
             taken.append(np.asarray(agents[-1]["pos"]))
         ahead_lanes = set(route[:2])
-        agents += self._spawn(m, rng, spec.n_vehicles, taken, ahead_lanes, spec, vehicles=True)
+        behind_lanes = {route[0]} | set(m.predecessors(route[0]))
+        for ln in list(behind_lanes):
+            behind_lanes |= set(m.predecessors(ln))
+        agents += self._spawn(m, rng, spec.n_vehicles, taken, ahead_lanes, spec, vehicles=True,
+                              behind_lanes=behind_lanes)
         agents += self._spawn(m, rng, spec.n_pedestrians, taken, set(), spec, vehicles=False)
         return dict(map=spec.map_index, agents=agents, route=route, route_pts=_route_polyline(m, route, spec.ego_s))
 
@@ -218,7 +223,8 @@ class World:
             row[f] = v
         return row
 
-    def _spawn(self, m: RoadMap, rng, n: int, taken: list, avoid_lanes: set, spec: WorldSpec, vehicles: bool):
+    def _spawn(self, m: RoadMap, rng, n: int, taken: list, avoid_lanes: set, spec: WorldSpec, vehicles: bool,
+               behind_lanes: set = frozenset()):
         """Random background agents on lanes of the right type, at least ``spawn_gap`` apart."""
         if n <= 0:
             return []
@@ -250,6 +256,8 @@ class World:
             lane, s = int(cand_l[i]), float(cand_s[i])
             if vehicles and lane in avoid_lanes and np.hypot(*(p - ego)) < self.cfg.spawn_clear_ahead:
                 continue
+            if vehicles and lane in behind_lanes and np.hypot(*(p - ego)) < self.cfg.spawn_clear_behind:
+                continue  # nobody starts right behind the ego at speed (an unavoidable rear-end)
             occ = np.vstack([occ, p])
             pos, yaw = _pose(m, lane, s)
             limit = float(m.lane_speed_limit[lane])
