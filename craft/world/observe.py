@@ -433,7 +433,6 @@ def observe(mb: MapBatch, state: WorldState, lights: Tensor, cfg: ObsConfig | No
     """
     cfg = cfg or ObsConfig()
     dev = state.pos.device
-    B = state.batch_size
     map_id = state.map_id
     f32 = torch.float32
     origin = state.pos[:, 0]
