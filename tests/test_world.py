@@ -164,3 +164,16 @@ def test_random_controls_keep_state_finite_and_bounded(world, seed, accel_scale,
         assert torch.equal(s.pos[~s.valid], pad_pos)
         for f in ("progress", "route_completion", "driven", "outside_lanes"):
             assert bool(torch.isfinite(getattr(ev, f)).all()), f
+
+
+def test_no_background_vehicle_spawns_right_behind_or_ahead_of_the_ego(world):
+    specs = random_specs(world.maps, 32, seed=11, n_vehicles=40, n_pedestrians=0)
+    s = world.reset(specs, seed=11)
+    rel = s.pos - s.pos[:, :1]
+    fwd = torch.stack([torch.cos(s.yaw[:, 0]), torch.sin(s.yaw[:, 0])], -1)[:, None, :]
+    along = (rel * fwd).sum(-1)
+    lateral = (rel[..., 0] * fwd[..., 1] - rel[..., 1] * fwd[..., 0]).abs()
+    same_lane = (s.lane == s.lane[:, :1]) & s.valid & (torch.arange(s.num_agents) > 0)
+    behind = same_lane & (along < 0) & (along > -world.cfg.spawn_clear_behind + 1.0) & (lateral < 1.0)
+    ahead = same_lane & (along > 0) & (along < world.cfg.spawn_clear_ahead - 1.0) & (lateral < 1.0)
+    assert not bool(behind.any()) and not bool(ahead.any())
