@@ -20,10 +20,13 @@ proposals) does:
    projected once into the route frame), plus a comfortable and a hard braking profile.
 4. **Forecast** of other agents over ``sim_steps * sim_dt`` s: lane-following agents move along their lane
    path (:func:`craft.world.traffic.path_info`) at their current speed (decelerating if braking), stopping
-   at their red lights / stop lines; pedestrians waiting at a kerb stay; others keep heading and speed.
+   at their red lights / stop lines; pedestrians waiting at a kerb stay; others keep heading and speed
+   (scripted FREE agents, e.g. a pedestrian stepping out, at least their target ``speed_override``).
 5. **Score** (PDM style): hard gates (no at-fault collision with the forecast -- rear-end hits on a ego that
    keeps its lateral offset are not at fault --, drivable area, no red-light / stop-sign / yield
-   violation, no opposite-lane proposal heading into oncoming traffic or stopping there) times a weighted
+   violation, no opposite-lane proposal heading into oncoming traffic or stopping there, no full lane change
+   onto a shoulder / parking lane beside a driving route, no lane change across to the other side while an
+   overtake is under way) times a weighted
    average of progress, time-to-collision, comfort and lane keeping, times ``opposite_factor`` for
    proposals using an opposite-direction lane while the route lane is not blocked. The best proposal wins;
    when none passes the gates, the one whose first at-fault collision is latest (braking hardest) is used.
@@ -43,7 +46,7 @@ import torch
 from craft.world.collision import boxes_overlap, candidate_collisions
 from craft.world.dynamics import wrap_angle
 from craft.world.kinds import AgentKind
-from craft.world.map import DRIVABLE, GRID_CELL, LightState, lane_pose, take
+from craft.world.map import DRIVABLE, GRID_CELL, LaneType, LightState, lane_pose, take
 from craft.world.state import Mode, WorldState
 from craft.world.tracker import world_to_ego
 from craft.world.traffic import TrafficConfig, _kerb_wait, _light_and_stop_gaps, idm_accel, path_info
@@ -247,8 +250,8 @@ class PrivilegedExpert:
 
         # ---------------- drivable area and driving direction along each path
         ce = cfg.check_every
-        drv, opp = self._lane_checks(mb, m1, c_pts[:, ::ce], c_nrm[:, ::ce], d_path[:, :, ::ce],
-                                     p_head[:, :, ::ce])  # (B, Gp, Sq) bool each
+        drv, opp, on_drive = self._lane_checks(mb, m1, c_pts[:, ::ce], c_nrm[:, ::ce], d_path[:, :, ::ce],
+                                               p_head[:, :, ::ce], with_driving=True)  # (B, Gp, Sq) bool each
         q_s = p_cum[:, :, ::ce]  # arc length of the check samples
 
         # ---------------- 2. stop points along the route (distance of the ego centre's resting point)
@@ -407,7 +410,22 @@ class PrivilegedExpert:
         variant = torch.arange(Fv, device=dev).repeat(Gp)  # (G,)
         path_of = torch.arange(Gp, device=dev).repeat_interleave(Fv)
         stop_ok = ((variant < F) | (path_of == 0))[None].expand(B, G)
-        gates = col_ok & drv_ok & rule_ok & opp_ok & stop_ok
+        # a full lane change leaving the driving lanes (onto a shoulder / parking lane beside the route, where
+        # the route lane itself is a driving lane) is no overtaking manoeuvre: it ran into the narrowing
+        # shoulder beside an accident and got stuck there
+        shoulder = checked & drv[:, :, None] & ~on_drive[:, :, None] & on_drive[:, 1:2, None]  # (B,Gp,Fv,Sq)
+        shoulder_m = shoulder.float().sum(-1).reshape(B, G) * (cfg.check_every * cfg.path_step)
+        full_lc = (D.abs() > 0.5 * lw[:, None])
+        full_lc[:, 0] = False  # keeping the current offset (and the stop profiles there) is always allowed
+        full_lc = full_lc[..., None].expand(B, Gp, Fv).reshape(B, G)
+        side_ok = ~(full_lc & (shoulder_m > 2.0 * cfg.check_every * cfg.path_step))
+        # no swerving across: once the ego has moved off the route centre to one side (an overtake under way),
+        # a full lane change to the other side is not proposed while moving (it flip-flopped between the two
+        # sides of an obstacle and ended up stopped right behind it, too close to steer around)
+        under_way = (d0.abs() > 0.3) & (ego_v > 1.0)
+        far_side = (D * d0[:, None] < 0) & (D.abs() > 0.5 * lw[:, None]) & under_way[:, None]
+        side_ok &= ~far_side[..., None].expand(B, Gp, Fv).reshape(B, G)
+        gates = col_ok & drv_ok & rule_ok & opp_ok & stop_ok & side_ok
         best_prog = torch.where(gates, prog, torch.zeros_like(prog)).amax(1, keepdim=True).clamp_min(cfg.progress_floor)
         progress = (prog / best_prog).clamp(0.0, 1.0)
         wsum = cfg.w_progress + cfg.w_ttc + cfg.w_comfort + cfg.w_lane
@@ -468,13 +486,14 @@ class PrivilegedExpert:
 
     # ------------------------------------------------------------------ lane geometry
     def _lane_checks(self, mb, map_id: torch.Tensor, c_pts: torch.Tensor, c_nrm: torch.Tensor, d: torch.Tensor,
-                     head: torch.Tensor):
+                     head: torch.Tensor, with_driving: bool = False):
         """Drivable / opposite-direction flags of path points ``c_pts + d * c_nrm``.
 
         The lane segments binned in the grid cell of each centreline point (c_pts (B, S, 2)) are gathered once
         as a flat list of (point, segment) pairs (no padding to the grid capacity), then every path's shifted
         point (d (B, Gp, S), heading (B, Gp, S)) is tested against them. Returns drivable (B, Gp, S) and
         opposite (B, Gp, S): on a drivable lane, but only on lanes running the other way (outside junctions).
+        With ``with_driving`` also driving (B, Gp, S): on a DRIVING lane (not only on shoulders / parking).
         """
         B, Gp, S = d.shape
         dev = c_pts.device
@@ -497,6 +516,7 @@ class PrivilegedExpert:
         typed = torch.zeros_like(ltype, dtype=torch.bool)
         for t in DRIVABLE:
             typed |= ltype == int(t)
+        is_drive = (ltype == int(LaneType.DRIVING))[typed]
         qi, mq, seg, lane = qi[typed], mq[typed], seg[typed], lane[typed]
         a = take(mb.points, mq, seg)
         ab = take(mb.points, mq, seg + 1) - a
@@ -506,6 +526,7 @@ class PrivilegedExpert:
         r0 = pos[qi] - (a + u0[:, None] * ab)
         near = (r0 * r0).sum(-1) <= reach * reach
         qi, mq, seg, lane, a, ab = qi[near], mq[near], seg[near], lane[near], a[near], ab[near]
+        is_drive = is_drive[near]
         l2 = (ab * ab).sum(-1).clamp_min(1e-9)
         half = 0.5 * take(mb.lane_width, mq, lane) + 0.3
         off = take(mb.lane_offset, mq, lane)
@@ -530,7 +551,11 @@ class PrivilegedExpert:
         ok.index_add_(0, qi, (on & same).float())
         drv = drv.view(B, S, Gp).permute(0, 2, 1) > 0
         ok = ok.view(B, S, Gp).permute(0, 2, 1) > 0
-        return drv, drv & ~ok
+        if not with_driving:
+            return drv, drv & ~ok
+        dd = torch.zeros(Q, Gp, dtype=torch.float32, device=dev)
+        dd.index_add_(0, qi, (on & is_drive[:, None]).float())
+        return drv, drv & ~ok, dd.view(B, S, Gp).permute(0, 2, 1) > 0
 
     # ------------------------------------------------------------------ route geometry
     def _project_on_route(self, state: WorldState):
@@ -706,6 +731,10 @@ class PrivilegedExpert:
         kerb = _kerb_wait(mb, state, path, tcfg)
         t = torch.arange(1, H + 1, device=dev, dtype=torch.float32) * cfg.sim_dt  # (H,)
         v = state.speed[..., None]
+        # scripted FREE agents (a pedestrian stepping out) speed up to their target: forecast them at it
+        so = state.speed_override
+        free_v = (state.mode == Mode.FREE) & torch.isfinite(so)
+        v = torch.where(free_v, torch.maximum(state.speed, torch.nan_to_num(so, nan=0.0)), state.speed)[..., None]
         a = state.accel.clamp(-8.0, 0.0)[..., None]
         t_stop = torch.where(a < -0.1, v / (-a).clamp_min(0.1), torch.full_like(v, _INF))
         tt = torch.minimum(t[None, None], t_stop)
@@ -713,6 +742,9 @@ class PrivilegedExpert:
         lane_bound = (state.mode == Mode.LANE) & (state.lane >= 0) & ~state.hold
         cap = torch.where(torch.isfinite(g_stop), g_stop.clamp_min(0.0) + 1.0, torch.full_like(g_stop, _INF))
         cap = torch.minimum(cap, path.path_end + 0.0)
+        # lane stops / path ends only bind lane-following agents (a FREE agent, e.g. a pedestrian stepping
+        # out, has no lane path: its path_end is 0, which froze it in place in the forecast)
+        cap = torch.where(lane_bound, cap, torch.full_like(cap, _INF))
         dist = torch.minimum(dist, cap[..., None])
         dist = torch.where(kerb[..., None] | state.hold[..., None], torch.zeros_like(dist), dist)
         # along the lane path

@@ -116,9 +116,11 @@ def _accident(ctx: Ctx, lane: int, s: float) -> int:
     """Police car (siren off, static) behind two crashed cars and debris; returns the first agent."""
     police = ctx.add(AgentKind.EMERGENCY, pos=offset_pose(ctx.m, lane, s, -0.3)[0],
                      yaw=lane_pose(ctx.m, lane, s)[1], mode=Mode.STATIC, speed=0.0)
-    ctx.add_static("parked_car", lane, s + ctx.u(8.0, 11.0), ctx.u(-0.6, 0.2), yaw_offset=ctx.u(-0.6, 0.6))
-    ctx.add_static("debris", lane, s + ctx.u(13.0, 15.0), ctx.u(-0.5, 0.5))
-    ctx.add_static("parked_car", lane, s + ctx.u(17.0, 20.0), ctx.u(-0.5, 0.3), yaw_offset=ctx.u(-1.2, 1.2))
+    # like Bench2Drive's Accident the wreck stays inside its lane (shifted towards the kerb, slightly skewed):
+    # a car turned across the road would close the neighbour lane the ego has to use too
+    ctx.add_static("parked_car", lane, s + ctx.u(8.0, 11.0), ctx.u(-0.5, -0.1), yaw_offset=ctx.u(-0.3, 0.3))
+    ctx.add_static("debris", lane, s + ctx.u(13.0, 15.0), ctx.u(-0.5, 0.3))
+    ctx.add_static("parked_car", lane, s + ctx.u(17.0, 20.0), ctx.u(-0.5, -0.1), yaw_offset=ctx.u(-0.3, 0.3))
     return police
 
 
