@@ -46,10 +46,10 @@ import torch
 from craft.world.collision import boxes_overlap, candidate_collisions
 from craft.world.dynamics import wrap_angle
 from craft.world.kinds import AgentKind
-from craft.world.map import DRIVABLE, GRID_CELL, LaneType, LightState, lane_pose, take
+from craft.world.map import DRIVABLE, LaneType, LightState, grid_cell, lane_pose, take
 from craft.world.state import Mode, WorldState
 from craft.world.tracker import world_to_ego
-from craft.world.traffic import TrafficConfig, _kerb_wait, _light_and_stop_gaps, idm_accel, path_info
+from craft.world.traffic import TrafficConfig, kerb_wait, light_and_stop_gaps, idm_accel, path_info
 
 __all__ = ["ExpertConfig", "ExpertDebug", "PrivilegedExpert"]
 
@@ -500,12 +500,7 @@ class PrivilegedExpert:
         Q = B * S
         mid = map_id[:, None].expand(B, S).reshape(-1)
         pos = c_pts.reshape(-1, 2)
-        cell = ((pos - mb.grid_origin[mid]) / GRID_CELL).floor().long()
-        shape = mb.grid_shape[mid]
-        inside = (cell >= 0).all(-1) & (cell < shape).all(-1)
-        cid = (cell[:, 0].clamp(min=0) * shape[:, 1] + cell[:, 1].clamp(min=0)).clamp(max=mb.grid_start.shape[1] - 1)
-        start = take(mb.grid_start, mid, cid)
-        count = torch.where(inside, take(mb.grid_count, mid, cid), torch.zeros_like(cid))
+        start, count = grid_cell(mb, mid, pos)
         qi = torch.repeat_interleave(torch.arange(Q, device=dev), count)  # (E,)
         first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
         item = start[qi] + (torch.arange(qi.shape[0], device=dev) - first)
@@ -695,7 +690,7 @@ class PrivilegedExpert:
         # held by a light / stop sign before the junction
         tcfg = world.cfg.traffic
         path = path_info(mb, state, tcfg)
-        g_stop, _, _ = _light_and_stop_gaps(mb, state, path, lights, tcfg)
+        g_stop, _, _ = light_and_stop_gaps(mb, state, path, lights, tcfg)
         held = (g_stop[..., None] < dj - 0.5 * state.length[..., None]) & ~on_conn & ~state.ignore_lights[..., None]
         prio_i = take(mb.lane_priority, m1, conn)
         prio_j = take(mb.lane_priority, m1[:, None], cl.clamp_min(0))  # (B, C)
@@ -727,8 +722,8 @@ class PrivilegedExpert:
         base = world.cfg.traffic
         tcfg = TrafficConfig(**{**base.__dict__, "path_samples": cfg.forecast_path_samples})
         path = path_info(mb, state, tcfg)
-        g_stop, _, _ = _light_and_stop_gaps(mb, state, path, lights, tcfg)
-        kerb = _kerb_wait(mb, state, path, tcfg)
+        g_stop, _, _ = light_and_stop_gaps(mb, state, path, lights, tcfg)
+        kerb = kerb_wait(mb, state, path, tcfg)
         t = torch.arange(1, H + 1, device=dev, dtype=torch.float32) * cfg.sim_dt  # (H,)
         v = state.speed[..., None]
         # scripted FREE agents (a pedestrian stepping out) speed up to their target: forecast them at it

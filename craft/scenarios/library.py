@@ -218,7 +218,7 @@ def _crossing_walker(ctx: Ctx, kind: AgentKind, parking_only: bool = False):
         car_lat = -0.5 * w - 0.5 * float(m.lane_width[right])
     else:
         car_lat = -0.5 * w - 1.0 if right < 0 else -0.5 * w - 0.5 * float(m.lane_width[right])
-    car = ctx.add_static("parked_car", lane, s, car_lat)
+    ctx.add_static("parked_car", lane, s, car_lat)
     if parking_only:
         ctx.add_static("parked_car", lane, s + ctx.u(7.0, 9.0), car_lat)
     (px, py), h = offset_pose(m, lane, s + 3.6, car_lat - 0.3)

@@ -628,6 +628,19 @@ def lane_pose_at(mb: MapBatch, map_id, offset, count, length, s):
     return pos, take(mb.point_heading, map_id, i0)
 
 
+def grid_cell(mb: MapBatch, map_id: torch.Tensor, pos: torch.Tensor):
+    """The spatial-grid cell of each query point: (start, count) of its segment list in ``grid_items``.
+
+    map_id: (Q,), pos: (Q, 2). Points outside the grid get count 0."""
+    cell = ((pos - mb.grid_origin[map_id]) / GRID_CELL).floor().long()
+    shape = mb.grid_shape[map_id]
+    inside = (cell >= 0).all(-1) & (cell < shape).all(-1)
+    cid = (cell[:, 0].clamp(min=0) * shape[:, 1] + cell[:, 1].clamp(min=0)).clamp(max=mb.grid_start.shape[1] - 1)
+    start = take(mb.grid_start, map_id, cid)
+    count = torch.where(inside, take(mb.grid_count, map_id, cid), torch.zeros_like(cid))
+    return start, count
+
+
 def lane_candidates(mb: MapBatch, map_id: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every lane segment binned in the grid cell of each query point, with its geometry.
 
@@ -636,12 +649,7 @@ def lane_candidates(mb: MapBatch, map_id: torch.Tensor, pos: torch.Tensor) -> di
     projection), ``beyond`` (the projection falls past the lane's first or last point). Several
     :func:`pick_lane` queries can share one call.
     """
-    cell = ((pos - mb.grid_origin[map_id]) / GRID_CELL).floor().long()
-    shape = mb.grid_shape[map_id]
-    inside = (cell >= 0).all(-1) & (cell < shape).all(-1)
-    cid = (cell[:, 0].clamp(min=0) * shape[:, 1] + cell[:, 1].clamp(min=0)).clamp(max=mb.grid_start.shape[1] - 1)
-    start = take(mb.grid_start, map_id, cid)
-    count = torch.where(inside, take(mb.grid_count, map_id, cid), torch.zeros_like(cid))
+    start, count = grid_cell(mb, map_id, pos)
     K = max(1, mb.grid_capacity)
     k = torch.arange(K, device=pos.device)
     ok = k[None, :] < count[:, None]  # (Q, K)

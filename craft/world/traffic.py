@@ -296,7 +296,7 @@ def _leaders(state: WorldState, path: PathInfo, cfg: TrafficConfig):
 
 
 # ---------------------------------------------------------------------- stop points
-def _light_and_stop_gaps(mb: MapBatch, state: WorldState, path: PathInfo, lights, cfg: TrafficConfig):
+def light_and_stop_gaps(mb: MapBatch, state: WorldState, path: PathInfo, lights, cfg: TrafficConfig):
     """Distance to the nearest stop point from lights and stop signs on the path (inf if none).
 
     Also returns the updated ``stopped_at`` (stop signs served) and ``stop_here (B, N, Q)``: which path
@@ -532,7 +532,7 @@ def traffic_step(mb: MapBatch, state: WorldState, lights: torch.Tensor, cfg: Tra
     v0 = torch.where(override, state.speed_override, v0)
 
     g_lead, v_lead, _ = _leaders(state, path, cfg)
-    g_stop, stopped_at, stop_here = _light_and_stop_gaps(mb, state, path, lights, cfg)
+    g_stop, stopped_at, stop_here = light_and_stop_gaps(mb, state, path, lights, cfg)
     g_junc = _junction_gaps(mb, state, path, stop_here, cfg)
     g_end = path.path_end - 0.5 * state.length - cfg.stop_margin
     g_fixed = torch.minimum(torch.minimum(g_stop, g_junc), g_end)
@@ -573,7 +573,7 @@ def traffic_step(mb: MapBatch, state: WorldState, lights: torch.Tensor, cfg: Tra
     pl, _ = _along_path(path, torch.full_like(state.s, cfg.ped_lookahead), cfg.path_step)
     ped_yaw = torch.atan2(pl[..., 1] - state.pos[..., 1], pl[..., 0] - state.pos[..., 0])
     ped_speed = torch.where(override, state.speed_override, state.v_des)
-    ped_speed = torch.where(_kerb_wait(mb, state, path, cfg), torch.zeros_like(ped_speed), ped_speed)
+    ped_speed = torch.where(kerb_wait(mb, state, path, cfg), torch.zeros_like(ped_speed), ped_speed)
     lane_bound = (state.mode == Mode.LANE) & (state.lane >= 0)
     ped_speed = torch.where(lane_bound, torch.minimum(ped_speed, (g_end + 0.5 * state.length).clamp_min(0.0)),
                             ped_speed)
@@ -592,7 +592,7 @@ def traffic_step(mb: MapBatch, state: WorldState, lights: torch.Tensor, cfg: Tra
     return TrafficControls(accel=a, steer=steer, ped_yaw=ped_yaw, ped_speed=ped_speed), new_state
 
 
-def _kerb_wait(mb: MapBatch, state: WorldState, path: PathInfo, cfg: TrafficConfig) -> torch.Tensor:
+def kerb_wait(mb: MapBatch, state: WorldState, path: PathInfo, cfg: TrafficConfig) -> torch.Tensor:
     """(B, N) bool: pedestrian at the kerb before a crosswalk that a vehicle would reach too soon."""
     B, N = state.lane.shape
     m2 = state.map_id[:, None]
@@ -651,4 +651,4 @@ def advance_lanes(mb: MapBatch, prev: WorldState, state: WorldState, cfg: Traffi
 
 
 __all__ = ["TrafficConfig", "TrafficControls", "traffic_step", "advance_lanes", "idm_accel", "hash_uniform",
-           "path_info", "refill_queue"]
+           "path_info", "refill_queue", "light_and_stop_gaps", "kerb_wait"]
