@@ -1,0 +1,223 @@
+"""The candidate-scoring policy interface shared by every family, and its checkpoint format.
+
+A :class:`CandidatePolicy` maps observation tokens to a :class:`CandidateSet`: ``G`` candidate trajectories
+per world (ego frame, waypoints every 0.5 s, the format the shared tracker executes), a validity mask and one
+logit per candidate. The policy is the categorical distribution ``softmax(logits)`` over the valid candidates;
+evaluation drives the top-1 candidate, fine-tuning samples from it. Only
+:meth:`CandidatePolicy.trainable_parameters` (the family's candidate-scoring part) changes in fine-tuning.
+
+Checkpoints are one ``torch.save`` file written atomically (temp name, then rename) holding::
+
+    {"format": "craft-policy", "format_version": 1, "family": "vocab" | "hier" | "vla",
+     "config": dict of the family's config dataclass, "state_dict": the module's weights and buffers
+     (vocabulary, normalisation statistics), "meta": free-form (data, training run, ...)}
+
+:func:`load_policy` checks each of these and fails with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from craft.errors import CraftError
+from craft.world.observe import Observation
+
+FORMAT = "craft-policy"
+FORMAT_VERSION = 1
+WAYPOINT_DT = 0.5
+"""Time between candidate waypoints, s (the tracker's plan format)."""
+
+_FAMILIES: dict[str, type["CandidatePolicy"]] = {}
+
+
+@dataclass
+class CandidateSet:
+    """Candidates of ``B`` worlds.
+
+    trajectories: (B, G, T, 3) ego frame (x forward, y left, yaw), waypoint ``t`` at ``(t + 1) * 0.5`` s;
+    valid: (B, G) bool (at least one valid per world); logits: (B, G), ``-inf``-free (invalid ones are masked
+    by :meth:`log_probs`).
+    """
+
+    trajectories: Tensor
+    valid: Tensor
+    logits: Tensor
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.logits.shape[1])
+
+    def log_probs(self) -> Tensor:
+        """(B, G) log pi over the valid candidates (invalid: a large negative number, probability 0)."""
+        masked = self.logits.masked_fill(~self.valid, -1e9)
+        return torch.log_softmax(masked, dim=-1)
+
+    def top1(self) -> Tensor:
+        """(B,) index of the highest-scoring valid candidate."""
+        return self.logits.masked_fill(~self.valid, float("-inf")).argmax(-1)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """(B,) candidate indices drawn from pi (explicit generator for determinism)."""
+        p = self.log_probs().exp()
+        return torch.multinomial(p, 1, generator=generator).squeeze(1)
+
+    def select(self, idx: Tensor) -> Tensor:
+        """(B, T, 3) trajectories of the candidates ``idx (B,)``."""
+        b = torch.arange(self.trajectories.shape[0], device=idx.device)
+        return self.trajectories[b, idx]
+
+
+class CandidatePolicy(nn.Module):
+    """Base class: ``forward(obs) -> CandidateSet``; families register with :func:`register_family`.
+
+    Subclasses set ``family`` and ``Config`` (a dataclass; the constructor takes one instance) and implement
+    :meth:`forward`, :meth:`trainable_parameters` and :meth:`imitation_loss`.
+    """
+
+    family: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, obs: Observation) -> CandidateSet:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The fine-tuned subset, by parameter name (everything else stays frozen in fine-tuning)."""
+        raise NotImplementedError
+
+    def imitation_loss(self, obs: Observation, expert: Tensor) -> dict[str, Tensor]:
+        """Open-loop losses against expert trajectories ``expert (B, T, 3)``; keys ``loss_*`` are summed,
+        other keys are diagnostics (e.g. ``acc``)."""
+        raise NotImplementedError
+
+    def freeze_for_finetuning(self) -> list[nn.Parameter]:
+        """Set ``requires_grad`` on the fine-tuned subset only; returns those parameters."""
+        keep = self.trainable_parameters()
+        ids = {id(p) for p in keep.values()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in ids)
+        return list(keep.values())
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoint(self, meta: dict | None = None) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "family": self.family,
+                "config": dataclasses.asdict(self.cfg), "state_dict": self.state_dict(), "meta": dict(meta or {})}
+
+    def save(self, path: str | os.PathLike, meta: dict | None = None) -> None:
+        """Write a checkpoint atomically (temp file in the same folder, then rename)."""
+        atomic_save(self.checkpoint(meta), path)
+
+
+def register_family(cls: type[CandidatePolicy]) -> type[CandidatePolicy]:
+    _FAMILIES[cls.family] = cls
+    return cls
+
+
+def families() -> list[str]:
+    _load_families()
+    return sorted(_FAMILIES)
+
+
+def _load_families() -> None:
+    import craft.policies.hier  # noqa: F401
+    import craft.policies.vocab  # noqa: F401
+
+    try:
+        import craft.policies.vla  # noqa: F401
+    except ImportError:  # transformers / peft / tokenizers missing: the vla family is unavailable
+        pass
+
+
+def build_policy(family: str, cfg: Any = None) -> CandidatePolicy:
+    """A freshly initialised policy of ``family`` (config defaults unless ``cfg`` is given)."""
+    _load_families()
+    if family not in _FAMILIES:
+        raise CraftError(f"unknown policy family '{family}' (one of {', '.join(sorted(_FAMILIES))})")
+    cls = _FAMILIES[family]
+    return cls(cfg if cfg is not None else cls.Config())
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file beside ``path``, then rename over it (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load and check a policy checkpoint file (format, version, family); one-line CraftError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise CraftError(f"policy checkpoint '{path}' does not exist")
+    if path.is_dir():
+        path = path / "policy.pt"
+        if not path.exists():
+            raise CraftError(f"'{path.parent}' is a folder without policy.pt: not a CRAFT policy checkpoint")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # corrupt / truncated / not a torch file
+        raise CraftError(f"'{path}' is not a readable CRAFT policy checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CraftError(f"'{path}' is not a CRAFT policy checkpoint (no '{FORMAT}' format tag)")
+    if ck.get("format_version") != FORMAT_VERSION:
+        raise CraftError(f"'{path}' has checkpoint format version {ck.get('format_version')}, this build reads "
+                         f"version {FORMAT_VERSION}; re-create it with `craft pretrain`")
+    _load_families()
+    if ck.get("family") not in _FAMILIES:
+        raise CraftError(f"'{path}' holds a policy of unknown family '{ck.get('family')}' "
+                         f"(this build knows {', '.join(sorted(_FAMILIES))})")
+    return ck
+
+
+def load_policy(path: str | os.PathLike, family: str | None = None, device: str | torch.device = "cpu"
+                ) -> CandidatePolicy:
+    """The policy stored at ``path`` (a file, or a folder holding ``policy.pt``), in eval mode.
+
+    family: when given, a checkpoint of another family is an error.
+    """
+    ck = read_checkpoint(path)
+    return policy_from_checkpoint(ck, family=family, device=device, where=str(path))
+
+
+def policy_from_checkpoint(ck: dict, family: str | None = None, device: str | torch.device = "cpu",
+                           where: str = "checkpoint") -> CandidatePolicy:
+    fam = ck["family"]
+    if family is not None and fam != family:
+        raise CraftError(f"'{where}' holds a '{fam}' policy, expected family '{family}'")
+    cls = _FAMILIES[fam]
+    try:
+        cfg = cls.Config(**ck["config"])
+    except TypeError as e:
+        raise CraftError(f"'{where}': its {fam} config does not match this build ({e})") from None
+    policy = cls(cfg)
+    try:
+        policy.load_state_dict(ck["state_dict"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CraftError(f"'{where}': weights do not match the {fam} architecture of its config "
+                         f"(mismatched vocabulary or layers?): {first}") from None
+    policy.meta = ck.get("meta", {})
+    return policy.to(device).eval()
+
+
+__all__ = ["CandidateSet", "CandidatePolicy", "register_family", "build_policy", "families", "load_policy",
+           "read_checkpoint", "policy_from_checkpoint", "atomic_save", "FORMAT_VERSION", "WAYPOINT_DT"]

@@ -1,0 +1,214 @@
+"""Open-loop imitation pre-training: ``craft pretrain --family vocab|hier|vla --data DATA --out CKPT``.
+
+Trains a freshly built policy of the family on expert demonstrations (:mod:`craft.policies.data`) with the
+family's :meth:`~craft.policies.base.CandidatePolicy.imitation_loss` (cross-entropy to the nearest candidate or
+decision, regression for candidate generators). The ``vocab`` family first builds its 512-trajectory
+vocabulary by k-means over the training demonstrations' expert trajectories.
+
+Demonstrations are split by route: a deterministic ``val_fraction`` of the routes is held out for the
+open-loop metrics (top-1 L2 to the expert at 1 / 2 / 3 s and candidate classification accuracy).
+
+The output folder holds ``policy.pt`` (the policy checkpoint, see :mod:`craft.policies.base`), ``state.pt``
+(optimizer, scheduler, step, RNG states: ``--resume`` continues from it), ``metrics.csv``, ``openloop.json``
+and TensorBoard logs under ``tb/``. Both ``.pt`` files are written atomically every ``ckpt_every`` steps
+and at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from craft.errors import CraftError
+from craft.policies.base import CandidatePolicy, atomic_save, build_policy, load_policy
+from craft.policies.data import demo_batch, load_demos
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    family: str = "vocab"
+    steps: int = 3000
+    """Optimizer steps."""
+    batch_size: int = 256
+    lr: float = 1e-3
+    """Peak learning rate (linear warm-up over ``warmup`` steps, then cosine decay to ``lr * 0.05``)."""
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    seed: int = 0
+    val_fraction: float = 0.05
+    """Share of the demonstration routes held out for open-loop metrics."""
+    ckpt_every: int = 500
+    log_every: int = 25
+    kmeans_iters: int = 30
+    """Lloyd iterations of the vocabulary k-means (vocab family)."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise CraftError("PretrainConfig: steps and batch_size must be >= 1")
+        if not 0 < self.val_fraction < 1:
+            raise CraftError(f"PretrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def split_routes(data: dict, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample indices (train, val), holding out whole routes (deterministic given ``seed``)."""
+    n_routes = int(data["route"].max()) + 1
+    g = torch.Generator().manual_seed(seed + 7919)
+    perm = torch.randperm(n_routes, generator=g)
+    n_val = max(1, int(round(n_routes * val_fraction)))
+    is_val = torch.zeros(n_routes, dtype=torch.bool)
+    is_val[perm[:n_val]] = True
+    v = is_val[data["route"]]
+    return torch.nonzero(~v).squeeze(1), torch.nonzero(v).squeeze(1)
+
+
+def _lr_lambda(cfg: PretrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+@torch.no_grad()
+def open_loop_metrics(policy: CandidatePolicy, data: dict, idx: torch.Tensor, batch: int = 512) -> dict:
+    """Top-1 L2 to the expert at 1 / 2 / 3 s (waypoints 2, 4, 6), mean over ``idx``; accuracy = top-1 is the
+    candidate nearest the expert (mean waypoint distance); ``oracle_l2_3s``: the best candidate's L2 at 3 s."""
+    from craft.policies.vocab import mean_l2
+
+    policy.eval()
+    sums = torch.zeros(5, dtype=torch.float64)
+    for part in idx.split(batch):
+        obs, expert = demo_batch(data, part)
+        cs = policy(obs)
+        top = cs.select(cs.top1())
+        d = (top[..., :2] - expert[..., :2]).norm(dim=-1)  # (b, T)
+        dist_all = mean_l2(cs.trajectories, expert[:, None]).masked_fill(~cs.valid, float("inf"))
+        best = dist_all.argmin(-1)
+        end_all = (cs.trajectories[..., -1, :2] - expert[:, None, -1, :2]).norm(dim=-1)
+        oracle = end_all.gather(1, best[:, None]).squeeze(1)
+        sums += torch.stack([d[:, 1].sum(), d[:, 3].sum(), d[:, 5].sum(), (cs.top1() == best).float().sum(),
+                             oracle.sum()]).double()
+    n = max(1, len(idx))
+    m = (sums / n).tolist()
+    return {"l2_1s": m[0], "l2_2s": m[1], "l2_3s": m[2], "accuracy": m[3], "oracle_l2_3s": m[4],
+            "samples": int(len(idx))}
+
+
+def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
+             resume: bool = False, policy_cfg=None, progress: bool = True) -> dict:
+    """Pre-train a ``cfg.family`` policy on the demonstrations at ``data_path`` into the folder ``out``.
+
+    Returns the held-out open-loop metrics. ``resume`` continues an interrupted run in ``out`` (same data).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = Path(out)
+    data = load_demos(data_path)
+    train_idx, val_idx = split_routes(data, cfg.val_fraction, cfg.seed)
+    if len(train_idx) < cfg.batch_size:
+        raise CraftError(f"only {len(train_idx)} training samples in '{data_path}', fewer than the batch size "
+                         f"{cfg.batch_size}: collect more demonstrations or lower --batch-size")
+    state_path, policy_path = out / "state.pt", out / "policy.pt"
+    torch.manual_seed(cfg.seed)
+    if resume:
+        if not state_path.exists():
+            raise CraftError(f"--resume: '{out}' has no state.pt to resume from")
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        if st["config"] != dataclasses.asdict(cfg):
+            raise CraftError(f"--resume: '{out}' was trained with a different configuration "
+                             f"({st['config']}); use the same arguments")
+        policy = load_policy(policy_path, family=cfg.family).train()
+    else:
+        policy = build_policy(cfg.family, policy_cfg)
+        if cfg.family == "vocab":
+            from craft.policies.vocab import build_vocabulary
+
+            policy.set_vocabulary(build_vocabulary(data["expert"][train_idx], policy.cfg.vocab_size,
+                                                   iters=cfg.kmeans_iters, seed=cfg.seed))
+        policy.train()
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if resume:
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        gen.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        step = st["step"]
+    out.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(out / "tb"))
+    csv_path = out / "metrics.csv"
+    new_csv = not resume or not csv_path.exists()
+    csv_f = open(csv_path, "w" if new_csv else "a", newline="")
+    log = csv.writer(csv_f)
+    meta = {"data": str(data_path), "obs_config": data["obs_config"], "samples_train": int(len(train_idx)), "samples_val": int(len(val_idx)),
+            "pretrain_config": dataclasses.asdict(cfg)}
+
+    def save(step: int) -> None:
+        policy.save(policy_path, meta={**meta, "step": step})
+        atomic_save({"config": dataclasses.asdict(cfg), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                     "torch_rng": torch.get_rng_state(), "step": step}, state_path)
+
+    t0 = time.time()
+    keys = None
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"pretrain {cfg.family}", unit="step", disable=not progress)
+    try:
+        while step < cfg.steps:
+            pick = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
+            obs, expert = demo_batch(data, pick)
+            out_d = policy.imitation_loss(obs, expert)
+            loss = sum(v for k, v in out_d.items() if k.startswith("loss_"))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                row = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+                       **{k: v.item() for k, v in out_d.items()}}
+                if keys is None:
+                    keys = list(row)
+                    if new_csv:
+                        log.writerow(keys)
+                log.writerow([row[k] for k in keys])
+                csv_f.flush()
+                for k, v in row.items():
+                    if k != "step":
+                        writer.add_scalar(f"pretrain/{k}", v, step)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('acc', 0.0):.2f}")
+            if step % cfg.ckpt_every == 0 and step < cfg.steps:
+                save(step)
+    finally:
+        bar.close()
+        csv_f.close()
+    policy.eval()
+    metrics = open_loop_metrics(policy, data, val_idx)
+    metrics["train_seconds"] = time.time() - t0
+    for k, v in metrics.items():
+        writer.add_scalar(f"openloop/{k}", v, step)
+    writer.close()
+    meta["openloop"] = metrics
+    save(step)
+    tmp = out / ".openloop.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, out / "openloop.json")
+    return metrics
+
+
+__all__ = ["PretrainConfig", "pretrain", "open_loop_metrics", "split_routes"]
