@@ -101,6 +101,10 @@ class CandidatePolicy(nn.Module):
         other keys are diagnostics (e.g. ``acc``)."""
         raise NotImplementedError
 
+    def features(self, obs: Observation) -> Tensor:
+        """(B, D) scene summary (the shared encoder's ego token); critics of RL baselines read it."""
+        return self.encoder(obs)[2]
+
     def freeze_for_finetuning(self) -> list[nn.Parameter]:
         """Set ``requires_grad`` on the fine-tuned subset only; returns those parameters."""
         keep = self.trainable_parameters()

@@ -1,0 +1,145 @@
+"""Fine-tuning: loss pieces against hand computations, every method end to end, EMA teacher, resume."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from craft.cli import main
+from craft.errors import CraftError
+from craft.finetune.collector import CollectorConfig
+from craft.finetune.losses import (clipped_surrogate, discounted_returns, gae, kl_terms, masked_log_softmax,
+                                   proxy_loss)
+from craft.finetune.trainer import FinetuneConfig, Trainer, finetune
+from craft.policies import build_policy, load_policy
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------- pure loss pieces
+def test_kl_terms_exact_and_masked():
+    logits = torch.tensor([[1.0, 2.0, 0.5, 9.0]])
+    tlogits = torch.tensor([[0.0, 1.0, 1.0, -9.0]])
+    valid = torch.tensor([[True, True, True, False]])
+    lp, lq = masked_log_softmax(logits, valid), masked_log_softmax(tlogits, valid)
+    p = torch.softmax(logits[0, :3], 0)
+    q = torch.softmax(tlogits[0, :3], 0)
+    rev, fwd = kl_terms(lp, lq, valid)
+    assert torch.isclose(rev[0], (p * (p / q).log()).sum())
+    assert torch.isclose(fwd[0], (q * (q / p).log()).sum())
+    assert kl_terms(lp, lp, valid)[0].abs().max() < 1e-7
+
+
+def test_proxy_loss_is_the_exact_expectation():
+    logits = torch.tensor([[0.3, -1.0, 2.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, -2.0, 0.5]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    loss, expected = proxy_loss(masked_log_softmax(logits, valid), adv)
+    p = torch.softmax(logits.detach(), -1)
+    assert torch.isclose(expected[0], (p * adv).sum())
+    loss.backward()
+    # d/dz of -sum p A = -p (A - sum p A)
+    assert torch.allclose(logits.grad, -p * (adv - (p * adv).sum()), atol=1e-6)
+
+
+def test_dual_clipped_surrogate_by_hand():
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.5, 3.0, 0.5, 1.0]))
+    adv = torch.tensor([1.0, -1.0, -1.0, 0.0])
+    loss, d = clipped_surrogate(new, old, adv, eps=0.2, dual_clip=2.0)
+    # per transition: min(1.5, 1.2) = 1.2; min(-3, -1.2) = -3 -> dual max(-3, -2) = -2; min(-0.5, -0.8) = -0.8; 0
+    assert math.isclose(float(loss), -(1.2 - 2.0 - 0.8 + 0.0) / 4, rel_tol=1e-6)
+    assert math.isclose(float(d["dual_clip_frac"]), 0.25) and math.isclose(float(d["clip_frac"]), 0.75)
+    loss_nodual, _ = clipped_surrogate(new, old, adv, eps=0.2, dual_clip=None)
+    assert math.isclose(float(loss_nodual), -(1.2 - 3.0 - 0.8) / 4, rel_tol=1e-6)
+
+
+def test_returns_and_gae_match_hand_loops():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(6, 3, generator=g)
+    v = torch.randn(6, 3, generator=g)
+    nd = torch.rand(6, 3, generator=g) > 0.3
+    gamma, lam = 0.9, 0.8
+    ret = discounted_returns(r, nd, gamma)
+    adv, tgt = gae(r, v, nd, gamma, lam)
+    for w in range(3):
+        G, A = 0.0, 0.0
+        for t in reversed(range(6)):
+            G = float(r[t, w]) + gamma * float(nd[t, w]) * G
+            nxt = float(v[t + 1, w]) if t < 5 else 0.0
+            delta = float(r[t, w]) + gamma * float(nd[t, w]) * nxt - float(v[t, w])
+            A = delta + gamma * lam * float(nd[t, w]) * A
+            assert math.isclose(float(ret[t, w]), G, rel_tol=1e-5, abs_tol=1e-5)
+            assert math.isclose(float(adv[t, w]), A, rel_tol=1e-5, abs_tol=1e-5)
+    assert torch.allclose(tgt, adv + v)
+
+
+# ---------------------------------------------------------------------- end to end on a tiny budget
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    p = build_policy("hier")
+    path = tmp_path_factory.mktemp("init") / "policy.pt"
+    p.save(path)
+    return path
+
+
+TINY = FinetuneConfig(iters=2, minibatch=16, collector=CollectorConfig(
+    split="val", worlds=2, buffer_size=24, routes=1, types=("HardBreakRoute", "Accident")))
+
+
+@pytest.mark.parametrize("method", ["craft", "grpo", "ppo", "reinforcepp"])
+def test_every_method_trains_only_the_scoring_branch(init_ckpt, tmp_path, method):
+    cfg = replace(TINY, method=method, iters=1)
+    hist = finetune(init_ckpt, tmp_path / method, cfg, progress=False)
+    row = hist[0]
+    assert row["transitions"] >= 24 and math.isfinite(row["loss"])
+    assert ("loss_cp" in row) == (method in ("craft", "grpo"))
+    assert ("loss_gr" in row) == (method == "craft")
+    assert ("loss_value" in row) == (method == "ppo")
+    assert "loss_rkl" in row and "kl_forward" in row
+    before = load_policy(init_ckpt).state_dict()
+    after = load_policy(tmp_path / method / "policy.pt").state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("joint.") for k in changed)
+    assert (tmp_path / method / "diagnostics.csv").read_text().startswith("iteration,")
+
+
+def test_ema_teacher_and_resume_identical(init_ckpt, tmp_path):
+    full = Trainer(init_ckpt, tmp_path / "full", TINY, progress=False)
+    p0 = {k: v.clone() for k, v in full.policy.trainable_parameters().items()}
+    full.iterate()
+    p1 = full.policy.trainable_parameters()
+    t1 = dict(full.teacher.named_parameters())
+    for k in p0:  # teacher <- 0.99 teacher + 0.01 policy, teacher starting at the initial weights
+        assert torch.allclose(t1[k], 0.99 * p0[k] + 0.01 * p1[k].detach(), atol=1e-7)
+    full.iterate()
+    # the same two iterations, interrupted after the first and resumed
+    part = Trainer(init_ckpt, tmp_path / "part", replace(TINY, iters=1), progress=False)
+    part.run()
+    with pytest.raises(CraftError, match="different configuration"):
+        Trainer(init_ckpt, tmp_path / "part", TINY, resume=True, progress=False)
+    # resuming needs the same configuration: continue a 2-iteration run that was stopped after iteration 1
+    part2 = Trainer(init_ckpt, tmp_path / "p2", TINY, progress=False)
+    part2.iterate()
+    part2._save()
+    resumed = Trainer(init_ckpt, tmp_path / "p2", TINY, resume=True, progress=False)
+    assert resumed.iteration == 1
+    resumed.run()
+    a = full.policy.state_dict()
+    b = load_policy(tmp_path / "p2" / "policy.pt").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_bad_input(init_ckpt, tmp_path, capsys):
+    with pytest.raises(CraftError, match="unknown fine-tuning method"):
+        FinetuneConfig(method="sac")
+    assert main(["finetune", "--method", "ppo", "--no-proxy", "--init", str(init_ckpt), "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "ablations of --method craft" in capsys.readouterr().err
+    assert main(["finetune", "--method", "craft", "--init", str(tmp_path / "missing.pt"), "--out",
+                 str(tmp_path / "y")]) == 2
+    finetune(init_ckpt, tmp_path / "z", replace(TINY, iters=1), progress=False)
+    with pytest.raises(CraftError, match="already holds a fine-tuning run"):
+        finetune(init_ckpt, tmp_path / "z", replace(TINY, iters=1), progress=False)
