@@ -38,6 +38,7 @@ __all__ = [
     "boxes_overlap",
     "ego_collisions",
     "candidate_collisions",
+    "candidate_collision_pairs",
     "first_collision",
     "pairwise_collisions",
     "brute_force_pairwise",
@@ -286,7 +287,63 @@ def candidate_collisions(
     Returns:
         ``(B, G, H, N)`` bool, True where candidate ``g`` at step ``h`` overlaps agent ``n``.
     """
-    name = "candidate_collisions"
+    b, g, h, n = candidate_collision_pairs(ego_pos, ego_yaw, ego_length, ego_width, pos, yaw, length, width, valid)
+    B, G, H = ego_pos.shape[:3]
+    out = torch.zeros(B, G, H, pos.shape[-2], dtype=torch.bool, device=ego_pos.device)
+    out[b, g, h, n] = True
+    return out
+
+
+def candidate_collision_pairs(
+    ego_pos: Tensor,
+    ego_yaw: Tensor,
+    ego_length: Tensor,
+    ego_width: Tensor,
+    pos: Tensor,
+    yaw: Tensor,
+    length: Tensor,
+    width: Tensor,
+    valid: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Colliding ``(b, g, h, n)`` index quadruples of :func:`candidate_collisions` (its sparse form).
+
+    Same arguments and algorithm as :func:`candidate_collisions`; returns four ``(P,)`` int64 tensors
+    ``(b, g, h, n)``, one entry per overlapping (candidate step, other) pair, without materialising the
+    dense ``(B, G, H, N)`` result. Useful when only the first collision per candidate is needed.
+
+    Collisions of ``G`` candidate ego futures against ``N`` other agents over ``H`` steps.
+
+    Step ``h`` of every candidate is tested against step ``h`` of the others (or against the static
+    others when they carry no time axis).  The ego must not be among the others (or must be masked out
+    through ``valid``).
+
+    Implementation, a two-level broad phase followed by a gathered narrow phase:
+
+    1. per ``(b, h, n)``: keep the other only if it lies within the axis-aligned bounding box of all
+       ``G`` candidates at step ``h``, grown by the bounding-circle reach (cost ``B*H*N``);
+    2. per ``(b, g, h, n)`` for the kept triples: bounding-circle distance test against every
+       candidate (a handful of flops per pair, in chunks of about ``2**22`` pairs so temporary memory
+       stays bounded -- callers need not chunk);
+    3. SAT only on the pairs that pass both levels, scattered into the dense result.
+
+    On CPU (``benchmarks/bench_collision.py``, B=16, G=512, H=20, N=64) this is about 10x faster than
+    dense all-pairs SAT in a typical scene and about 2.5x faster when every other agent crowds the
+    candidates (then level 1 keeps everything and the cost is a dense circle test plus gathers).
+    ``nonzero`` makes the call synchronise once per chunk on CUDA.
+
+    Args:
+        ego_pos: ``(B, G, H, 2)`` candidate ego centres.
+        ego_yaw: ``(B, G, H)`` candidate ego headings.
+        ego_length, ego_width: ``(B,)`` ego extents.
+        pos: ``(B, H, N, 2)`` others' future centres, or ``(B, N, 2)`` for static others.
+        yaw: ``(B, H, N)`` or ``(B, N)`` others' headings (same time layout as ``pos``).
+        length, width: ``(B, N)`` others' extents.
+        valid: ``(B, H, N)`` or ``(B, N)`` bool validity of the others.
+
+    Returns:
+        ``(B, G, H, N)`` bool, True where candidate ``g`` at step ``h`` overlaps agent ``n``.
+    """
+    name = "candidate_collision_pairs"
     _check(ego_pos.dim() == 4, f"{name}: ego_pos must have shape (B, G, H, 2), got {tuple(ego_pos.shape)}")
     B, G, H = ego_pos.shape[:3]
     _check(pos.dim() in (3, 4), f"{name}: pos must have shape (B, H, N, 2) or (B, N, 2), got {tuple(pos.shape)}")
@@ -305,9 +362,10 @@ def candidate_collisions(
         pos, yaw, valid = pos.unsqueeze(1), yaw.unsqueeze(1), valid.unsqueeze(1)
 
     device, dtype = ego_pos.device, ego_pos.dtype
-    out = torch.zeros(B, G, H, N, dtype=torch.bool, device=device)
-    if out.numel() == 0:
-        return out
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    none = (empty, empty, empty, empty)
+    if B * G * H * N == 0:
+        return none
     # Give static others a time axis of size H (expanded views, no copies).
     pos, yaw, valid = pos.expand(B, H, N, 2), yaw.expand(B, H, N), valid.to(torch.bool).expand(B, H, N)
     zero = torch.zeros((), dtype=dtype, device=device)
@@ -332,7 +390,7 @@ def candidate_collisions(
     kb, kh, kn = keep.nonzero(as_tuple=True)  # M surviving (b, h, n) triples
     M = kb.shape[0]
     if M == 0:
-        return out
+        return none
 
     # Level 2, per (b, g, h, n) for surviving triples: bounding-circle test against all G candidates,
     # in row chunks so that at most about 2**22 pairs are materialised at once.
@@ -348,7 +406,7 @@ def candidate_collisions(
         parts.append(torch.stack([m + m0, g]))
     mg = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     if mg.shape[1] == 0:
-        return out
+        return none
     m, g = mg[0], mg[1]
     b, h, n = kb[m], kh[m], kn[m]
 
@@ -367,8 +425,7 @@ def candidate_collisions(
         0.5 * length[b, n],
         0.5 * width[b, n],
     )
-    out[b[hit], g[hit], h[hit], n[hit]] = True
-    return out
+    return b[hit], g[hit], h[hit], n[hit]
 
 
 def first_collision(hits: Tensor) -> tuple[Tensor, Tensor]:

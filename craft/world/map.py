@@ -495,11 +495,15 @@ def _conflicts(lanes, points, point_s, offs, counts):
     return conflict, cs, cos
 
 
-def _build_grid(points, point_lane, offs, counts, widths):
-    """Bin every lane segment into the grid cells its (widened) bounding box touches (CSR layout)."""
+def _build_grid(points, point_lane, offs, counts, widths, cell: float = GRID_CELL):
+    """Bin every lane segment into the grid cells its (widened) bounding box touches (CSR layout).
+
+    Segment i joins points i and i+1 of the same lane (lanes given by ``offs`` / ``counts``); its box is
+    widened by half the lane width + ``GRID_MARGIN``. ``cell``: cell side, m. Returns (origin (2,),
+    shape, start (cells,), count (cells,), items (I,) segment start indices)."""
     lo = points.min(0) - 20.0
     hi = points.max(0) + 20.0
-    shape = (int(np.ceil((hi[0] - lo[0]) / GRID_CELL)) + 1, int(np.ceil((hi[1] - lo[1]) / GRID_CELL)) + 1)
+    shape = (int(np.ceil((hi[0] - lo[0]) / cell)) + 1, int(np.ceil((hi[1] - lo[1]) / cell)) + 1)
     is_last = np.zeros(len(points), bool)
     is_last[offs + counts - 1] = True
     seg = np.nonzero(~is_last)[0]
@@ -508,8 +512,8 @@ def _build_grid(points, point_lane, offs, counts, widths):
     reach = widths[point_lane[seg]] / 2 + GRID_MARGIN
     smin = np.minimum(a, b) - reach[:, None]
     smax = np.maximum(a, b) + reach[:, None]
-    c0 = np.floor((smin - lo) / GRID_CELL).astype(np.int64)
-    c1 = np.floor((smax - lo) / GRID_CELL).astype(np.int64)
+    c0 = np.floor((smin - lo) / cell).astype(np.int64)
+    c1 = np.floor((smax - lo) / cell).astype(np.int64)
     cells, items = [], []
     span = c1 - c0 + 1
     for dx in range(int(span[:, 0].max())):

@@ -43,7 +43,8 @@ from torch import Tensor
 from craft.errors import CraftError
 from craft.world.dynamics import wrap_angle
 
-__all__ = ["TrackerConfig", "TrackerState", "ego_to_world", "world_to_ego", "track"]
+__all__ = ["TrackerConfig", "TrackerState", "PlanGeometry", "ego_to_world", "world_to_ego", "prepare_plan", "track",
+           "track_prepared"]
 
 _EPS = 1e-6
 
@@ -179,6 +180,73 @@ def _plan_speed_at(points: Tensor, t: Tensor, waypoint_dt: float) -> Tensor:
     the profile is linear in between and held flat beyond both ends.
     """
     seg_speed = torch.linalg.vector_norm(points[:, 1:] - points[:, :-1], dim=-1) / waypoint_dt  # (B, T)
+    return _plan_speed_from(seg_speed, t, waypoint_dt)
+
+
+@dataclass
+class PlanGeometry:
+    """Quantities of a plan that do not change while it is executed (see :func:`prepare_plan`).
+
+    points: (B, T+1, 2) plan polyline from the time-0 point; final_yaw: (B,); seg_speed: (B, T) average
+    speed of each segment; stationary: (B,) bool stop-in-place plan; a, seg: (B, T, 2) segment starts
+    and vectors; seg_len2, seg_len: (B, T); cum: (B, T+1) arc length at the points; total: (B,);
+    direction: (B, 2) unit direction in which the path continues past its end; ax, ay, sx, sy: (B, T)
+    contiguous x / y components of ``a`` and ``seg`` (the per-step projection avoids size-2 reductions).
+    """
+
+    points: Tensor
+    final_yaw: Tensor
+    seg_speed: Tensor
+    stationary: Tensor
+    a: Tensor
+    seg: Tensor
+    seg_len2: Tensor
+    seg_len: Tensor
+    cum: Tensor
+    total: Tensor
+    direction: Tensor
+    ax: Tensor
+    ay: Tensor
+    sx: Tensor
+    sy: Tensor
+    seg_len2c: Tensor
+
+
+def prepare_plan(plan_world: Tensor, plan_pos0: Tensor, cfg: TrackerConfig) -> PlanGeometry:
+    """Precompute the fixed geometry of plans ``plan_world (B, T, 3)`` starting at ``plan_pos0 (B, 2)``.
+
+    :func:`track` calls this every step; callers that execute one plan for many steps (the
+    counterfactual world) call it once and use :func:`track_prepared` (same results).
+    """
+    if plan_world.ndim != 3 or plan_world.shape[-1] != 3 or plan_world.shape[1] < 1:
+        raise CraftError(f"plan_world must have shape (B, T, 3) with T >= 1, got {tuple(plan_world.shape)}")
+    points = torch.cat((plan_pos0[:, None, :], plan_world[..., :2]), dim=1)  # (B, T+1, 2)
+    final_yaw = plan_world[:, -1, 2]
+    seg_speed = torch.linalg.vector_norm(points[:, 1:] - points[:, :-1], dim=-1) / cfg.waypoint_dt  # (B, T)
+    spread = torch.linalg.vector_norm(plan_world[..., :2] - plan_pos0[:, None, :], dim=-1).amax(dim=1)
+    stationary = spread <= cfg.stationary_radius
+
+    a = points[:, :-1]  # (B, T, 2)
+    seg = points[:, 1:] - a  # (B, T, 2)
+    seg_len2 = (seg * seg).sum(-1)  # (B, T)
+    seg_len = torch.sqrt(seg_len2)
+    n_seg = seg.shape[1]
+    cum = torch.cat((torch.zeros_like(seg_len[:, :1]), torch.cumsum(seg_len, dim=1)), dim=1)  # (B, T+1)
+    # Beyond the end: straight on along the last segment that has a length.
+    idx = torch.arange(n_seg, device=points.device)
+    has_len = seg_len > _EPS
+    last = torch.where(has_len, idx, torch.full_like(idx, -1)).amax(dim=1, keepdim=True)  # (B, 1)
+    last_seg = seg.gather(1, last.clamp_min(0)[..., None].expand(-1, -1, 2)).squeeze(1)
+    last_dir = last_seg / seg_len.gather(1, last.clamp_min(0)).clamp_min(_EPS)
+    fallback = torch.stack((torch.cos(final_yaw), torch.sin(final_yaw)), dim=-1)
+    direction = torch.where((last >= 0), last_dir, fallback)
+    return PlanGeometry(points, final_yaw, seg_speed, stationary, a, seg, seg_len2, seg_len, cum.contiguous(),
+                        cum[:, -1], direction, a[..., 0].contiguous(), a[..., 1].contiguous(),
+                        seg[..., 0].contiguous(), seg[..., 1].contiguous(), seg_len2.clamp_min(_EPS))
+
+
+def _plan_speed_from(seg_speed: Tensor, t: Tensor, waypoint_dt: float) -> Tensor:
+    """Speed of the plan at time ``t (B,)`` from its segment speeds ``seg_speed (B, T)`` (see below)."""
     n_seg = seg_speed.shape[1]
     if n_seg == 1:
         return seg_speed[:, 0]
@@ -190,6 +258,35 @@ def _plan_speed_at(points: Tensor, t: Tensor, waypoint_dt: float) -> Tensor:
     return v0 + frac * (v1 - v0)
 
 
+def _lookahead_from(geom: PlanGeometry, pos: Tensor, ld: Tensor) -> Tensor:
+    """The point ``ld (B,)`` metres along the prepared path beyond the projection of ``pos (B, 2)``. (B, 2)."""
+    a, seg, seg_len, cum = geom.a, geom.seg, geom.seg_len, geom.cum
+    n_seg = seg.shape[1]
+    # Nearest point on every segment, then the nearest segment (x / y kept apart: no size-2 reductions).
+    px, py = pos[:, 0:1], pos[:, 1:2]
+    rx, ry = px - geom.ax, py - geom.ay
+    u = ((rx * geom.sx + ry * geom.sy) / geom.seg_len2c).clamp(0.0, 1.0)
+    fx = px - (geom.ax + u * geom.sx)
+    fy = py - (geom.ay + u * geom.sy)
+    dist2 = fx * fx + fy * fy
+    k = dist2.argmin(dim=1, keepdim=True)  # (B, 1)
+
+    s_proj = cum.gather(1, k).squeeze(1) + u.gather(1, k).squeeze(1) * seg_len.gather(1, k).squeeze(1)
+    s_target = s_proj + ld
+    total = geom.total
+
+    # Point at arc length s_target inside the path.
+    j = (torch.searchsorted(cum, s_target[:, None].contiguous()) - 1).clamp(0, n_seg - 1)  # (B, 1)
+    j_len = seg_len.gather(1, j).squeeze(1)
+    j_frac = ((s_target - cum.gather(1, j).squeeze(1)) / j_len.clamp_min(_EPS)).clamp(0.0, 1.0)
+    j_a = a.gather(1, j[..., None].expand(-1, -1, 2)).squeeze(1)
+    j_seg = seg.gather(1, j[..., None].expand(-1, -1, 2)).squeeze(1)
+    inside = j_a + j_frac[:, None] * j_seg
+
+    beyond = geom.points[:, -1] + (s_target - total).clamp_min(0.0)[:, None] * geom.direction
+    return torch.where((s_target > total)[:, None], beyond, inside)
+
+
 def _lookahead_point(points: Tensor, pos: Tensor, ld: Tensor, fallback_yaw: Tensor) -> Tensor:
     """The point ``ld`` metres along the path beyond the projection of ``pos``.
 
@@ -198,43 +295,9 @@ def _lookahead_point(points: Tensor, pos: Tensor, ld: Tensor, fallback_yaw: Tens
     Returns (B, 2). Past the end the path continues straight along its last
     non-degenerate segment.
     """
-    a = points[:, :-1]  # (B, T, 2)
-    seg = points[:, 1:] - a  # (B, T, 2)
-    seg_len2 = (seg * seg).sum(-1)  # (B, T)
-    seg_len = torch.sqrt(seg_len2)
-    n_seg = seg.shape[1]
-
-    # Nearest point on every segment, then the nearest segment.
-    rel = pos[:, None, :] - a
-    u = ((rel * seg).sum(-1) / seg_len2.clamp_min(_EPS)).clamp(0.0, 1.0)
-    foot = a + u[..., None] * seg
-    dist2 = ((pos[:, None, :] - foot) ** 2).sum(-1)
-    k = dist2.argmin(dim=1, keepdim=True)  # (B, 1)
-
-    cum = torch.cat((torch.zeros_like(seg_len[:, :1]), torch.cumsum(seg_len, dim=1)), dim=1)  # (B, T+1)
-    s_proj = cum.gather(1, k).squeeze(1) + u.gather(1, k).squeeze(1) * seg_len.gather(1, k).squeeze(1)
-    s_target = s_proj + ld
-    total = cum[:, -1]
-
-    # Point at arc length s_target inside the path.
-    j = (torch.searchsorted(cum.contiguous(), s_target[:, None].contiguous()) - 1).clamp(0, n_seg - 1)  # (B, 1)
-    j_len = seg_len.gather(1, j).squeeze(1)
-    j_frac = ((s_target - cum.gather(1, j).squeeze(1)) / j_len.clamp_min(_EPS)).clamp(0.0, 1.0)
-    j_a = a.gather(1, j[..., None].expand(-1, -1, 2)).squeeze(1)
-    j_seg = seg.gather(1, j[..., None].expand(-1, -1, 2)).squeeze(1)
-    inside = j_a + j_frac[:, None] * j_seg
-
-    # Beyond the end: straight on along the last segment that has a length.
-    idx = torch.arange(n_seg, device=points.device)
-    has_len = seg_len > _EPS
-    last = torch.where(has_len, idx, torch.full_like(idx, -1)).amax(dim=1, keepdim=True)  # (B, 1)
-    last_seg = seg.gather(1, last.clamp_min(0)[..., None].expand(-1, -1, 2)).squeeze(1)
-    last_dir = last_seg / seg_len.gather(1, last.clamp_min(0)).clamp_min(_EPS)
-    fallback = torch.stack((torch.cos(fallback_yaw), torch.sin(fallback_yaw)), dim=-1)
-    direction = torch.where((last >= 0), last_dir, fallback)
-    beyond = points[:, -1] + (s_target - total).clamp_min(0.0)[:, None] * direction
-
-    return torch.where((s_target > total)[:, None], beyond, inside)
+    plan = torch.cat((points[:, 1:], fallback_yaw[:, None, None].expand(-1, points.shape[1] - 1, 1)), dim=-1)
+    geom = prepare_plan(plan, points[:, 0], TrackerConfig())
+    return _lookahead_from(geom, pos, ld)
 
 
 def track(
@@ -264,19 +327,30 @@ def track(
     """
     if not isinstance(dt, (int, float)) or not dt > 0 or not math.isfinite(dt):
         raise CraftError(f"dt must be a positive finite number of seconds, got {dt!r}")
-    if plan_world.ndim != 3 or plan_world.shape[-1] != 3 or plan_world.shape[1] < 1:
-        raise CraftError(f"plan_world must have shape (B, T, 3) with T >= 1, got {tuple(plan_world.shape)}")
+    geom = prepare_plan(plan_world, plan_pos0, cfg)
+    return track_prepared(geom, time_since_plan, pos, yaw, speed, wheelbase, state, cfg, dt)
 
+
+def track_prepared(
+    geom: PlanGeometry,
+    time_since_plan: Tensor | float,
+    pos: Tensor,
+    yaw: Tensor,
+    speed: Tensor,
+    wheelbase: Tensor | float,
+    state: TrackerState,
+    cfg: TrackerConfig,
+    dt: float,
+) -> tuple[Tensor, Tensor, TrackerState]:
+    """:func:`track` on a plan prepared once with :func:`prepare_plan` (identical results)."""
     dtype, device = speed.dtype, speed.device
     t = torch.as_tensor(time_since_plan, dtype=dtype, device=device).expand_as(speed)
     wheelbase = torch.as_tensor(wheelbase, dtype=dtype, device=device).expand_as(speed).clamp_min(1e-3)
-    points = torch.cat((plan_pos0[:, None, :], plan_world[..., :2]), dim=1)  # (B, T+1, 2)
-    final_yaw = plan_world[:, -1, 2]
+    final_yaw = geom.final_yaw
 
     # ---- longitudinal: PID on the plan's speed a little ahead in time ----
-    target = _plan_speed_at(points, t + cfg.speed_lookahead, cfg.waypoint_dt)
-    spread = torch.linalg.vector_norm(plan_world[..., :2] - plan_pos0[:, None, :], dim=-1).amax(dim=1)
-    stationary = spread <= cfg.stationary_radius
+    target = _plan_speed_from(geom.seg_speed, t + cfg.speed_lookahead, cfg.waypoint_dt)
+    stationary = geom.stationary
     stopping = stationary | (target < cfg.stop_speed)
 
     error = target - speed
@@ -290,7 +364,7 @@ def track(
 
     # ---- lateral: pure pursuit on the path polyline ----
     ld = (cfg.lookahead_min + cfg.lookahead_gain * speed).clamp(cfg.lookahead_min, cfg.lookahead_max)
-    goal = _lookahead_point(points, pos, ld, final_yaw)
+    goal = _lookahead_from(geom, pos, ld)
     c, s = torch.cos(yaw), torch.sin(yaw)
     dx, dy = goal[:, 0] - pos[:, 0], goal[:, 1] - pos[:, 1]
     gx, gy = c * dx + s * dy, -s * dx + c * dy

@@ -1,0 +1,1 @@
+"""CRAFT fine-tuning: counterfactual proxy, rewards (and later collectors, trainers)."""

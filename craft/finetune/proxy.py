@@ -1,0 +1,806 @@
+"""The dense counterfactual proxy of CRAFT (method section 3): score every candidate of every stored state.
+
+:class:`CounterfactualWorld` takes a batch of ``B`` stored world states (``WorldState`` snapshots) and
+``G`` candidate trajectories per state (ego frame, 0.5 s waypoints, the format policies emit) and
+simulates each candidate for ``H`` virtual steps of ``dt``:
+
+* **ego** -- the closed-loop world's own tracker (:func:`craft.world.tracker.prepare_plan` /
+  :func:`~craft.world.tracker.track_prepared`, i.e. :func:`~craft.world.tracker.track`) and kinematic
+  bicycle (:func:`craft.world.dynamics.bicycle_step`, the world's EGO limits), from the snapshot's ego
+  state. The tracker's PID memory comes from the ``tracker`` argument of :meth:`CounterfactualWorld.score`
+  (e.g. the collector's ``PlanExecutor.tracker`` at the time of the snapshot); a ``WorldState`` does not
+  carry it, so without that argument the PID starts from zero with no derivative history (what the
+  world's :class:`~craft.world.autopilot.PlanExecutor` does after its first plan).
+* **other agents** -- the *decay rollout*, the one place where the proxy differs from the closed-loop
+  world (which uses reactive traffic): each vehicle keeps its last applied acceleration and its
+  steering angle for a hold window (``hold_time``; ``hold_time_junction`` on junction connector lanes),
+  then releases the throttle and brakes with a deceleration ramping linearly up to ``brake_decel`` over
+  ``brake_ramp`` (``brake_ramp_junction`` on connectors), through the same kinematic bicycle and
+  per-kind limits as the world. Pedestrians walk straight on at their speed for the hold window, then
+  slow down with ``ped_decel`` ramping in the same way. Static objects, parked cars and script-held
+  agents stay put. Nobody reacts to the ego, so the rollout is computed once per state ``(B, H, N)`` and
+  shared by the G candidates.
+* **collisions** -- oriented boxes, :func:`craft.world.collision.candidate_collision_pairs` (bounding-box
+  and circle broad phases, then SAT). Only a collision while the ego moves at least
+  ``EventConfig.collision_min_speed`` counts (the world's rule); only the first one is penalised, and by
+  default (``stop_after_collision``) the candidate earns no reward after it (the b2d-star protocol ends a
+  route at a collision).
+* **map terms** -- off-road, opposite lane, emergency lane and the lane-centre distance use the world's
+  lane geometry and rules (``craft/world/events.py``: :func:`~craft.world.map.drivable`,
+  :func:`~craft.world.map.pick_lane` with and without heading): the candidate/lane segment distance,
+  half-width tests, heading-aware lane pick and the 120 deg wrong-direction rule are the same. For
+  speed the proxy indexes only the drivable lanes (driving, parking, shoulder -- the only types those
+  rules look at) in its own spatial grid, and merges collinear runs of the ~1 m lane points into longer
+  segments (Douglas-Peucker, tolerance ``lane_simplify_tol`` = 2 cm, so distances differ from the
+  world's by at most that). Route distance, heading error and progress come from projecting the ego
+  onto the snapshot's route polyline; the projection is tracked step to step inside a sliding window
+  of route segments (``route_search_back`` / ``route_search_ahead``), so progress is continuous (the
+  world's ``StepEvents.progress`` counts passed route points in ~1 m quanta).
+* **red lights / stop signs** -- trajectory flags with the world's rules (``events.py``
+  ``_red_lights`` / ``_stop_signs``), light states of the snapshot held fixed: the ego's rear crossing
+  the stop line of a red light of its lane within ``red_light_radius``, leaving a stop sign's trigger
+  area without having been slower than ``stop_speed`` inside it (starting from the snapshot's
+  ``stop_inside`` / ``stop_ok``). Only the ``light_slots`` / ``stop_slots`` nearest reachable lights and
+  stop signs of each state are checked.
+
+The return of candidate g of state i is ``R = sum_t gamma^t r_t - 40 I_red - 40 I_stop`` with the dense
+reward of :func:`craft.finetune.rewards.dense_step_reward`; advantages are group-normalised
+(:func:`craft.finetune.rewards.group_normalise`).
+
+No Python loop runs over candidates or agents: the loops are over the ``H`` steps and over chunks of
+``chunk_states`` states (which bound memory).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from craft.errors import CraftError
+from craft.finetune.rewards import (
+    RewardConfig,
+    collision_penalty,
+    dense_step_reward,
+    group_normalise,
+)
+from craft.world.collision import candidate_collision_pairs
+from craft.world.dynamics import bicycle_step, pedestrian_step
+from craft.world.events import EventConfig
+from craft.world.kinds import AgentKind
+from craft.world.map import (
+    GRID_MARGIN,
+    LaneType,
+    LightState,
+    MapBatch,
+    light_states,
+    take,
+)
+from craft.world.state import Mode, WorldState
+from craft.world.tracker import (
+    TrackerConfig,
+    TrackerState,
+    ego_to_world,
+    prepare_plan,
+    track_prepared,
+)
+from craft.world.world import _LIMITS
+
+__all__ = ["TERMS", "CandidateScores", "CounterfactualWorld", "ProxyConfig"]
+
+TERMS = ("progress", "recovery", "offroad", "opposite", "offroute", "emergency", "collision", "red_light",
+         "stop_sign")
+"""Keys of :attr:`CandidateScores.terms`: discounted per-term sums; they add up to the return."""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The counterfactual world's settings (paper values where it gives them, else documented choices)."""
+
+    horizon: int = 20
+    """H, virtual steps per candidate."""
+    dt: float = 0.1
+    """Seconds per virtual step."""
+    hold_time: float = 1.0
+    """Decay rollout: seconds other vehicles keep their current action (our choice)."""
+    hold_time_junction: float = 0.5
+    """Decay rollout: the hold window on junction connector lanes, s (our choice)."""
+    brake_ramp: float = 1.0
+    """Decay rollout: seconds for the brake to ramp from 0 to ``brake_decel`` after the hold (our choice)."""
+    brake_ramp_junction: float = 0.5
+    """Decay rollout: the brake ramp on junction connector lanes, s (our choice)."""
+    brake_decel: float = 3.0
+    """Decay rollout: final braking deceleration of vehicles, m/s^2 (our choice; IDM's comfortable value)."""
+    ped_decel: float = 1.0
+    """Decay rollout: final deceleration of pedestrians, m/s^2 (our choice)."""
+    hold_accel: bool = True
+    """Decay rollout: keep the last applied acceleration during the hold (the paper's "current action");
+    False keeps the current speed instead."""
+    stop_after_collision: bool = True
+    """No reward after a candidate's first counted collision (the route would end, b2d-star)."""
+    chunk_states: int = 32
+    """States scored at once; bounds memory (about 100 MB per 32 states at G=512)."""
+    lane_simplify_tol: float = 0.02
+    """Tolerance of merging collinear lane points into longer segments for the proxy's lane index, m."""
+    lane_grid_cell: float = 2.0
+    """Cell size of the proxy's lane index, m."""
+    route_window: int = 200
+    """Route points (from 20 before the snapshot's progress point) the proxy projects onto."""
+    route_search_back: int = 1
+    """Route segments behind the previous projection searched each step."""
+    route_search_ahead: int = 6
+    """Route segments ahead of the previous projection searched each step (route points are ~1 m apart
+    and never closer than ~0.5 m; the ego travels at most 3 m per step)."""
+    light_slots: int = 4
+    """Nearest reachable red lights checked per state."""
+    stop_slots: int = 2
+    """Nearest reachable stop signs checked per state."""
+    events: EventConfig = field(default_factory=EventConfig)
+    """Thresholds shared with the closed-loop world's event rules (off-route distance, wrong-direction
+    angle, red-light radius, stop speed, collision minimum speed, lane-distance cap)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Weights of the dense reward, gamma and the group-normalisation std floor."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.horizon, int) and self.horizon >= 1):
+            raise CraftError(f"ProxyConfig.horizon must be an integer >= 1, got {self.horizon!r}")
+        for name in ("dt", "brake_ramp", "brake_ramp_junction", "lane_grid_cell"):
+            if not getattr(self, name) > 0:
+                raise CraftError(f"ProxyConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("hold_time", "hold_time_junction", "brake_decel", "ped_decel", "lane_simplify_tol"):
+            if not getattr(self, name) >= 0:
+                raise CraftError(f"ProxyConfig.{name} must be non-negative, got {getattr(self, name)}")
+        for name in ("chunk_states", "route_window", "route_search_ahead", "light_slots", "stop_slots"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise CraftError(f"ProxyConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.route_search_back, int) and self.route_search_back >= 0):
+            raise CraftError(f"ProxyConfig.route_search_back must be an integer >= 0, got {self.route_search_back!r}")
+
+
+@dataclass
+class CandidateScores:
+    """Scores of ``G`` candidates for ``B`` states (invalid candidates: 0 / False everywhere).
+
+    returns: (B, G) proxy return R; advantages: (B, G) group-normalised; terms: name -> (B, G)
+    discounted per-term sums (:data:`TERMS`, they add up to ``returns``); collided: (B, G) bool, a counted
+    collision within the horizon; diagnostics: 0-d tensors (``zero_std_share``, ``floor_share``, ...).
+    """
+
+    returns: Tensor
+    advantages: Tensor
+    terms: dict[str, Tensor]
+    collided: Tensor
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- the proxy's lane index
+def _simplify(p: np.ndarray, tol: float) -> np.ndarray:
+    """Indices of the points of polyline ``p (n, 2)`` kept by Douglas-Peucker with tolerance ``tol``."""
+    n = len(p)
+    keep = np.zeros(n, bool)
+    keep[0] = keep[-1] = True
+    stack = [(0, n - 1)]
+    while stack:
+        i, j = stack.pop()
+        if j <= i + 1:
+            continue
+        a, ab = p[i], p[j] - p[i]
+        q = p[i + 1 : j] - a
+        l2 = float(ab @ ab)
+        t = np.clip(q @ ab / l2, 0.0, 1.0) if l2 > 1e-12 else np.zeros(len(q))
+        d = np.linalg.norm(q - t[:, None] * ab, axis=1)
+        k = int(np.argmax(d))
+        if d[k] > tol:
+            m = i + 1 + k
+            keep[m] = True
+            stack += [(i, m), (m, j)]
+    return np.nonzero(keep)[0]
+
+
+# feature columns of the segment table
+(_AX, _AY, _DX, _DY, _IL2, _HW2, _REACH, _CH, _SH, _TLO, _THI, _JUNCTION, _SHOULDER, _EDGE_REACH, _HW) = range(15)
+_NF = 15
+
+
+def _bin_segments(a: np.ndarray, b: np.ndarray, reach: np.ndarray, cell: float):
+    """CSR spatial grid of segments ``a -> b`` ((S, 2) each): a segment is listed in every cell whose
+    centre lies within ``reach + half the cell diagonal`` of it (every cell its capsule of radius
+    ``reach`` touches). Returns (origin (2,), shape (2,), start (cells,), count (cells,), items (I,))."""
+    pts = np.concatenate([a, b])
+    lo = pts.min(0) - 20.0
+    hi = pts.max(0) + 20.0
+    shape = (int(np.ceil((hi[0] - lo[0]) / cell)) + 1, int(np.ceil((hi[1] - lo[1]) / cell)) + 1)
+    c0 = np.floor((np.minimum(a, b) - reach[:, None] - lo) / cell).astype(np.int64)
+    c1 = np.floor((np.maximum(a, b) + reach[:, None] - lo) / cell).astype(np.int64)
+    span = c1 - c0 + 1
+    rad = reach + 0.5 * math.sqrt(2.0) * cell
+    ab = b - a
+    l2 = np.maximum((ab * ab).sum(1), 1e-12)
+    cells, items = [], []
+    for dx in range(int(span[:, 0].max())):
+        for dy in range(int(span[:, 1].max())):
+            ok = (dx < span[:, 0]) & (dy < span[:, 1])
+            i = np.nonzero(ok)[0]
+            cx, cy = c0[i, 0] + dx, c0[i, 1] + dy
+            centre = lo + (np.stack([cx, cy], 1) + 0.5) * cell
+            t = np.clip(((centre - a[i]) * ab[i]).sum(1) / l2[i], 0.0, 1.0)
+            dist = np.linalg.norm(centre - (a[i] + t[:, None] * ab[i]), axis=1)
+            near = dist <= rad[i] + 1e-3
+            cells.append(cx[near] * shape[1] + cy[near])
+            items.append(i[near])
+    cells = np.concatenate(cells)
+    items = np.concatenate(items)
+    order = np.argsort(cells, kind="stable")
+    cells, items = cells[order], items[order]
+    count = np.bincount(cells, minlength=shape[0] * shape[1]).astype(np.int64)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    return lo.astype(np.float32), shape, start, count, items.astype(np.int64)
+
+
+class _LaneIndex:
+    """Drivable lane segments of every map of a :class:`MapBatch` in one table, with a spatial grid per map.
+
+    ``feat (S + 1, 15)`` float32 columns: segment start, vector, 1 / length^2, (half width)^2, reach of
+    a driving-lane pick (half width + ``GRID_MARGIN``; -1 for other lane types), heading cos / sin, the
+    projection parameter bounds beyond which the point is past the lane's first / last point (0 / 1 at
+    the lane's ends, -inf / +inf elsewhere), junction connector, shoulder, reach of the driving-or-shoulder
+    pick, half width. The last row is a dummy far from everything (padding). ``lane (S + 1,)``: lane index
+    on its map. Grid: ``origin (M, 2)``, ``shape (M, 2)``, ``cell_offset (M,)`` into ``start / count
+    (cells,)``; ``items (I,)`` rows of the table. Segments are lane-point runs merged by Douglas-Peucker
+    (``tol``), split to at most ``max_len`` metres.
+    """
+
+    def __init__(self, mb: MapBatch, cell: float, tol: float, max_len: float = 8.0):
+        feats, lanes, starts, counts, items, origins, shapes, offs = [], [], [], [], [], [], [], []
+        seg_base = cell_base = item_base = 0
+        for m in mb.maps:
+            types = m.lane_type
+            sel = np.nonzero(np.isin(types, [int(LaneType.DRIVING), int(LaneType.PARKING),
+                                             int(LaneType.SHOULDER)]))[0]
+            A, Bp, own, first, last = [], [], [], [], []
+            for ln in sel:
+                p = m.lane_points(int(ln)).astype(np.float64)
+                p = p[_simplify(p, tol)] if tol > 0 else p
+                # split long segments so that the grid binning stays tight
+                q = [p[0]]
+                for x0, x1 in zip(p[:-1], p[1:]):
+                    n = max(1, int(np.ceil(np.linalg.norm(x1 - x0) / max_len)))
+                    for k in range(1, n + 1):
+                        q.append(x0 + (x1 - x0) * (k / n))
+                q = np.array(q)
+                A.append(q[:-1])
+                Bp.append(q[1:])
+                own.append(np.full(len(q) - 1, ln))
+                f0 = np.zeros(len(q) - 1, bool)
+                f0[0] = True
+                f1 = np.zeros(len(q) - 1, bool)
+                f1[-1] = True
+                first.append(f0)
+                last.append(f1)
+            if not A:  # a map without drivable lanes: one far-away dummy segment
+                A, Bp, own = [np.array([[1e9, 1e9]])], [np.array([[1e9 + 1, 1e9]])], [np.array([-1])]
+                first, last = [np.array([True])], [np.array([True])]
+            a, b = np.concatenate(A), np.concatenate(Bp)
+            own = np.concatenate(own)
+            first, last = np.concatenate(first), np.concatenate(last)
+            ln_ = np.maximum(own, 0)
+            hw = 0.5 * m.lane_width[ln_].astype(np.float64)
+            origin, shape, gstart, gcount, gitems = _bin_segments(a, b, hw + GRID_MARGIN, cell)
+            d = b - a
+            l2 = (d * d).sum(1)
+            head = np.arctan2(d[:, 1], d[:, 0])
+            lt = types[ln_]
+            driving = lt == int(LaneType.DRIVING)
+            shoulder = lt == int(LaneType.SHOULDER)
+            reach = np.where(driving, hw + GRID_MARGIN, -1.0)
+            edge = np.where(driving | shoulder, hw + GRID_MARGIN, -1.0)
+            f = np.stack([a[:, 0], a[:, 1], d[:, 0], d[:, 1], 1.0 / np.maximum(l2, 1e-9), hw * hw, reach,
+                          np.cos(head), np.sin(head), np.where(first, 0.0, -np.inf), np.where(last, 1.0, np.inf),
+                          m.lane_junction[ln_] >= 0, shoulder, edge, hw], 1).astype(np.float32)
+            feats.append(f)
+            lanes.append(own)
+            starts.append(gstart + item_base)
+            counts.append(gcount)
+            items.append(gitems + seg_base)
+            item_base += len(gitems)
+            origins.append(origin)
+            shapes.append(shape)
+            offs.append(cell_base)
+            seg_base += len(a)
+            cell_base += len(gstart)
+        dummy = np.zeros((1, _NF), np.float32)
+        dummy[0, _AX:_AY + 1] = 1e9  # the padding row is far from everything
+        dummy[0, _IL2] = 1.0
+        dummy[0, _REACH] = dummy[0, _EDGE_REACH] = -1.0
+        dummy[0, _TLO], dummy[0, _THI] = np.inf, -np.inf
+        feat = np.concatenate(feats + [dummy])
+        dev = mb.device
+        self.feat = torch.from_numpy(feat).to(dev)
+        self.featT = self.feat.t().contiguous()  # (F, S + 1): 1-D columns gather fastest
+        self.lane = torch.from_numpy(np.concatenate(lanes + [np.array([-1])]).astype(np.int64)).to(dev)
+        self.start = torch.from_numpy(np.concatenate(starts).astype(np.int64)).to(dev)
+        self.count = torch.from_numpy(np.concatenate(counts).astype(np.int64)).to(dev)
+        self.items = torch.from_numpy(np.concatenate(items + [np.array([seg_base])]).astype(np.int64)).to(dev)
+        self.origin = torch.from_numpy(np.stack(origins).astype(np.float32)).to(dev)
+        self.shape = torch.tensor(shapes, dtype=torch.long, device=dev)
+        self.cell_offset = torch.tensor(offs, dtype=torch.long, device=dev)
+        self.cell = float(cell)
+        self.has_shoulder = bool((feat[:-1, _SHOULDER] > 0).any())
+        self.pad = self.items.shape[0] - 1  # items[pad] is the dummy row
+
+    def query(self, map_id: Tensor, pos: Tensor, yaw: Tensor, cfg: EventConfig) -> dict[str, Tensor]:
+        """The world's lane rules at points ``pos (Q, 2)`` heading ``yaw (Q,)`` on maps ``map_id (Q,)``.
+
+        Returns (Q,) ``offroad`` (not on a driving / parking / shoulder lane: :func:`drivable`),
+        ``opposite`` (nearest driving lane by distance is not a connector and heads > wrong_direction_deg
+        away), ``emergency`` (nearest driving-or-shoulder lane is a shoulder and we are within its half
+        width), ``center_dist`` (distance to the heading-aware driving lane pick, ``lane_dist_cap`` if
+        none) and ``lane`` (that lane, -1 if none).
+
+        Points are sorted by the number of segments in their cell and processed in power-of-two buckets,
+        so the padded work is at most twice the real number of (point, segment) pairs.
+        """
+        Q = pos.shape[0]
+        c = ((pos - self.origin[map_id]) / self.cell).floor().long()
+        shape = self.shape[map_id]
+        inside = (c >= 0).all(-1) & (c < shape).all(-1)
+        cid = self.cell_offset[map_id] + c[:, 0].clamp(min=0) * shape[:, 1] + c[:, 1].clamp(min=0)
+        cid = cid.clamp(0, self.start.shape[0] - 1)
+        start = self.start[cid]
+        count = torch.where(inside, self.count[cid], torch.zeros_like(cid))
+        cos_y, sin_y = torch.cos(yaw), torch.sin(yaw)
+        out = {
+            "offroad": torch.ones(Q, dtype=torch.bool, device=pos.device),
+            "opposite": torch.zeros(Q, dtype=torch.bool, device=pos.device),
+            "emergency": torch.zeros(Q, dtype=torch.bool, device=pos.device),
+            "center_dist": torch.full((Q,), float(cfg.lane_dist_cap), device=pos.device),
+            "lane": torch.full((Q,), -1, dtype=torch.long, device=pos.device),
+        }
+        order = torch.argsort(count)
+        sc = count.index_select(0, order)
+        kmax = int(sc[-1]) if Q else 0
+        edges = [8]
+        while edges[-1] < kmax:  # bucket upper bounds 8, 16, 32, ... >= kmax
+            edges.append(2 * edges[-1])
+        bounds = torch.tensor([0] + edges, dtype=sc.dtype, device=sc.device)
+        cuts = torch.searchsorted(sc, bounds, right=True).tolist()
+        for K, lo, hi in zip(edges, cuts[:-1], cuts[1:]):  # a handful of buckets
+            if hi <= lo:
+                continue
+            idx = order[lo:hi]
+            r = self._dense(pos.index_select(0, idx), cos_y.index_select(0, idx), sin_y.index_select(0, idx),
+                            start.index_select(0, idx), count.index_select(0, idx), K, cfg)
+            for name, v in r.items():
+                out[name].index_copy_(0, idx, v)
+        return out
+
+    def _dense(self, pos: Tensor, cy: Tensor, sy: Tensor, start: Tensor, count: Tensor, K: int,
+               cfg: EventConfig) -> dict[str, Tensor]:
+        """:meth:`query` for points whose cells hold at most K segments; all inputs (Q',)."""
+        Qb = pos.shape[0]
+        k = torch.arange(K, device=pos.device)
+        slot = torch.where(k[None, :] < count[:, None], start[:, None] + k[None, :],
+                           torch.full((1, 1), self.pad, dtype=torch.long, device=pos.device))
+        seg = self.items.index_select(0, slot.view(-1))  # (Qb * K,) table rows
+        f = self.featT.index_select(1, seg).view(_NF, Qb, K)  # one contiguous (Qb, K) block per feature
+        seg = seg.view(Qb, K)
+        rx = pos[:, 0:1] - f[_AX]
+        ry = pos[:, 1:2] - f[_AY]
+        dx, dy = f[_DX], f[_DY]
+        t = (rx * dx + ry * dy) * f[_IL2]
+        u = t.clamp(0.0, 1.0)
+        ex = rx - u * dx
+        ey = ry - u * dy
+        d2 = ex * ex + ey * ey
+        on_road = ((t > f[_TLO]) & (t < f[_THI]) & (d2 <= f[_HW2])).any(-1)
+        d = torch.sqrt(d2)
+        inf = torch.full((), float("inf"), device=pos.device)
+        cand = torch.where(d <= f[_REACH], d, inf)  # driving lanes within pick reach
+        dmin, near = cand.min(-1)
+        found = torch.isfinite(dmin)
+        seg_near = seg.gather(1, near[:, None]).squeeze(1)
+        cos_near = cy * self.featT[_CH].index_select(0, seg_near) + sy * self.featT[_SH].index_select(0, seg_near)
+        opposite = found & (cos_near < math.cos(math.radians(cfg.wrong_direction_deg))) & \
+            ~(self.featT[_JUNCTION].index_select(0, seg_near) > 0)
+        cosd = cy[:, None] * f[_CH] + sy[:, None] * f[_SH]  # cos(yaw - lane heading)
+        best = (cand - 2.0 * cosd).argmin(-1, keepdim=True)  # + 2 (1 - cos): pick_lane's heading cost
+        center = torch.where(found, d.gather(1, best).squeeze(1), torch.full_like(cy, cfg.lane_dist_cap))
+        lane = torch.where(found, self.lane.index_select(0, seg.gather(1, best).squeeze(1)),
+                           torch.full_like(count, -1))
+        r = {"offroad": ~on_road, "opposite": opposite, "center_dist": center, "lane": lane}
+        if self.has_shoulder:
+            ce = torch.where(d <= f[_EDGE_REACH], d, inf)
+            emin, e = ce.min(-1)
+            seg_e = seg.gather(1, e[:, None]).squeeze(1)
+            r["emergency"] = torch.isfinite(emin) & (self.featT[_SHOULDER].index_select(0, seg_e) > 0) & \
+                (emin <= self.featT[_HW].index_select(0, seg_e))
+        return r
+
+
+# ---------------------------------------------------------------------- the route
+class _Route:
+    """A window of each state's route polyline as a flat segment table, for step-to-step projection.
+
+    Built per chunk of ``Bc`` states. ``seg (8, Bc * (W-1))`` columns: start x/y, vector x/y,
+    1 / length^2, length, arc length at the start, valid (1/0); ``has_route (Bc,)``.
+    """
+
+    def __init__(self, state: WorldState, window: int):
+        Bc, P = state.route_valid.shape
+        start = (state.progress_idx - 20).clamp_min(0)
+        W = max(2, min(window, P))
+        j = (start[:, None] + torch.arange(W, device=start.device)).clamp(max=P - 1)  # (Bc, W)
+        pts = state.route_pts.gather(1, j[..., None].expand(Bc, W, 2))
+        cum = state.route_cum.gather(1, j)
+        valid = state.route_valid.gather(1, j) & (torch.arange(W, device=j.device) < P - start[:, None])
+        a, ab = pts[:, :-1], pts[:, 1:] - pts[:, :-1]
+        l2 = (ab * ab).sum(-1)
+        ok = valid[:, 1:] & valid[:, :-1] & (l2 > 1e-12)
+        self.seg = torch.stack([a[..., 0], a[..., 1], ab[..., 0], ab[..., 1], 1.0 / l2.clamp_min(1e-12), l2.sqrt(),
+                                cum[:, :-1], ok.to(a.dtype)], 0).reshape(8, Bc * (W - 1)).contiguous()
+        self.nseg = W - 1
+        self.has_route = ok.any(-1)
+        self.Bc = Bc
+
+    def project(self, b: Tensor, j: Tensor, pos: Tensor, back: int, ahead: int) -> tuple[Tensor, ...]:
+        """Project ``pos (Q, 2)`` of states ``b (Q,)`` onto route segments ``j - back .. j + ahead``.
+
+        j: (Q,) long segment index of the previous projection. Returns ``j_new (Q,)``, ``dist (Q,)``,
+        ``s (Q,)`` arc length of the projection, ``cos (Q,)``, ``sin (Q,)`` of the segment's direction.
+        """
+        off = torch.arange(-back, ahead + 1, device=pos.device)
+        jj = (j[:, None] + off).clamp(0, self.nseg - 1)  # (Q, A)
+        row = (b[:, None] * self.nseg + jj).reshape(-1)
+        f = self.seg.index_select(1, row).view(8, jj.shape[0], jj.shape[1])  # contiguous (Q, A) per column
+        rx = pos[:, 0:1] - f[0]
+        ry = pos[:, 1:2] - f[1]
+        u = ((rx * f[2] + ry * f[3]) * f[4]).clamp(0.0, 1.0)
+        ex, ey = rx - u * f[2], ry - u * f[3]
+        d2 = torch.where(f[7] > 0, ex * ex + ey * ey, torch.full((), float("inf"), device=pos.device))
+        d2min, k = d2.min(-1)
+        r = row.view(jj.shape).gather(1, k[:, None]).squeeze(1)  # the chosen segment's column
+        col = lambda i: self.seg[i].index_select(0, r)
+        length = col(5).clamp_min(1e-9)
+        return (jj.gather(1, k[:, None]).squeeze(1), torch.sqrt(d2min), col(6) + u.gather(1, k[:, None]).squeeze(1)
+                * length, col(2) / length, col(3) / length)
+
+
+# ---------------------------------------------------------------------- the counterfactual world
+class CounterfactualWorld:
+    """Scores candidate trajectories of stored states with the decay-rollout forward model.
+
+    maps: the :class:`MapBatch` the snapshots index with ``map_id``; cfg: :class:`ProxyConfig`;
+    tracker_cfg: the closed-loop tracker's :class:`TrackerConfig` (default config if None).
+    """
+
+    def __init__(self, maps: MapBatch, cfg: ProxyConfig = ProxyConfig(), tracker_cfg: TrackerConfig | None = None):
+        if not isinstance(maps, MapBatch):
+            raise CraftError("CounterfactualWorld needs a MapBatch (the one the snapshots' map_id index)")
+        self.maps = maps
+        self.cfg = cfg
+        self.tracker_cfg = tracker_cfg or TrackerConfig()
+        self.device = maps.device
+        self.lanes = _LaneIndex(maps, cfg.lane_grid_cell, cfg.lane_simplify_tol)
+        lim = torch.zeros(len(AgentKind), 5)
+        for k, v in _LIMITS.items():
+            lim[int(k)] = torch.tensor(v)
+        self._limits = lim.to(self.device)
+        self._ego_limits = tuple(float(x) for x in _LIMITS[AgentKind.EGO])
+
+    # ------------------------------------------------------------------ public
+    def score(self, snapshot: WorldState, trajectories: Tensor, valid: Tensor,
+              tracker: TrackerState | None = None) -> CandidateScores:
+        """Simulate and score every candidate.
+
+        snapshot: ``B`` stored states; trajectories: (B, G, T, 3) ego-frame candidates (x forward, y left,
+        yaw; waypoint i at (i + 1) * waypoint_dt); valid: (B, G) bool; tracker: the ego's tracker memory
+        at the snapshot, (B,)-batched (None: PID from zero).
+        Returns :class:`CandidateScores`, all (B, G).
+        """
+        self._check(snapshot, trajectories, valid, tracker)
+        B, G = valid.shape
+        valid = valid.to(torch.bool)
+        traj = torch.nan_to_num(trajectories.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        parts = []
+        for b0 in range(0, B, self.cfg.chunk_states):  # chunks bound memory
+            sl = slice(b0, min(B, b0 + self.cfg.chunk_states))
+            tr = tracker.index(sl) if tracker is not None else None
+            parts.append(self._score_chunk(snapshot.index(sl), traj[sl], tr))
+        terms = {k: torch.cat([p[0][k] for p in parts]) if parts else torch.zeros(B, G) for k in TERMS}
+        collided = torch.cat([p[1] for p in parts]) if parts else torch.zeros(B, G, dtype=torch.bool)
+        zero = torch.zeros((), device=valid.device)
+        terms = {k: torch.where(valid, v, zero) for k, v in terms.items()}
+        returns = torch.zeros(B, G, device=valid.device)
+        for v in terms.values():
+            returns = returns + v
+        adv, diag = group_normalise(returns, valid, self.cfg.reward.group_std_floor)
+        diag["collided_share"] = (collided & valid).sum() / valid.sum().clamp_min(1)
+        return CandidateScores(returns=returns, advantages=adv, terms=terms, collided=collided & valid,
+                               diagnostics=diag)
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, snapshot: WorldState, traj: Tensor, valid: Tensor, tracker: TrackerState | None) -> None:
+        if not isinstance(snapshot, WorldState):
+            raise CraftError("CounterfactualWorld.score: snapshot must be a WorldState")
+        B = snapshot.batch_size
+        if traj.dim() != 4 or traj.shape[0] != B or traj.shape[-1] != 3 or traj.shape[2] < 1:
+            raise CraftError(f"CounterfactualWorld.score: trajectories must have shape (B={B}, G, T, 3), "
+                             f"got {tuple(traj.shape)}")
+        if tuple(valid.shape) != tuple(traj.shape[:2]):
+            raise CraftError(f"CounterfactualWorld.score: valid must have shape (B, G) = {tuple(traj.shape[:2])}, "
+                             f"got {tuple(valid.shape)}")
+        if tracker is not None and tuple(tracker.integral.shape) != (B,):
+            raise CraftError(f"CounterfactualWorld.score: tracker memory must be (B,) = ({B},), "
+                             f"got {tuple(tracker.integral.shape)}")
+        if B and int(snapshot.map_id.max()) >= self.maps.num_maps:
+            raise CraftError(f"CounterfactualWorld.score: snapshot map_id {int(snapshot.map_id.max())} is not in "
+                             f"the map batch ({self.maps.num_maps} maps)")
+        K = self.maps.light_pos.shape[1]
+        Q = self.maps.stop_trigger.shape[1]
+        if snapshot.light_done.shape[1] != K or snapshot.stop_inside.shape[1] != Q:
+            raise CraftError("CounterfactualWorld.score: the snapshot's light / stop-sign slots do not match the "
+                             "map batch; score with the MapBatch the snapshots were made on")
+
+    # ------------------------------------------------------------------ decay rollout of the others
+    def decay_rollout(self, st: WorldState) -> tuple[Tensor, Tensor, Tensor]:
+        """Other agents' futures under the decay rollout: ``pos (B, H, N, 2)``, ``yaw (B, H, N)`` after each
+        step, and ``valid (B, N)`` (the ego, agent 0, is excluded)."""
+        cfg = self.cfg
+        mb = self.maps
+        H, dt = cfg.horizon, cfg.dt
+        valid = st.valid.clone()
+        valid[:, 0] = False
+        moving = valid & (st.mode != Mode.STATIC) & ~st.hold
+        ped = st.kind == int(AgentKind.PEDESTRIAN)
+        lane = st.lane
+        conn = (lane >= 0) & (take(mb.lane_junction, st.map_id[:, None], lane.clamp_min(0)) >= 0)
+        hold = torch.where(conn, torch.full_like(st.speed, cfg.hold_time_junction),
+                           torch.full_like(st.speed, cfg.hold_time))
+        ramp = torch.where(conn, torch.full_like(st.speed, cfg.brake_ramp_junction),
+                           torch.full_like(st.speed, cfg.brake_ramp))
+        lim = self._limits[st.kind]  # (B, N, 5)
+        a_hold = st.accel if cfg.hold_accel else torch.zeros_like(st.accel)
+        a_hold = torch.nan_to_num(a_hold)
+        pos, yaw, speed, steer = st.pos, st.yaw, st.speed, st.steer
+        ped_v0 = st.speed
+        out_pos, out_yaw = [], []
+        for h in range(H):  # loop over time only
+            t = h * dt
+            after = t >= hold - 1e-6
+            frac = ((t - hold + dt) / ramp).clamp(0.0, 1.0)
+            accel = torch.where(after, torch.minimum(a_hold.clamp(max=0.0), -cfg.brake_decel * frac), a_hold)
+            npos, nyaw, nspeed, nsteer = bicycle_step(pos, yaw, speed, steer, accel, steer, st.wheelbase, dt,
+                                                      lim[..., 0], lim[..., 1], lim[..., 2], lim[..., 3], lim[..., 4])
+            ped_cmd = torch.where(after, torch.zeros_like(speed), ped_v0)
+            ped_acc = torch.where(after, (cfg.ped_decel * frac).clamp_min(1e-6), lim[..., 0])
+            ppos, pyaw, pspeed = pedestrian_step(pos, yaw, speed, yaw, ped_cmd, dt, ped_acc, lim[..., 2],
+                                                 torch.maximum(lim[..., 4], speed))
+            pos = torch.where((moving & ped)[..., None], ppos, torch.where(moving[..., None], npos, pos))
+            yaw = torch.where(moving & ped, pyaw, torch.where(moving, nyaw, yaw))
+            speed = torch.where(moving & ped, pspeed, torch.where(moving, nspeed, speed))
+            steer = torch.where(moving & ~ped, nsteer, steer)
+            out_pos.append(pos)
+            out_yaw.append(yaw)
+        return torch.stack(out_pos, 1), torch.stack(out_yaw, 1), valid
+
+    # ------------------------------------------------------------------ the ego
+    def _ego_init(self, st: WorldState, traj: Tensor, tracker: TrackerState | None) -> dict:
+        """Flattened (Q = B * G) ego state at the snapshot, the prepared plans and the tracker memory."""
+        B, G = traj.shape[:2]
+        Q = B * G
+        bq = torch.arange(B, device=traj.device).repeat_interleave(G)
+        pos0, yaw0 = st.pos[:, 0], st.yaw[:, 0]
+        plan = ego_to_world(traj, pos0[:, None].expand(B, G, 2), yaw0[:, None].expand(B, G))
+        pos = pos0[bq]
+        if tracker is None:
+            ts = TrackerState.zeros(Q, traj.device)
+        else:
+            ts = TrackerState(tracker.integral[bq], tracker.prev_error[bq], tracker.prev_valid()[bq])
+        return {"pos": pos, "yaw": yaw0[bq], "speed": st.speed[bq, 0], "steer": st.steer[bq, 0],
+                "wheelbase": st.wheelbase[bq, 0], "geom": prepare_plan(plan.reshape(Q, -1, 3), pos, self.tracker_cfg),
+                "tracker": ts}
+
+    def _ego_step(self, ego: dict, h: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Virtual step h of the ego: the world's tracker, then its bicycle (as ``World.step`` does with a
+        :class:`~craft.world.autopilot.PlanExecutor`); updates ``ego`` in place, returns pos, yaw, speed."""
+        dt = self.cfg.dt
+        accel, steer_cmd, ego["tracker"] = track_prepared(ego["geom"], h * dt, ego["pos"], ego["yaw"], ego["speed"],
+                                                          ego["wheelbase"], ego["tracker"], self.tracker_cfg, dt)
+        accel = torch.nan_to_num(accel, nan=0.0, posinf=0.0, neginf=0.0)
+        steer_cmd = torch.nan_to_num(steer_cmd, nan=0.0, posinf=0.0, neginf=0.0)
+        ego["pos"], ego["yaw"], ego["speed"], ego["steer"] = bicycle_step(
+            ego["pos"], ego["yaw"], ego["speed"], ego["steer"], accel, steer_cmd, ego["wheelbase"], dt,
+            *self._ego_limits)
+        return ego["pos"], ego["yaw"], ego["speed"]
+
+    def ego_rollout(self, snapshot: WorldState, trajectories: Tensor,
+                    tracker: TrackerState | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The ego following each candidate for H steps (no scoring): ``pos (B, G, H, 2)``, ``yaw (B, G, H)``,
+        ``speed (B, G, H)`` after each step. trajectories: (B, G, T, 3) ego frame."""
+        self._check(snapshot, trajectories, torch.ones(trajectories.shape[:2], dtype=torch.bool), tracker)
+        B, G = trajectories.shape[:2]
+        ego = self._ego_init(snapshot, trajectories.to(torch.float32), tracker)
+        steps = [self._ego_step(ego, h) for h in range(self.cfg.horizon)]
+        H = self.cfg.horizon
+        return (torch.stack([p for p, _, _ in steps], 1).view(B, G, H, 2),
+                torch.stack([y for _, y, _ in steps], 1).view(B, G, H),
+                torch.stack([v for _, _, v in steps], 1).view(B, G, H))
+
+    # ------------------------------------------------------------------ one chunk
+    def _lights_now(self, st: WorldState) -> Tensor:
+        """(Bc, K) light states of the snapshots (the world's :meth:`World.lights`), held over the horizon."""
+        ls = light_states(self.maps, st.map_id, st.step.to(torch.float32) * self.cfg.events.dt)
+        return torch.where(st.light_override >= 0, st.light_override, ls)
+
+    def _select_lights(self, st: WorldState, reach: Tensor) -> dict[str, Tensor] | None:
+        """The ``light_slots`` nearest red, not yet run lights within ``reach (Bc,)`` of each ego; None if none."""
+        mb, m = self.maps, st.map_id
+        lp = mb.light_pos[m]  # (Bc, K, 2)
+        d = (lp - st.pos[:, 0:1]).norm(dim=-1)
+        ok = mb.light_valid[m] & (self._lights_now(st) == int(LightState.RED)) & ~st.light_done & \
+            (d <= reach[:, None])
+        if not bool(ok.any()):
+            return None
+        n = min(self.cfg.light_slots, ok.shape[1])
+        dist, k = torch.where(ok, d, torch.full_like(d, float("inf"))).topk(n, dim=1, largest=False)
+        lane = mb.light_lane[m].gather(1, k)
+        return {
+            "k": k, "ok": torch.isfinite(dist), "pos": lp.gather(1, k[..., None].expand(-1, -1, 2)),
+            "heading": mb.light_heading[m].gather(1, k), "lane": lane,
+            "half_width": 0.5 * take(mb.lane_width, m[:, None], lane.clamp_min(0)),
+        }
+
+    def _select_stops(self, st: WorldState, reach: Tensor) -> dict[str, Tensor] | None:
+        """The ``stop_slots`` nearest stop signs within ``reach (Bc,)`` (trigger centre), with the
+        snapshot's ``stop_inside`` / ``stop_ok``; None if none."""
+        mb, m = self.maps, st.map_id
+        trig = mb.stop_trigger[m]  # (Bc, Q, 5)
+        d = (trig[..., :2] - st.pos[:, 0:1]).norm(dim=-1)
+        ok = mb.stop_valid[m] & (d <= reach[:, None] + trig[..., 3])
+        if not bool(ok.any()):
+            return None
+        n = min(self.cfg.stop_slots, ok.shape[1])
+        dist, k = torch.where(ok, d, torch.full_like(d, float("inf"))).topk(n, dim=1, largest=False)
+        return {
+            "ok": torch.isfinite(dist), "trig": trig.gather(1, k[..., None].expand(-1, -1, 5)),
+            "heading": mb.stop_heading[m].gather(1, k), "inside": st.stop_inside.gather(1, k),
+            "served": st.stop_ok.gather(1, k),
+        }
+
+    def _score_chunk(self, st: WorldState, traj: Tensor, tracker: TrackerState | None):
+        """Score one chunk: st has Bc states, traj (Bc, G, T, 3). Returns (terms dict of (Bc, G), collided)."""
+        cfg, ecfg, rcfg = self.cfg, self.cfg.events, self.cfg.reward
+        mb = self.maps
+        Bc, G = traj.shape[:2]
+        H, dt = cfg.horizon, cfg.dt
+        dev = traj.device
+        Q = Bc * G
+        bq = torch.arange(Bc, device=dev).repeat_interleave(G)  # (Q,) state of each candidate
+        mq = st.map_id[bq]
+
+        # ---- others: decay rollout, once per state
+        o_pos, o_yaw, o_valid = self.decay_rollout(st)
+
+        # ---- ego start (the snapshot's ego) and the prepared plans
+        e_pos0, e_yaw0 = st.pos[:, 0], st.yaw[:, 0]
+        ego = self._ego_init(st, traj, tracker)
+        pos, yaw, speed = ego["pos"], ego["yaw"], ego["speed"]
+        length = st.length[bq, 0]
+        lim = self._ego_limits
+
+        # ---- route and the deviations before the first step
+        route = _Route(st, cfg.route_window)
+        b0 = torch.arange(Bc, device=dev)
+        j0 = torch.zeros(Bc, dtype=torch.long, device=dev)
+        j0, rd0, s0, rc0, rs0 = route.project(b0, j0, e_pos0, 0, route.nseg - 1)
+        has_route = route.has_route
+        lane0 = self.lanes.query(st.map_id, e_pos0, e_yaw0, ecfg)
+        head0 = torch.atan2(torch.sin(e_yaw0) * rc0 - torch.cos(e_yaw0) * rs0,
+                            torch.cos(e_yaw0) * rc0 + torch.sin(e_yaw0) * rs0).abs()
+        zero_b = torch.zeros_like(rd0)
+        j = j0[bq]
+        s_prev = s0[bq]
+        p_route = torch.where(has_route, rd0, zero_b)[bq]
+        p_center = lane0["center_dist"][bq]
+        p_head = torch.where(has_route, head0, zero_b)[bq]
+        hr = has_route[bq]
+
+        # ---- lights and stop signs within reach of the horizon
+        t_h = H * dt
+        reach = st.speed[:, 0] * t_h + 0.5 * lim[0] * t_h * t_h + st.length[:, 0] + ecfg.red_light_radius
+        lights = self._select_lights(st, reach)
+        stops = self._select_stops(st, reach)
+        if lights is not None:
+            L = {k: v[bq] for k, v in lights.items()}
+            lu = torch.stack([torch.cos(L["heading"]), torch.sin(L["heading"])], -1)  # (Q, Kr, 2)
+            rear = pos - 0.5 * length[:, None] * torch.stack([torch.cos(yaw), torch.sin(yaw)], -1)
+            prev_along = ((rear[:, None] - L["pos"]) * lu).sum(-1)
+        if stops is not None:
+            S = {k: v[bq] for k, v in stops.items()}
+            su = torch.stack([torch.cos(S["trig"][..., 2]), torch.sin(S["trig"][..., 2])], -1)
+            s_inside, s_ok = S["inside"] & S["ok"], S["served"]
+
+        # ---- the virtual steps
+        names = ("progress", "recovery", "offroad", "opposite", "offroute", "emergency")
+        per_step = {k: [] for k in names}
+        red_steps, stop_steps, e_pos, e_yaw, e_speed = [], [], [], [], []
+        no_col = torch.zeros(Q, dtype=torch.bool, device=dev)
+        zero_q = torch.zeros(Q, device=dev)
+        for h in range(H):  # loop over time only
+            pos, yaw, speed = self._ego_step(ego, h)
+            e_pos.append(pos)
+            e_yaw.append(yaw)
+            e_speed.append(speed)
+            # map and route terms
+            ln = self.lanes.query(mq, pos, yaw, ecfg)
+            j, rdist, s_now, rc, rs = route.project(bq, j, pos, cfg.route_search_back, cfg.route_search_ahead)
+            cy, sy = torch.cos(yaw), torch.sin(yaw)
+            head = torch.atan2(sy * rc - cy * rs, cy * rc + sy * rs).abs()
+            rdist = torch.where(hr, rdist, zero_q)
+            head = torch.where(hr, head, zero_q)
+            dp = torch.where(hr, s_now - s_prev, zero_q)
+            offroute = hr & (rdist > ecfg.offroute_dist)
+            _, terms = dense_step_reward(dp, rdist, ln["center_dist"], head, p_route, p_center, p_head,
+                                         ln["offroad"], ln["opposite"], offroute, ln["emergency"], no_col, zero_q,
+                                         rcfg)
+            for k in names:
+                per_step[k].append(terms[k])
+            s_prev, p_route, p_center, p_head = s_now, rdist, ln["center_dist"], head
+            # red lights: the rear point crosses a red stop line of the ego's lane (events._red_lights)
+            if lights is not None:
+                rear = pos - 0.5 * length[:, None] * torch.stack([cy, sy], -1)
+                rel = rear[:, None] - L["pos"]
+                along = (rel * lu).sum(-1)
+                lateral = lu[..., 0] * rel[..., 1] - lu[..., 1] * rel[..., 0]
+                cur = ln["lane"]
+                ctrl = torch.where(cur >= 0, take(mb.lane_light, mq, cur.clamp_min(0)), torch.full_like(cur, -1))
+                match = (cur[:, None] >= 0) & ((L["lane"] == cur[:, None]) | (ctrl[:, None] == L["k"]))
+                heading_ok = (cy[:, None] * lu[..., 0] + sy[:, None] * lu[..., 1]) > 0
+                near = (pos[:, None] - L["pos"]).norm(dim=-1) <= ecfg.red_light_radius
+                run = L["ok"] & (prev_along < 0) & (along >= 0) & heading_ok & near & \
+                    (match | (lateral.abs() <= L["half_width"]))
+                red_steps.append(run.any(-1))
+                prev_along = along
+            # stop signs: leaving the trigger area without having stopped in it (events._stop_signs)
+            if stops is not None:
+                rel = pos[:, None] - S["trig"][..., :2]
+                in_box = ((rel * su).sum(-1).abs() <= 0.5 * S["trig"][..., 3]) & \
+                    ((su[..., 0] * rel[..., 1] - su[..., 1] * rel[..., 0]).abs() <= 0.5 * S["trig"][..., 4])
+                heading_ok = (cy[:, None] * torch.cos(S["heading"]) + sy[:, None] * torch.sin(S["heading"])) > 0
+                inside = S["ok"] & in_box & heading_ok
+                s_ok = s_ok | (inside & (speed.abs() < ecfg.stop_speed)[:, None])
+                left = s_inside & ~inside
+                stop_steps.append((left & ~s_ok).any(-1))
+                s_ok = s_ok & ~left
+                s_inside = inside
+
+        # ---- collisions against the decay rollout, first counted one per candidate
+        ep = torch.stack(e_pos, 1).view(Bc, G, H, 2)
+        ey = torch.stack(e_yaw, 1).view(Bc, G, H)
+        ev = torch.stack(e_speed, 1).view(Bc, G, H)
+        cb, cg, ch, _ = candidate_collision_pairs(ep, ey, st.length[:, 0], st.width[:, 0], o_pos, o_yaw,
+                                                  st.length, st.width, o_valid[:, None].expand(Bc, H, -1))
+        counted = ev[cb, cg, ch] >= ecfg.collision_min_speed
+        first = torch.full((Bc * G,), H, dtype=torch.long, device=dev)
+        if cb.numel():
+            first.scatter_reduce_(0, (cb * G + cg)[counted], ch[counted], reduce="amin")
+        first = first.view(Bc, G)
+        collided = first < H
+        hidx = torch.arange(H, device=dev)
+        alive = (hidx <= first[..., None]) if cfg.stop_after_collision else torch.ones(Bc, G, H, dtype=torch.bool,
+                                                                                        device=dev)
+        disc = rcfg.gamma ** hidx.to(ep.dtype)
+        w = torch.where(alive, disc, torch.zeros((), device=dev))  # (Bc, G, H)
+        out = {k: (torch.stack(per_step[k], 1).view(Bc, G, H) * w).sum(-1) for k in names}
+        v_hit = ev.gather(2, first.clamp(max=H - 1)[..., None]).squeeze(-1)
+        out["collision"] = torch.where(collided, collision_penalty(v_hit, rcfg) * disc[first.clamp(max=H - 1)],
+                                       torch.zeros_like(v_hit))
+        zeros = torch.zeros(Bc, G, dtype=torch.bool, device=dev)
+        red = (torch.stack(red_steps, 1).view(Bc, G, H) & alive).any(-1) if red_steps else zeros
+        stp = (torch.stack(stop_steps, 1).view(Bc, G, H) & alive).any(-1) if stop_steps else zeros
+        out["red_light"] = -rcfg.red_light_penalty * red.to(ep.dtype)
+        out["stop_sign"] = -rcfg.stop_sign_penalty * stp.to(ep.dtype)
+        return out, collided

@@ -1,0 +1,185 @@
+"""The counterfactual world (CRAFT's dense proxy) on small hand-made scenes and a generated town."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from craft.errors import CraftError
+from craft.finetune.proxy import TERMS, CounterfactualWorld, ProxyConfig
+from craft.world.autopilot import PlanExecutor, route_plan
+from craft.world.kinds import AgentKind
+from craft.world.map import (
+    JunctionKind,
+    LaneType,
+    LightState,
+    MapBatch,
+    drivable,
+    lane_candidates,
+    pick_lane,
+)
+from craft.world.world import AgentSpec, World, WorldSpec, random_specs
+from tests.handmaps import crossroads, straight_road
+
+torch.set_num_threads(1)
+
+
+def _straight(speed: float, lateral=None, T: int = 6) -> torch.Tensor:
+    """(T, 3) ego-frame plan at constant ``speed`` with optional lateral offsets (T,)."""
+    t = torch.arange(1, T + 1, dtype=torch.float32) * 0.5
+    y = torch.zeros(T) if lateral is None else torch.as_tensor(lateral, dtype=torch.float32)
+    return torch.stack([speed * t, y, torch.zeros(T)], -1)
+
+
+STOP = torch.zeros(6, 3)  # every waypoint at the start: a stop-in-place plan
+
+
+@pytest.fixture(scope="module")
+def road():
+    mb = MapBatch([straight_road(400.0)])
+    return mb, World(mb), CounterfactualWorld(mb)
+
+
+def _scene(world, agents=(), speed=10.0, s=100.0, route=(0,)):
+    return world.reset([WorldSpec(map_index=0, route=list(route), ego_s=s, ego_speed=speed, n_vehicles=0,
+                                  n_pedestrians=0, agents=list(agents))], seed=0)
+
+
+def test_parked_car_collision_scores_below_stopping(road):
+    mb, world, cw = road
+    st = _scene(world, [AgentSpec(AgentKind.STATIC, pos=(118.0, 0.0), yaw=0.0)])
+    traj = torch.stack([_straight(10.0), STOP])[None]
+    sc = cw.score(st, traj, torch.ones(1, 2, dtype=torch.bool))
+    assert sc.collided.tolist() == [[True, False]]
+    assert float(sc.terms["collision"][0, 0]) < -40.0  # speed-scaled, discounted first collision
+    assert float(sc.terms["collision"][0, 1]) == 0.0
+    assert float(sc.returns[0, 0]) < float(sc.returns[0, 1])
+    assert float(sc.advantages[0, 0]) < 0 < float(sc.advantages[0, 1])
+    total = sum(sc.terms[k] for k in TERMS)
+    assert torch.allclose(total, sc.returns, atol=1e-4)
+
+
+def test_leaving_the_road_is_offroad(road):
+    mb, world, cw = road
+    st = _scene(world)
+    traj = torch.stack([_straight(10.0), _straight(10.0, [2.0, 6.0, 10.0, 14.0, 18.0, 22.0])])[None]
+    sc = cw.score(st, traj, torch.ones(1, 2, dtype=torch.bool))
+    assert float(sc.terms["offroad"][0, 0]) == 0.0 and float(sc.terms["offroute"][0, 0]) == 0.0
+    assert float(sc.terms["offroad"][0, 1]) < 0.0
+    assert float(sc.terms["progress"][0, 0]) > float(sc.terms["progress"][0, 1])
+    assert float(sc.returns[0, 0]) > float(sc.returns[0, 1])
+    assert not sc.collided.any()
+
+
+def test_red_light_flag_only_for_crossing_candidate():
+    mb = MapBatch([crossroads(JunctionKind.SIGNAL)])
+    world, cw = World(mb), CounterfactualWorld(mb)
+    st = world.reset([WorldSpec(map_index=0, route=[0, 2, 4], ego_s=78.0, ego_speed=10.0, n_vehicles=0,
+                                n_pedestrians=0)], seed=0)
+    traj = torch.stack([_straight(10.0), STOP])[None]
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    red = st.replace(light_override=torch.full_like(st.light_override, int(LightState.RED)))
+    sc = cw.score(red, traj, valid)
+    assert sc.terms["red_light"].tolist() == [[-40.0, 0.0]]
+    green = st.replace(light_override=torch.full_like(st.light_override, int(LightState.GREEN)))
+    sg = cw.score(green, traj, valid)
+    assert sg.terms["red_light"].tolist() == [[0.0, 0.0]]
+    # the flag costs exactly 40 (with the paper's weights 2 s of progress at 10 m/s is worth more than that)
+    assert torch.allclose(sc.returns, sg.returns + torch.tensor([[-40.0, 0.0]]), atol=1e-4)
+
+
+def test_stop_sign_flag():
+    mb = MapBatch([crossroads(JunctionKind.STOP)])
+    world, cw = World(mb), CounterfactualWorld(mb)
+    st = world.reset([WorldSpec(map_index=0, route=[0, 2, 4], ego_s=78.0, ego_speed=10.0, n_vehicles=0,
+                                n_pedestrians=0)], seed=0)
+    sc = cw.score(st, torch.stack([_straight(10.0), STOP])[None], torch.ones(1, 2, dtype=torch.bool))
+    assert sc.terms["stop_sign"].tolist() == [[-40.0, 0.0]]
+
+
+def test_ego_follows_candidate_like_closed_loop_world(road):
+    mb, world, cw = road
+    st = _scene(world, speed=8.0)
+    traj = torch.stack([_straight(10.0, [0.0, 0.3, 0.8, 1.4, 2.0, 2.5]), _straight(4.0)])  # (G, T, 3)
+    pos, yaw, speed = cw.ego_rollout(st, traj[None])
+    for g in range(traj.shape[0]):
+        s = st.clone()
+        ex = PlanExecutor(1)
+        ex.set_plan(s, traj[g][None])
+        for h in range(cw.cfg.horizon):
+            s, _ = world.step(s, ex.control(s))
+            assert torch.allclose(s.pos[0, 0], pos[0, g, h], atol=1e-4)
+            assert abs(float(s.yaw[0, 0] - yaw[0, g, h])) < 1e-5
+            assert abs(float(s.speed[0, 0] - speed[0, g, h])) < 1e-5
+
+
+def _town_batch(town, B=3, G=24, seed=0):
+    mb = MapBatch([town])
+    world = World(mb)
+    st = world.reset(random_specs(mb, B, seed, n_vehicles=30, n_pedestrians=8), seed=seed)
+    ex = PlanExecutor(B)
+    for k in range(10):
+        if k % 5 == 0:
+            ex.set_plan(st, route_plan(st, 8.0))
+        st, _ = world.step(st, ex.control(st))
+    g = torch.Generator().manual_seed(seed)
+    speeds = torch.rand(B, G, generator=g) * 14.0
+    rep = st.index(torch.arange(B).repeat_interleave(G))
+    traj = route_plan(rep, speeds.reshape(-1)).view(B, G, 6, 3)
+    traj[..., 1] += (torch.rand(B, G, 1, generator=g) * 2 - 1) * 3.0 * torch.linspace(0.2, 1.0, 6)
+    valid = torch.rand(B, G, generator=g) > 0.15
+    return mb, st, traj, valid
+
+
+def test_permutation_equivariance_and_chunking(town):
+    mb, st, traj, valid = _town_batch(town)
+    cw = CounterfactualWorld(mb)
+    sc = cw.score(st, traj, valid)
+    assert sc.returns.shape == valid.shape and torch.isfinite(sc.returns).all()
+    assert (sc.returns[~valid] == 0).all() and (sc.advantages[~valid] == 0).all()
+    perm = torch.randperm(traj.shape[1], generator=torch.Generator().manual_seed(1))
+    sp = cw.score(st, traj[:, perm], valid[:, perm])
+    assert torch.allclose(sp.returns, sc.returns[:, perm], atol=1e-5)
+    assert torch.allclose(sp.advantages, sc.advantages[:, perm], atol=1e-5)
+    assert torch.equal(sp.collided, sc.collided[:, perm])
+    for k in TERMS:
+        assert torch.allclose(sp.terms[k], sc.terms[k][:, perm], atol=1e-5)
+    sc1 = CounterfactualWorld(mb, ProxyConfig(chunk_states=1)).score(st, traj, valid)
+    assert torch.allclose(sc1.returns, sc.returns, atol=1e-5)
+    assert torch.equal(sc1.collided, sc.collided)
+    # a state scored alone gets the same scores as inside the batch
+    one = cw.score(st.index(slice(1, 2)), traj[1:2], valid[1:2])
+    assert torch.allclose(one.returns, sc.returns[1:2], atol=1e-5)
+
+
+def test_lane_terms_match_world_queries(town):
+    """With lane merging off, the proxy's lane index reproduces the world's lane queries."""
+    mb = MapBatch([town])
+    cw = CounterfactualWorld(mb, ProxyConfig(lane_simplify_tol=0.0))
+    g = torch.Generator().manual_seed(0)
+    lanes = (torch.from_numpy(town.lane_type) == int(LaneType.DRIVING)).nonzero().squeeze(1)
+    pt = torch.from_numpy(town.points)[torch.isin(torch.from_numpy(town.point_lane), lanes)]
+    p = pt[torch.randint(len(pt), (3000,), generator=g)] + torch.randn(3000, 2, generator=g) * 3.0
+    yaw = torch.rand(3000, generator=g) * 2 * math.pi - math.pi
+    mid = torch.zeros(3000, dtype=torch.long)
+    r = cw.lanes.query(mid, p, yaw, cw.cfg.events)
+    cand = lane_candidates(mb, mid, p)
+    assert torch.equal(r["offroad"], ~drivable(mb, mid, p, cand=cand))
+    ego_lane = pick_lane(cand, (LaneType.DRIVING,), yaw)
+    dist = torch.where(torch.isfinite(ego_lane["dist"]), ego_lane["dist"], torch.full_like(p[:, 0], 5.0))
+    same = r["lane"] == ego_lane["lane"]
+    assert same.float().mean() > 0.995  # the rest are exact ties of overlapping connectors
+    assert torch.allclose(r["center_dist"][same], dist[same], atol=1e-4)
+
+
+def test_bad_shapes_raise(road):
+    mb, world, cw = road
+    st = _scene(world)
+    with pytest.raises(CraftError, match="trajectories"):
+        cw.score(st, torch.zeros(2, 3, 6, 3), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(CraftError, match="valid"):
+        cw.score(st, torch.zeros(1, 3, 6, 3), torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(CraftError, match="horizon"):
+        ProxyConfig(horizon=0)
