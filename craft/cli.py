@@ -76,7 +76,7 @@ def cmd_eval(args) -> int:
         raise CraftError(f"unknown split '{args.split}': use one of {', '.join(SPLITS)}")
     cfg = EvalConfig(protocol=args.protocol, gif_worst=args.gif, batch_size=args.batch_size, seed=args.seed,
                      max_steps=args.max_steps)
-    driver = make_driver(args.policy)
+    driver = make_driver(args.policy, device=args.device)
     summary = evaluate(driver, args.split, args.out, cfg, town_seeds=args.town_seeds, routes=args.routes,
                        device=args.device, types=args.types)
     ab = summary["abilities"]
@@ -87,10 +87,76 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from craft.demo import run_demo
+def cmd_collect(args) -> int:
+    from craft.policies.data import CollectConfig, collect
+    from craft.scenarios.splits import SPLITS
 
-    run_demo(args.out, seed=args.seed)
+    if args.split not in SPLITS:
+        raise CraftError(f"unknown split '{args.split}': use one of {', '.join(SPLITS)}")
+    cfg = CollectConfig(split=args.split, routes=args.routes,
+                        town_seeds=tuple(args.town_seeds) if args.town_seeds else None,
+                        types=tuple(args.types) if args.types else None, batch_size=args.batch_size, perturb_prob=args.perturb, seed=args.seed)
+    info = collect(cfg, args.out, device=args.device)
+    print(f"collected {info['samples']} expert decisions on {info['routes']} {args.split} routes "
+          f"({info['seconds']:.0f} s) -> {args.out}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from craft.policies.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(family=args.family, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed)
+    m = pretrain(args.data, args.out, cfg, resume=args.resume)
+    print(f"pretrained {args.family} -> {args.out}/policy.pt; held-out open loop: L2 1/2/3 s "
+          f"{m['l2_1s']:.2f}/{m['l2_2s']:.2f}/{m['l2_3s']:.2f} m, accuracy {m['accuracy']:.3f} "
+          f"({m['train_seconds']:.0f} s)")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from dataclasses import replace
+
+    from craft.finetune.collector import CollectorConfig
+    from craft.finetune.trainer import FinetuneConfig, finetune
+
+    col = CollectorConfig(split=args.split, worlds=args.worlds, buffer_size=args.buffer, seed=args.seed,
+                          routes=args.routes, town_seeds=tuple(args.town_seeds) if args.town_seeds else None,
+                          types=tuple(args.types) if args.types else None)
+    cfg = FinetuneConfig(method=args.method, iters=args.iters, seed=args.seed, collector=col)
+    if args.no_proxy or args.no_residual or args.no_distill:
+        if args.method != "craft":
+            raise CraftError("--no-proxy / --no-residual / --no-distill are ablations of --method craft")
+        cfg = replace(cfg, use_proxy=not args.no_proxy, use_residual=not args.no_residual,
+                      use_distill=not args.no_distill)
+    hist = finetune(args.init, args.out, cfg, device=args.device, resume=args.resume)
+    last = hist[-1]
+    print(f"{args.method}: {last['iteration']} iterations -> {args.out}/policy.pt (last iteration "
+          f"{last['transitions']} transitions, collect {last['t_collect']:.1f} s, score {last['t_score']:.1f} s, "
+          f"update {last['t_update']:.1f} s)")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from craft.experiments import ExperimentConfig, main_table
+
+    if args.name != "main":
+        raise CraftError(f"experiment '{args.name}' is not available yet in this build (available: main)")
+    cfg = ExperimentConfig(family=args.family, init=args.init or "", seeds=tuple(range(args.seeds)),
+                           iters=args.iters, buffer=args.buffer, worlds=args.worlds, split=args.split,
+                           routes=args.routes, methods=tuple(args.methods), train_towns=args.train_towns)
+    main_table(cfg, args.out)
+    print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from craft.demo import run_demo, run_world_demo
+
+    if args.world_only:
+        run_world_demo(args.out, seed=args.seed)
+    else:
+        run_demo(args.out, seed=args.seed, family=args.family, iters=args.iters)
     return 0
 
 
@@ -126,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="closed-loop evaluation on a benchmark split (Bench2Drive metrics)")
     e.add_argument("--policy", required=True, help="expert, lane-follow, or a checkpoint path")
     e.add_argument("--split", default="test", help="test, val, train or long")
-    e.add_argument("--routes", type=_positive_int, help="routes per scenario type (default: the split's)")
+    e.add_argument("--routes", type=_positive_int, help="routes per scenario type (default: the split's; --split long: "
+                                                              "long routes in all, default 36)")
     e.add_argument("--town-seeds", type=int, nargs="+", help="evaluate on these town seeds instead")
     e.add_argument("--types", nargs="+", help="only these scenario types")
     e.add_argument("--protocol", choices=["b2d", "b2d-star"], default="b2d")
@@ -134,13 +201,77 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gif", type=int, default=0, metavar="K", help="GIFs of the K lowest-DS routes")
     e.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
     e.add_argument("--seed", type=int, default=0, help="background traffic seed")
-    e.add_argument("--max-steps", type=_positive_int, default=2000, help="simulation steps cap (200 s)")
+    e.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="simulation steps cap per route (default: 2000 = 200 s; long routes: their own cap, "
+                        "which grows with their length)")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("collect", help="record expert demonstrations on a split for imitation pre-training")
+    c.add_argument("--split", default="train", help="test, val, train or long")
+    c.add_argument("--routes", type=_positive_int, help="routes per scenario type (default: the split's)")
+    c.add_argument("--town-seeds", type=int, nargs="+", help="collect on these town seeds instead")
+    c.add_argument("--types", nargs="+", help="only these scenario types")
+    c.add_argument("--perturb", type=float, default=0.2,
+                   help="probability per decision of executing a perturbed expert plan (label stays clean)")
+    c.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", type=_device, default="cpu")
+    c.add_argument("--out", required=True, help="demonstrations file to write (e.g. out/data/train.pt)")
+    c.set_defaults(func=cmd_collect)
+
+    t = sub.add_parser("pretrain", help="open-loop imitation pre-training of a policy family")
+    t.add_argument("--family", required=True, choices=["vocab", "hier", "vla"])
+    t.add_argument("--data", required=True, help="demonstrations file from `craft collect`")
+    t.add_argument("--steps", type=_positive_int, default=3000)
+    t.add_argument("--batch-size", type=_positive_int, default=256)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--out", required=True, help="output folder (policy.pt, state.pt, metrics.csv, tb/)")
+    t.set_defaults(func=cmd_pretrain)
+
+    f = sub.add_parser("finetune", help="closed-loop RL fine-tuning of a pre-trained policy (CRAFT or a baseline)")
+    f.add_argument("--method", required=True, choices=["craft", "grpo", "ppo", "reinforcepp"])
+    f.add_argument("--init", required=True, help="pre-trained policy checkpoint (file or folder)")
+    f.add_argument("--iters", type=_positive_int, default=10)
+    f.add_argument("--split", default="train", help="split whose routes are driven (default train)")
+    f.add_argument("--routes", type=_positive_int, help="routes per scenario type")
+    f.add_argument("--town-seeds", type=int, nargs="+", help="drive on these town seeds instead")
+    f.add_argument("--types", nargs="+", help="only these scenario types")
+    f.add_argument("--worlds", type=_positive_int, default=128, help="routes driven in parallel")
+    f.add_argument("--buffer", type=_positive_int, default=2048, help="transitions per iteration")
+    f.add_argument("--no-proxy", action="store_true", help="ablation: CRAFT without the counterfactual proxy")
+    f.add_argument("--no-residual", action="store_true", help="ablation: CRAFT without the grounded residual")
+    f.add_argument("--no-distill", action="store_true", help="ablation: no teacher KL terms")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", type=_device, default="cpu")
+    f.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    f.add_argument("--out", required=True)
+    f.set_defaults(func=cmd_finetune)
+
+    x = sub.add_parser("experiment", help="the paper's experiments on this benchmark (resumable)")
+    x.add_argument("name", choices=["main", "ablation", "transfer", "scaling", "stability", "fidelity", "all"])
+    x.add_argument("--family", default="vocab", choices=["vocab", "hier", "vla"])
+    x.add_argument("--init", help="pre-trained checkpoint (default checkpoints/<family>.pt)")
+    x.add_argument("--seeds", type=_positive_int, default=3)
+    x.add_argument("--iters", type=_positive_int, default=8, help="fine-tuning iterations per run")
+    x.add_argument("--buffer", type=_positive_int, default=2048)
+    x.add_argument("--worlds", type=_positive_int, default=128)
+    x.add_argument("--train-towns", type=_positive_int, default=40)
+    x.add_argument("--methods", nargs="+", default=["reinforcepp", "ppo", "grpo", "craft"],
+                   choices=["reinforcepp", "ppo", "grpo", "craft"])
+    x.add_argument("--split", default="test")
+    x.add_argument("--routes", type=_positive_int, help="evaluation routes per scenario type")
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_experiment)
 
     d = sub.add_parser("demo", help="the quick start: render a town, drive worlds in closed loop, write a GIF")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--family", default="vocab", choices=["vocab", "hier", "vla"])
+    d.add_argument("--iters", type=_positive_int, default=4, help="CRAFT fine-tuning iterations")
+    d.add_argument("--world-only", action="store_true", help="only drive random worlds and write a GIF")
     d.set_defaults(func=cmd_demo)
     return p
 

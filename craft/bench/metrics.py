@@ -207,6 +207,8 @@ class RouteLog:
     """Simulated route duration, s (``meta.duration_game``); defaults to steps logged x 0.1 s."""
     duration_system_s: float = 0.0
     """Wall-clock seconds spent on the route (``meta.duration_system``); 0 if unknown."""
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+    """Extra JSON-able keys copied into the record's ``meta`` (e.g. a long route's chained scenarios)."""
 
 
 # ---------------------------------------------------------------------- per-route scoring
@@ -438,6 +440,7 @@ def score_route(log: RouteLog, protocol: str = "b2d", index: int = -1) -> dict:
                                         else float(log.first_junction_progress_m)),
             "efficiency": eff_route,
             "comfort": comfort(log),
+            **log.extra_meta,
         },
     }
     record["meta"]["success"] = is_success(record)

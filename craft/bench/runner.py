@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -40,7 +40,7 @@ class EvalConfig:
     protocol: str = "b2d"  # b2d, or b2d-star: a collision ends the route (the CRAFT paper's patched protocol)
     replan_every: int = 5  # simulator steps between driver re-plans (0.5 s)
     batch_size: int = 220  # routes simulated together
-    max_steps: int = 2000  # 200 s tick cap (the world also ends routes by its own rules)
+    max_steps: int | None = None  # tick cap in steps for every route; None: 2000 (200 s, Bench2Drive) or a route's own time_limit_s (long routes)
     seed: int = 0  # background traffic seed
     gif_worst: int = 0  # GIFs of this many lowest-DS routes
 
@@ -48,10 +48,22 @@ class EvalConfig:
         if self.protocol not in PROTOCOLS:
             raise CraftError(f"unknown protocol '{self.protocol}': use one of {', '.join(PROTOCOLS)}")
         for name in ("replan_every", "batch_size", "max_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise CraftError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.gif_worst < 0:
             raise CraftError(f"EvalConfig.gif_worst must be >= 0, got {self.gif_worst}")
+
+
+DEFAULT_MAX_STEPS = 2000  # Bench2Drive's 200 s tick cap at dt = 0.1 s
+
+
+def route_step_caps(instances: list, cfg: EvalConfig, dt: float) -> list[int]:
+    """Per-route tick cap in steps: ``cfg.max_steps`` when set, else the route's own ``time_limit_s`` (long
+    routes) or :data:`DEFAULT_MAX_STEPS`."""
+    if cfg.max_steps is not None:
+        return [int(cfg.max_steps)] * len(instances)
+    return [DEFAULT_MAX_STEPS if getattr(inst, "time_limit_s", None) is None
+            else max(1, int(round(inst.time_limit_s / dt))) for inst in instances]
 
 
 class Driver(Protocol):
@@ -86,8 +98,8 @@ class ExpertDriver:
         return self.expert.plan(world, state)
 
 
-def make_driver(policy: str) -> Driver:
-    """``expert``, ``lane-follow`` or a checkpoint path."""
+def make_driver(policy: str, device: str = "cpu") -> Driver:
+    """``expert``, ``lane-follow`` or a policy checkpoint path (a ``policy.pt`` file or a folder holding one)."""
     if policy == "expert":
         return ExpertDriver()
     if policy == "lane-follow":
@@ -95,8 +107,12 @@ def make_driver(policy: str) -> Driver:
     path = Path(policy)
     if not path.exists():
         raise CraftError(f"policy '{policy}' is neither expert, lane-follow nor an existing checkpoint path")
-    raise CraftError(f"'{policy}' is not a CRAFT policy checkpoint (checkpoint policies are loaded by "
-                     "craft.policies, which this build does not have yet)")
+    from craft.policies.base import load_policy
+    from craft.policies.driver import PolicyDriver
+
+    pol = load_policy(path, device=device)
+    label = path.parent.name if path.name == "policy.pt" else path.name
+    return PolicyDriver(pol, name=f"{pol.family}:{label}")
 
 
 # ---------------------------------------------------------------------- one batch
@@ -113,17 +129,26 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
 
     state, table = start(world, instances, cfg.seed)
     B = state.batch_size
+    caps = torch.tensor(route_step_caps(instances, cfg, world.cfg.dt), device=state.device)
+    own_caps = bool((caps != caps[0]).any()) or any(getattr(i, "time_limit_s", None) is not None for i in instances)
     ex = PlanExecutor(B, state.device, dt=world.cfg.dt)
     rec = {k: [] for k in _STEP_FIELDS}
     rec.update(pos=[], progress=[], driven=[], outside=[])
     frames: dict[int, list] = {b: [] for b in frames_for}
     ended_at = torch.full((B,), -1, dtype=torch.long)
-    for t in range(cfg.max_steps):
+    for t in range(int(caps.max())):
         state, table = apply(state, table, maps=world.maps, dt=world.cfg.dt)
         if t % cfg.replan_every == 0:
             ex.set_plan(state, driver.plan(world, state))
         control = ex.control(state) + table.ego_perturbation
         state, ev = world.step(state, control)
+        if own_caps:  # per-route tick caps (the world's own cap is set to the longest)
+            over = (t + 1 >= caps) & ~state.done
+            if bool(over.any()):
+                reason = torch.where(over, torch.full_like(state.end_reason, EndReason.TICK_CAP), state.end_reason)
+                state = state.replace(done=state.done | over, end_reason=reason)
+                ev.done = ev.done | over
+                ev.end_reason = torch.where(over, reason, ev.end_reason)
         for k in _STEP_FIELDS:
             rec[k].append(getattr(ev, k).detach().cpu())
         rec["pos"].append(state.pos[:, 0].detach().cpu())
@@ -169,7 +194,8 @@ def _route_log(b: int, inst, R: dict, n: int, world: World, state, final_reason)
                         "outside_lanes_m": float(R["outside"][i, b])})
         infractions[key] = out
     for key, field in (("red_light", "red_light"), ("stop_infraction", "stop_infraction")):
-        infractions[key] = [{"t": (i + 1) * dt, "x": float(pos[i, 0]), "y": float(pos[i, 1])}
+        infractions[key] = [{"t": (i + 1) * dt, "x": float(pos[i, 0]), "y": float(pos[i, 1]),
+                             "progress_m": float(prog[i])}
                             for i in torch.nonzero(R[field][:n, b]).flatten().tolist()]
     reason = EndReason.NAMES[int(final_reason[b])]
     yield_failed = False
@@ -179,6 +205,10 @@ def _route_log(b: int, inst, R: dict, n: int, world: World, state, final_reason)
         ahead = (ego - ev_pos) @ torch.stack([torch.cos(ev_yaw), torch.sin(ev_yaw)])
         yield_failed = bool(ahead > 0)
     speed = R["speed"][:n, b].numpy()
+    extra = {}
+    if "chain" in inst.meta:
+        extra["scenarios"] = chain_breakdown(inst.meta["chain"], infractions, prog, R["outside"][:n, b].numpy(),
+                                             completed=reason == "completed")
     return RouteLog(
         route_id=inst.meta.get("route_id", f"{inst.type}_{b}"),
         scenario_type=inst.type,
@@ -197,7 +227,42 @@ def _route_log(b: int, inst, R: dict, n: int, world: World, state, final_reason)
         checkpoint_speeds={"ego_speed": speed, "background_speed": R["background_speed"][:n, b].numpy(),
                            "progress_m": prog},
         duration_s=n * dt,
+        extra_meta=extra,
     )
+
+
+CHAIN_MARGIN_M = 20.0  # route metres before / after a chained scenario that still count as its part
+
+
+def chain_breakdown(chain: list[dict], infractions: dict[str, list[dict]], progress, outside, completed: bool,
+                    margin: float = CHAIN_MARGIN_M) -> list[dict]:
+    """Where a long route went wrong: per chained scenario (``chain``: dicts with ``type``, ``start_m``,
+    ``end_m``), the collision / red-light / stop events, the metres driven outside the route lanes and
+    whether the route ended there, counted over ``[start_m - margin, end_m + margin)``; a last entry
+    ``type == "between scenarios"`` collects the rest. ``progress`` / ``outside`` are the per-step route
+    progress and cumulative outside-lanes metres ``(T,)``."""
+    rows = [dict(c, events=0, outside_m=0.0, ended_here=False) for c in chain]
+    rest = dict(type="between scenarios", events=0, outside_m=0.0, ended_here=False)
+
+    def row_of(p: float) -> dict:
+        for r in rows:
+            if r["start_m"] - margin <= p < r["end_m"] + margin:
+                return r
+        return rest
+
+    for key in ("collisions_pedestrian", "collisions_vehicle", "collisions_layout", "red_light", "stop_infraction"):
+        for e in infractions.get(key, []):
+            row_of(float(e["progress_m"]))["events"] += 1
+    progress, outside = np.asarray(progress, dtype=np.float64), np.asarray(outside, dtype=np.float64)
+    if len(outside):
+        inc = np.diff(outside, prepend=0.0)
+        for i in np.nonzero(inc > 1e-6)[0]:
+            row_of(float(progress[i]))["outside_m"] += float(inc[i])
+    if not completed and len(progress):
+        row_of(float(progress[-1]))["ended_here"] = True
+    for r in rows + [rest]:
+        r["outside_m"] = round(r["outside_m"], 2)
+    return rows + [rest]
 
 
 # ---------------------------------------------------------------------- whole split
@@ -220,15 +285,18 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     remap = {m: i for i, m in enumerate(used)}
     for inst in instances:
         inst.spec.map_index = remap[inst.spec.map_index]
-    world = World([generate_town(seeds[m]) for m in used],
-                  WorldConfig(end_on_collision=cfg.protocol == "b2d-star"), device=device)
+    wcfg = WorldConfig(end_on_collision=cfg.protocol == "b2d-star")
+    limits = [inst.time_limit_s for inst in instances if inst.time_limit_s is not None]
+    if limits:  # routes with their own (longer) tick cap: the runner enforces each, the world the longest
+        wcfg = replace(wcfg, events=replace(wcfg.events, tick_cap=max(wcfg.events.tick_cap, max(limits))))
+    world = World([generate_town(seeds[m]) for m in used], wcfg, device=device)
     for i, inst in enumerate(instances):
         inst.meta["route_id"] = f"RouteScenario_{i}_{inst.type}_{inst.meta.get('route_id', 0)}"
     logs: list[RouteLog] = []
     for i in range(0, len(instances), cfg.batch_size):
         batch = instances[i:i + cfg.batch_size]
         desc = f"eval {driver.name} on {split} routes {i + 1}-{i + len(batch)}/{len(instances)}"
-        with tqdm(total=cfg.max_steps, desc=desc, unit="step") as bar:
+        with tqdm(total=max(route_step_caps(batch, cfg, world.cfg.dt)), desc=desc, unit="step") as bar:
             batch_logs, _ = run_batch(world, batch, driver, cfg, progress=bar)
         logs += batch_logs
     records = [score_route(log, cfg.protocol, index=i) for i, log in enumerate(logs)]

@@ -69,6 +69,7 @@ class ScenarioInstance:
     queues: dict[int, list[int]] = field(default_factory=dict)  # pinned upcoming lanes of scripted agents
     abilities: tuple[str, ...] = ()  # every ability this type counts for (Traffic_Signs for starred types)
     meta: dict = field(default_factory=dict)  # placement details (lanes, junction, light, ...)
+    time_limit_s: float | None = None  # the route's own tick cap (long routes); None: the runner's default (200 s)
 
 
 Builder = Callable[["Ctx"], None]
@@ -149,6 +150,27 @@ def offset_pose(m: RoadMap, lane: int, s: float, lateral: float) -> tuple[tuple[
 
 def wrap(a: float) -> float:
     return (a + math.pi) % (2 * math.pi) - math.pi
+
+
+def route_segments(m: RoadMap, route: list[int], ego_s: float) -> list[tuple[int, float, float, float]]:
+    """A lane route as (lane, s_from, s_to, route metres at s_from), mirroring the world's dense route: a
+    lane change (next lane not a successor) leaves half way along the rest of the lane and joins the
+    neighbour at the same arc length; the ego starts at ``ego_s`` on ``route[0]``."""
+    out = []
+    s_in, cum = float(ego_s), 0.0
+    for i, lane in enumerate(route):
+        L = float(m.lane_length[lane])
+        nxt = route[i + 1] if i + 1 < len(route) else None
+        if nxt is not None and nxt not in m.successors(lane):
+            e = s_in + max(1.0, 0.5 * (L - s_in))
+            out.append((lane, s_in, e, cum))
+            cum += e - s_in
+            s_in = min(e, float(m.lane_length[nxt]))
+        else:
+            out.append((lane, s_in, L, cum))
+            cum += max(0.0, L - s_in)
+            s_in = 0.0
+    return out
 
 
 # ---------------------------------------------------------------------- the build context
@@ -293,24 +315,8 @@ class Ctx:
         self.route_end = end
 
     def segments(self) -> list[tuple[int, float, float, float]]:
-        """The route as (lane, s_from, s_to, route metres at s_from), mirroring the world's dense route:
-        a lane change (next lane not a successor) leaves half way along the rest of the lane and joins
-        the neighbour at the same arc length."""
-        out = []
-        s_in, cum = self.ego_s, 0.0
-        for i, lane in enumerate(self.route):
-            L = float(self.m.lane_length[lane])
-            nxt = self.route[i + 1] if i + 1 < len(self.route) else None
-            if nxt is not None and nxt not in self.m.successors(lane):
-                e = s_in + max(1.0, 0.5 * (L - s_in))
-                out.append((lane, s_in, e, cum))
-                cum += e - s_in
-                s_in = min(e, float(self.m.lane_length[nxt]))
-            else:
-                out.append((lane, s_in, L, cum))
-                cum += max(0.0, L - s_in)
-                s_in = 0.0
-        return out
+        """The route as (lane, s_from, s_to, route metres at s_from); see :func:`route_segments`."""
+        return route_segments(self.m, self.route, self.ego_s)
 
     def lanes_length(self) -> float:
         """Length of the route's lanes from the ego start (as the world's dense route measures it)."""
@@ -499,4 +505,4 @@ def vehicle_size(kind: AgentKind) -> tuple[float, float]:
 
 
 __all__ = ["ScenarioInstance", "SCENARIOS", "build_scenario", "register", "implemented_types", "Ctx", "NoPlace",
-           "ABILITIES", "lane_pose", "offset_pose", "start"]
+           "ABILITIES", "lane_pose", "offset_pose", "start", "route_segments"]

@@ -5,7 +5,7 @@
 | ``test``  | 5  (44 x 5 = 220, like Bench2Drive) | 10000 .. 10019 |
 | ``val``   | 2  | 20000 .. 20009 |
 | ``train`` | 20 | 30000 .. 30199 |
-| ``long``  | TODO: 500-1500 m routes chaining several scenarios (seeds 40000 .. 40019 reserved); raises |
+| ``long``  | 36 routes in all (like Longest6), 500-1500 m each, chaining 3-6 scenarios | 40000 .. 40019 |
 
 ``split_specs(split)`` returns ``ScenarioInstance`` s sorted by type, then route number. Each instance's
 ``spec.map_index`` indexes :func:`split_town_seeds` (``split`` or the ``town_seeds`` passed), so::
@@ -17,7 +17,16 @@
 Route ``k`` of a type goes to town ``pool[(h(type) + k * step) % len(pool)]``; when that town cannot host
 the type the next towns of the pool are tried (deterministically). The route's random draws come from
 ``numpy.random.default_rng([split id, type index in B2D order, k])``, so the same arguments give the same
-scenarios. Scenario types of Bench2Drive that are not implemented yet are **skipped with a warning**
+scenarios.
+
+``long`` (a Longest6-like transfer split): ``routes`` counts long routes in all (default 36). Long route ``k``
+goes to town ``pool[(h("Long") + k * step) % len(pool)]`` (next towns of the pool when it cannot host one)
+and draws from ``numpy.random.default_rng([4, k, tries])``; it chains 3-6 scenarios of different types
+(``types`` restricts the candidates) with background traffic along a 500-1500 m route, see
+:mod:`craft.scenarios.long`. Its instances have ``type == "Long"`` and ``meta["types"]``, the chained types in
+route order; a long route's tick cap grows with its length (``ScenarioInstance.time_limit_s``).
+
+Scenario types of Bench2Drive that are not implemented yet are **skipped with a warning**
 (``UserWarning`` naming them); ``strict=True`` raises :class:`CraftError` instead.
 """
 
@@ -51,7 +60,7 @@ SPLITS = {
     "test": (1, 10000, 20, 5),
     "val": (2, 20000, 10, 2),
     "train": (3, 30000, 200, 20),
-    "long": (4, 40000, 20, 0),
+    "long": (4, 40000, 20, 36),  # routes in all, not per type
 }
 
 
@@ -74,16 +83,14 @@ def split_specs(split: str, town_seeds: list[int] | None = None, routes: int | N
     """Deterministic scenario instances of ``split`` (see the module docstring).
 
     town_seeds: override the split's town pool (``spec.map_index`` then indexes this list).
-    routes: routes per type (default 5 test / 2 val / 20 train). types: restrict to these types.
+    routes: routes per type (default 5 test / 2 val / 20 train); for ``long`` routes in all (default 36).
+    types: restrict to these types (``long``: the types that may be chained).
     """
     from craft.world.towns import generate_town
 
     if split not in SPLITS:
         raise CraftError(f"unknown split '{split}' (one of {sorted(SPLITS)})")
     sid, _, _, default_routes = SPLITS[split]
-    if split == "long":
-        raise CraftError("the 'long' split (500-1500 m routes chaining several scenarios) is not implemented "
-                         "yet; use 'test', 'val' or 'train'")
     pool = list(town_seeds) if town_seeds is not None else split_town_seeds(split)
     if not pool:
         raise CraftError("split_specs needs at least one town seed")
@@ -106,11 +113,16 @@ def split_specs(split: str, town_seeds: list[int] | None = None, routes: int | N
     def town(i):
         s = pool[i]
         if s not in towns:
-            towns[s] = generate_town(s)
+            try:
+                towns[s] = generate_town(s)
+            except CraftError as e:
+                raise CraftError(f"split '{split}': town seed {s}: {e}") from None
         return towns[s]
 
-    out = []
     step = 7 if len(pool) % 7 else 3
+    if split == "long":
+        return _long_specs(sid, pool, town, n_routes, [t for t in wanted if t in have], step)
+    out = []
     for t in wanted:
         if t not in have:
             continue
@@ -132,6 +144,37 @@ def split_specs(split: str, town_seeds: list[int] | None = None, routes: int | N
                     err = e
             else:
                 raise CraftError(f"split '{split}': no town of the pool could host '{t}' route {k}: {err}")
+    return out
+
+
+def _long_specs(sid: int, pool: list[int], town, n_routes: int, types: list[str], step: int) -> list[ScenarioInstance]:
+    """The ``long`` split's routes (see the module docstring)."""
+    from craft.scenarios.long import LONG_TYPE, NOT_CHAINED, LongRouteConfig, build_long_route
+
+    chainable = [t for t in types if t not in NOT_CHAINED]
+    need = LongRouteConfig().min_scenarios
+    if len(chainable) < need:
+        raise CraftError(f"split 'long' chains at least {need} scenario types per route; the chainable types "
+                         f"given are {chainable} (not chained: {list(NOT_CHAINED)})")
+    h = zlib.crc32(LONG_TYPE.encode())
+    out = []
+    for k in range(n_routes):
+        base = (h + k * step) % len(pool)
+        errs = []
+        for tries in range(min(len(pool), 8)):
+            mi = (base + tries) % len(pool)
+            rng = np.random.default_rng([sid, k, tries])
+            try:
+                inst = build_long_route(town(mi), rng, types, map_index=mi)
+            except CraftError as e:
+                errs.append(f"town seed {pool[mi]}: {e}")
+                continue
+            inst.meta["split"] = "long"
+            inst.meta["route_id"] = k
+            out.append(inst)
+            break
+        else:
+            raise CraftError(f"split 'long': no town of the pool could host long route {k}: {errs[0]}")
     return out
 
 
