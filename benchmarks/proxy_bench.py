@@ -6,12 +6,15 @@ Builds realistic snapshots: worlds on a few generated towns with ~30 background 
 pedestrians, stepped a few seconds with the lane-follow driver (``route_plan`` through the shared
 tracker), then random-ish candidate sets: G perturbations of the route plan (speed scale 0..1.6,
 lateral offsets up to +-4 m, a few stop-in-place plans), T = 6 waypoints of 0.5 s. Prints
-candidate-steps/s = B * G * H / seconds (best of ``--reps``) and the peak RSS of the process.
+candidate-steps/s = B * G * H / seconds (best of ``--reps``), the peak RSS of the process and the
+1-minute load average (other processes on the machine slow the numbers down; compare runs at similar
+load, or the process CPU time, also printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -91,15 +94,17 @@ def main() -> None:
                     cw.score(st, traj, valid)
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
                 args.profile = False
-            best = float("inf")
+            best = best_cpu = float("inf")
             for _ in range(args.reps):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 sc = cw.score(st, traj, valid)
                 best = min(best, time.perf_counter() - t0)
+                best_cpu = min(best_cpu, time.process_time() - c0)
             rate = B * args.groups * cfg.horizon / best
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"threads={threads} B={B:4d} G={args.groups} H={cfg.horizon}: {best:7.3f} s  "
-                  f"{rate / 1e6:6.2f} M candidate-steps/s  peak RSS {rss:7.0f} MB  "
+                  f"{rate / 1e6:6.2f} M candidate-steps/s  (cpu {best_cpu:6.3f} s)  peak RSS {rss:7.0f} MB  "
+                  f"load {os.getloadavg()[0]:.2f}  "
                   f"collided {float(sc.collided.float().mean()):.3f}  "
                   f"offroad {float((sc.terms['offroad'] < 0).float().mean()):.3f}")
 

@@ -124,6 +124,10 @@ def cmd_finetune(args) -> int:
                           routes=args.routes, town_seeds=tuple(args.town_seeds) if args.town_seeds else None,
                           types=tuple(args.types) if args.types else None)
     cfg = FinetuneConfig(method=args.method, iters=args.iters, seed=args.seed, collector=col)
+    over = {k: v for k, v in (("lr", args.lr), ("lr_end", args.lr_end), ("epochs", args.epochs),
+                              ("minibatch", args.minibatch)) if v is not None}
+    if over:
+        cfg = replace(cfg, **over)
     if args.no_proxy or args.no_residual or args.no_distill:
         if args.method != "craft":
             raise CraftError("--no-proxy / --no-residual / --no-distill are ablations of --method craft")
@@ -144,7 +148,10 @@ def cmd_experiment(args) -> int:
         raise CraftError(f"experiment '{args.name}' is not available yet in this build (available: main)")
     cfg = ExperimentConfig(family=args.family, init=args.init or "", seeds=tuple(range(args.seeds)),
                            iters=args.iters, buffer=args.buffer, worlds=args.worlds, split=args.split,
-                           routes=args.routes, methods=tuple(args.methods), train_towns=args.train_towns)
+                           routes=args.routes, methods=tuple(args.methods), train_towns=args.train_towns,
+                           finetune={k: v for k, v in (("lr", args.lr), ("lr_end", args.lr_end),
+                                                       ("epochs", args.epochs), ("minibatch", args.minibatch))
+                                     if v is not None})
     main_table(cfg, args.out)
     print((Path(args.out) / "table.md").read_text())
     return 0
@@ -241,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--types", nargs="+", help="only these scenario types")
     f.add_argument("--worlds", type=_positive_int, default=128, help="routes driven in parallel")
     f.add_argument("--buffer", type=_positive_int, default=2048, help="transitions per iteration")
+    f.add_argument("--lr", type=float, help="learning rate (default: the paper's 1e-4)")
+    f.add_argument("--lr-end", type=float, help="final learning rate of the cosine decay (default 5e-6)")
+    f.add_argument("--epochs", type=_positive_int, help="passes over each buffer (default 2)")
+    f.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 512)")
     f.add_argument("--no-proxy", action="store_true", help="ablation: CRAFT without the counterfactual proxy")
     f.add_argument("--no-residual", action="store_true", help="ablation: CRAFT without the grounded residual")
     f.add_argument("--no-distill", action="store_true", help="ablation: no teacher KL terms")
@@ -261,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--train-towns", type=_positive_int, default=40)
     x.add_argument("--methods", nargs="+", default=["reinforcepp", "ppo", "grpo", "craft"],
                    choices=["reinforcepp", "ppo", "grpo", "craft"])
+    x.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the paper's 1e-4)")
+    x.add_argument("--lr-end", type=float, help="final learning rate (default 5e-6)")
+    x.add_argument("--epochs", type=_positive_int, help="passes over each buffer (default 2)")
+    x.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 512)")
     x.add_argument("--split", default="test")
     x.add_argument("--routes", type=_positive_int, help="evaluation routes per scenario type")
     x.add_argument("--out", required=True)

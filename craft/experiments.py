@@ -40,6 +40,8 @@ class ExperimentConfig:
     types: tuple[str, ...] | None = None
     """Evaluate on these scenario types only (default: all)."""
     protocols: tuple[str, ...] = ("b2d", "b2d-star")
+    finetune: dict = field(default_factory=dict)
+    """FinetuneConfig overrides for every method (e.g. a learning rate adapted to a small budget)."""
     extra: dict = field(default_factory=dict)
     """Extra FinetuneConfig fields (ablation switches) by method label, e.g. {"craft-noproxy": {...}}."""
 
@@ -70,6 +72,8 @@ def _finetune(cfg: ExperimentConfig, method: str, seed: int, out: Path) -> Path:
     col = CollectorConfig(worlds=cfg.worlds, buffer_size=cfg.buffer, seed=seed,
                           town_seeds=tuple(split_town_seeds("train")[:cfg.train_towns]))
     fc = FinetuneConfig(method=base, iters=cfg.iters, seed=seed, collector=col)
+    if cfg.finetune:
+        fc = replace(fc, **cfg.finetune)
     if method in cfg.extra:
         fc = replace(fc, **cfg.extra[method])
     policy = out / "policy.pt"
@@ -132,7 +136,8 @@ def table_markdown(table: dict, cfg: ExperimentConfig) -> str:
     lines = [f"# Main table: {cfg.family} on `{cfg.split}`", "",
              f"Pre-trained checkpoint `{cfg.init_path}`; {cfg.iters} fine-tuning iterations of >= {cfg.buffer} "
              f"transitions per method ({cfg.worlds} parallel routes on the first {cfg.train_towns} train towns); "
-             f"seeds {list(cfg.seeds)}; mean ± std over seeds.", ""]
+             f"seeds {list(cfg.seeds)}; mean ± std over seeds."
+             + (f" Fine-tuning overrides for every method: `{cfg.finetune}`." if cfg.finetune else ""), ""]
     for proto, rows in table.items():
         lines += [f"## Protocol `{proto}`", "", "| policy | " + " | ".join(COLUMNS) + " |",
                   "|---|" + "---|" * len(COLUMNS)]

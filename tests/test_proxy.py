@@ -183,3 +183,63 @@ def test_bad_shapes_raise(road):
         cw.score(st, torch.zeros(1, 3, 6, 3), torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(CraftError, match="horizon"):
         ProxyConfig(horizon=0)
+
+
+def test_stop_sign_rule_matches_sequential_reference():
+    """The whole-trajectory stop-sign rule equals the world's step-by-step state machine."""
+    from craft.finetune.proxy import _stop_violations
+
+    g = torch.Generator().manual_seed(0)
+    H, N = 12, 4000
+    inside = torch.rand(H, N, generator=g) < 0.5
+    slow = inside & (torch.rand(H, N, generator=g) < 0.3)
+    inside0 = torch.rand(N, generator=g) < 0.5
+    served0 = torch.rand(N, generator=g) < 0.5
+    ok, was = served0.clone(), inside0.clone()
+    ref = []
+    for h in range(H):  # events._stop_signs, one step at a time
+        ok = ok | slow[h]
+        left = was & ~inside[h]
+        ref.append(left & ~ok)
+        ok = ok & ~left
+        was = inside[h]
+    assert torch.equal(_stop_violations(inside, slow, inside0, served0), torch.stack(ref))
+
+
+def test_emergency_lane_matches_world_rule(town):
+    """The proxy's emergency-lane flag is the world's rule (nearest driving-or-shoulder lane is a shoulder
+    and the point is within its half width), also around the shoulders of the town."""
+    mb = MapBatch([town])
+    cw = CounterfactualWorld(mb, ProxyConfig(lane_simplify_tol=0.0))
+    g = torch.Generator().manual_seed(0)
+    lanes = (torch.from_numpy(town.lane_type) == int(LaneType.SHOULDER)).nonzero().squeeze(1)
+    assert lanes.numel() > 0
+    pt = torch.from_numpy(town.points)[torch.isin(torch.from_numpy(town.point_lane), lanes)]
+    p = pt[torch.randint(len(pt), (3000,), generator=g)] + torch.randn(3000, 2, generator=g) * 2.0
+    yaw = torch.rand(3000, generator=g) * 2 * math.pi - math.pi
+    mid = torch.zeros(3000, dtype=torch.long)
+    r = cw.lanes.query(mid, p, yaw, cw.cfg.events)
+    cand = lane_candidates(mb, mid, p)
+    edge = pick_lane(cand, (LaneType.DRIVING, LaneType.SHOULDER))
+    lane_type = torch.from_numpy(town.lane_type)[edge["lane"].clamp_min(0)]
+    is_sh = (edge["lane"] >= 0) & (lane_type == int(LaneType.SHOULDER))
+    world = is_sh & (edge["dist"] <= 0.5 * edge["width"])
+    assert world.any() and (~world).any()
+    assert (r["emergency"] == world).float().mean() > 0.995  # the rest: exact ties / boundary rounding
+
+
+def test_scores_match_stepwise_terms_on_a_straight_road(road):
+    """Horizon-wide terms: stop_after_collision masks the steps after the first collision only."""
+    mb, world, cw = road
+    st = _scene(world, [AgentSpec(AgentKind.STATIC, pos=(118.0, 0.0), yaw=0.0)])
+    traj = torch.stack([_straight(10.0), _straight(2.0), STOP])[None]
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    a = cw.score(st, traj, valid)
+    b = CounterfactualWorld(mb, ProxyConfig(stop_after_collision=False)).score(st, traj, valid)
+    assert a.collided.tolist() == [[True, False, False]]
+    assert torch.equal(a.collided, b.collided)
+    # the collided candidate earns less progress when its later steps are masked; the others are unchanged
+    assert float(a.terms["progress"][0, 0]) < float(b.terms["progress"][0, 0])
+    for k in TERMS:
+        assert torch.allclose(a.terms[k][0, 1:], b.terms[k][0, 1:], atol=1e-6)
+    assert float(a.terms["collision"][0, 0]) == float(b.terms["collision"][0, 0])

@@ -48,7 +48,13 @@ reward of :func:`craft.finetune.rewards.dense_step_reward`; advantages are group
 (:func:`craft.finetune.rewards.group_normalise`).
 
 No Python loop runs over candidates or agents: the loops are over the ``H`` steps and over chunks of
-``chunk_states`` states (which bound memory).
+``chunk_states`` states (which bound memory). Only the tracker and the bicycle feed back into the ego's
+motion, so the ``H``-step loop runs just them; everything else is computed afterwards on the whole
+time-major trajectory ``(H, B * G)``: one lane query on all ``H * B * G`` points, light / stop-sign
+flags (the stop-sign state machine in closed form, :func:`_stop_violations`), the dense rewards with
+the previous step's deviations taken from the shifted series, the first counted collision per
+candidate and the mask of the steps after it. The route projection keeps its step-to-step search
+window in a small loop of its own (a few ops per step on ``B * G`` windows).
 """
 
 from __future__ import annotations
@@ -122,7 +128,7 @@ class ProxyConfig:
     stop_after_collision: bool = True
     """No reward after a candidate's first counted collision (the route would end, b2d-star)."""
     chunk_states: int = 32
-    """States scored at once; bounds memory (about 100 MB per 32 states at G=512)."""
+    """States scored at once; bounds memory (about 80 MB above the inputs per 32 states at G=512, H=20)."""
     lane_simplify_tol: float = 0.02
     """Tolerance of merging collinear lane points into longer segments for the proxy's lane index, m."""
     lane_grid_cell: float = 2.0
@@ -203,6 +209,10 @@ def _simplify(p: np.ndarray, tol: float) -> np.ndarray:
 # feature columns of the segment table
 (_AX, _AY, _DX, _DY, _IL2, _HW2, _REACH, _CH, _SH, _TLO, _THI, _JUNCTION, _SHOULDER, _EDGE_REACH, _HW) = range(15)
 _NF = 15
+_NPAIR = 11
+"""The first _NPAIR columns are the ones the lane query reads for every (point, segment) pair."""
+_PIECE = 1 << 16
+"""(point, segment) pairs the lane query processes at once (keeps its temporaries in cache)."""
 
 
 def _bin_segments(a: np.ndarray, b: np.ndarray, reach: np.ndarray, cell: float):
@@ -319,7 +329,8 @@ class _LaneIndex:
         feat = np.concatenate(feats + [dummy])
         dev = mb.device
         self.feat = torch.from_numpy(feat).to(dev)
-        self.featT = self.feat.t().contiguous()  # (F, S + 1): 1-D columns gather fastest
+        self.featT = self.feat.t().contiguous()  # (F, S + 1)
+        self.cols = list(self.featT.unbind(0))  # 1-D feature columns (they gather fastest)
         self.lane = torch.from_numpy(np.concatenate(lanes + [np.array([-1])]).astype(np.int64)).to(dev)
         self.start = torch.from_numpy(np.concatenate(starts).astype(np.int64)).to(dev)
         self.count = torch.from_numpy(np.concatenate(counts).astype(np.int64)).to(dev)
@@ -329,7 +340,13 @@ class _LaneIndex:
         self.cell_offset = torch.tensor(offs, dtype=torch.long, device=dev)
         self.cell = float(cell)
         self.has_shoulder = bool((feat[:-1, _SHOULDER] > 0).any())
+        # cells whose list holds a shoulder segment (elsewhere the emergency-lane rule is False)
+        cell_of_item = np.repeat(np.arange(len(self.count)), self.count.cpu().numpy())
+        shoulder_items = feat[self.items[:-1].cpu().numpy(), _SHOULDER] > 0
+        self.cell_shoulder = torch.from_numpy(
+            np.bincount(cell_of_item[shoulder_items], minlength=len(self.count)) > 0).to(dev)
         self.pad = self.items.shape[0] - 1  # items[pad] is the dummy row
+        self._key32 = (int(self.count.max()) + 1) * self.start.shape[0] < 2**31  # (count, cell) sort keys fit int32
 
     def query(self, map_id: Tensor, pos: Tensor, yaw: Tensor, cfg: EventConfig) -> dict[str, Tensor]:
         """The world's lane rules at points ``pos (Q, 2)`` heading ``yaw (Q,)`` on maps ``map_id (Q,)``.
@@ -340,83 +357,109 @@ class _LaneIndex:
         width), ``center_dist`` (distance to the heading-aware driving lane pick, ``lane_dist_cap`` if
         none) and ``lane`` (that lane, -1 if none).
 
-        Points are sorted by the number of segments in their cell and processed in power-of-two buckets,
-        so the padded work is at most twice the real number of (point, segment) pairs.
+        Points are sorted by the number of segments in their cell and processed in groups of equal
+        count (no padding), in pieces of at most ``_PIECE`` (point, segment) pairs so that the
+        temporaries stay in cache; points in empty cells keep the defaults (off-road, no lane).
         """
         Q = pos.shape[0]
-        c = ((pos - self.origin[map_id]) / self.cell).floor().long()
-        shape = self.shape[map_id]
-        inside = (c >= 0).all(-1) & (c < shape).all(-1)
-        cid = self.cell_offset[map_id] + c[:, 0].clamp(min=0) * shape[:, 1] + c[:, 1].clamp(min=0)
-        cid = cid.clamp(0, self.start.shape[0] - 1)
-        start = self.start[cid]
-        count = torch.where(inside, self.count[cid], torch.zeros_like(cid))
-        cos_y, sin_y = torch.cos(yaw), torch.sin(yaw)
+        dev = pos.device
+        c = ((pos - self.origin.index_select(0, map_id)) / self.cell).floor_().long()
+        shape = self.shape.index_select(0, map_id)
+        cx, cy_ = c[:, 0], c[:, 1]
+        inside = (cx >= 0) & (cy_ >= 0) & (cx < shape[:, 0]) & (cy_ < shape[:, 1])
+        cid = self.cell_offset.index_select(0, map_id) + cx.clamp(min=0) * shape[:, 1] + cy_.clamp(min=0)
+        cid = cid.clamp_(0, self.start.shape[0] - 1)
+        count = torch.where(inside, self.count.index_select(0, cid), torch.zeros((), dtype=torch.long, device=dev))
         out = {
-            "offroad": torch.ones(Q, dtype=torch.bool, device=pos.device),
-            "opposite": torch.zeros(Q, dtype=torch.bool, device=pos.device),
-            "emergency": torch.zeros(Q, dtype=torch.bool, device=pos.device),
-            "center_dist": torch.full((Q,), float(cfg.lane_dist_cap), device=pos.device),
-            "lane": torch.full((Q,), -1, dtype=torch.long, device=pos.device),
+            "offroad": torch.ones(Q, dtype=torch.bool, device=dev),
+            "opposite": torch.zeros(Q, dtype=torch.bool, device=dev),
+            "emergency": torch.zeros(Q, dtype=torch.bool, device=dev),
+            "center_dist": torch.full((Q,), float(cfg.lane_dist_cap), device=dev),
+            "lane": torch.full((Q,), -1, dtype=torch.long, device=dev),
         }
-        order = torch.argsort(count)
+        if Q == 0:
+            return out
+        # sorted by count, then by cell: neighbours in a group share their segments (cache-friendly gathers)
+        key = count * self.start.shape[0] + cid
+        order = torch.argsort(key.int() if self._key32 else key)  # int32 keys sort about twice as fast
         sc = count.index_select(0, order)
-        kmax = int(sc[-1]) if Q else 0
-        edges = [8]
-        while edges[-1] < kmax:  # bucket upper bounds 8, 16, 32, ... >= kmax
-            edges.append(2 * edges[-1])
-        bounds = torch.tensor([0] + edges, dtype=sc.dtype, device=sc.device)
-        cuts = torch.searchsorted(sc, bounds, right=True).tolist()
-        for K, lo, hi in zip(edges, cuts[:-1], cuts[1:]):  # a handful of buckets
-            if hi <= lo:
-                continue
-            idx = order[lo:hi]
-            r = self._dense(pos.index_select(0, idx), cos_y.index_select(0, idx), sin_y.index_select(0, idx),
-                            start.index_select(0, idx), count.index_select(0, idx), K, cfg)
-            for name, v in r.items():
-                out[name].index_copy_(0, idx, v)
+        kmax = int(sc[-1])
+        cuts = torch.searchsorted(sc, torch.arange(kmax + 1, device=dev), right=True).tolist()
+        if cuts[0] == Q:  # every point in an empty cell
+            return out
+        rest = order[cuts[0]:]  # points with at least one segment, in (count, cell) order
+        cs = cid.index_select(0, rest)
+        ps = pos.index_select(0, rest)
+        ys = yaw.index_select(0, rest)
+        cos_y, sin_y = torch.cos(ys), torch.sin(ys)
+        buf = {k: torch.empty_like(v[:rest.shape[0]]) for k, v in out.items()}  # every entry is written below
+        cos_wrong = math.cos(math.radians(cfg.wrong_direction_deg))
+        base = cuts[0]
+        for K in range(1, kmax + 1):  # points whose cell holds exactly K segments
+            lo, hi = cuts[K - 1] - base, cuts[K] - base
+            step = max(1, _PIECE // K)
+            for a in range(lo, hi, step):
+                sl = slice(a, min(hi, a + step))
+                r = self._dense(ps[sl], cos_y[sl], sin_y[sl], cs[sl], K, cos_wrong, cfg.lane_dist_cap)
+                for name, v in r.items():
+                    buf[name][sl] = v
+        for name, v in buf.items():
+            out[name].index_copy_(0, rest, v)
         return out
 
-    def _dense(self, pos: Tensor, cy: Tensor, sy: Tensor, start: Tensor, count: Tensor, K: int,
-               cfg: EventConfig) -> dict[str, Tensor]:
-        """:meth:`query` for points whose cells hold at most K segments; all inputs (Q',)."""
+    def _dense(self, pos: Tensor, cy: Tensor, sy: Tensor, cid: Tensor, K: int, cos_wrong: float,
+               cap: float) -> dict[str, Tensor]:
+        """:meth:`query` for points sorted by cell whose cells hold exactly K segments; all inputs (Q',).
+
+        The segment features are gathered once per distinct cell (``(U, F, K)``), then copied to the
+        points as contiguous rows."""
         Qb = pos.shape[0]
-        k = torch.arange(K, device=pos.device)
-        slot = torch.where(k[None, :] < count[:, None], start[:, None] + k[None, :],
-                           torch.full((1, 1), self.pad, dtype=torch.long, device=pos.device))
-        seg = self.items.index_select(0, slot.view(-1))  # (Qb * K,) table rows
-        f = self.featT.index_select(1, seg).view(_NF, Qb, K)  # one contiguous (Qb, K) block per feature
-        seg = seg.view(Qb, K)
-        rx = pos[:, 0:1] - f[_AX]
-        ry = pos[:, 1:2] - f[_AY]
-        dx, dy = f[_DX], f[_DY]
-        t = (rx * dx + ry * dy) * f[_IL2]
+        dev = pos.device
+        ucell, inv = torch.unique_consecutive(cid, return_inverse=True)
+        U = ucell.shape[0]
+        useg = self.items.index_select(0, (self.start.index_select(0, ucell)[:, None]
+                                           + torch.arange(K, device=dev)).view(-1))  # (U * K,)
+        ufeat = self.featT[:_NPAIR].index_select(1, useg).view(_NPAIR, U, K)  # (F', U, K)
+        f = ufeat.index_select(1, inv)  # (F', Qb, K): one contiguous block per feature
+        g = lambda i: f[i]
+        dx, dy = g(_DX), g(_DY)
+        rx = pos[:, 0:1] - g(_AX)
+        ry = pos[:, 1:2] - g(_AY)
+        t = rx * dx
+        t.addcmul_(ry, dy).mul_(g(_IL2))
         u = t.clamp(0.0, 1.0)
-        ex = rx - u * dx
-        ey = ry - u * dy
-        d2 = ex * ex + ey * ey
-        on_road = ((t > f[_TLO]) & (t < f[_THI]) & (d2 <= f[_HW2])).any(-1)
-        d = torch.sqrt(d2)
-        inf = torch.full((), float("inf"), device=pos.device)
-        cand = torch.where(d <= f[_REACH], d, inf)  # driving lanes within pick reach
+        ex = rx.addcmul_(u, dx, value=-1.0)  # rx - u dx
+        ey = ry.addcmul_(u, dy, value=-1.0)
+        d2 = ex.mul_(ex).addcmul_(ey, ey)
+        on_road = ((t > g(_TLO)) & (t < g(_THI)) & (d2 <= g(_HW2))).any(-1)
+        d = d2.sqrt_()
+        inf = torch.full((), float("inf"), device=dev)
+        cand = torch.where(d <= g(_REACH), d, inf)  # driving lanes within pick reach
         dmin, near = cand.min(-1)
         found = torch.isfinite(dmin)
-        seg_near = seg.gather(1, near[:, None]).squeeze(1)
-        cos_near = cy * self.featT[_CH].index_select(0, seg_near) + sy * self.featT[_SH].index_select(0, seg_near)
-        opposite = found & (cos_near < math.cos(math.radians(cfg.wrong_direction_deg))) & \
-            ~(self.featT[_JUNCTION].index_select(0, seg_near) > 0)
-        cosd = cy[:, None] * f[_CH] + sy[:, None] * f[_SH]  # cos(yaw - lane heading)
-        best = (cand - 2.0 * cosd).argmin(-1, keepdim=True)  # + 2 (1 - cos): pick_lane's heading cost
-        center = torch.where(found, d.gather(1, best).squeeze(1), torch.full_like(cy, cfg.lane_dist_cap))
-        lane = torch.where(found, self.lane.index_select(0, seg.gather(1, best).squeeze(1)),
-                           torch.full_like(count, -1))
+        useg = useg.view(U, K)
+        row = inv * K  # the point's cell's first entry in useg
+        seg_near = useg.view(-1).index_select(0, row + near)
+        col = self.cols
+        cos_near = cy * col[_CH].index_select(0, seg_near) + sy * col[_SH].index_select(0, seg_near)
+        opposite = found & (cos_near < cos_wrong) & ~(col[_JUNCTION].index_select(0, seg_near) > 0)
+        cosd = cy[:, None] * g(_CH)
+        cosd.addcmul_(sy[:, None], g(_SH))  # cos(yaw - lane heading)
+        best = cand.add(cosd, alpha=-2.0).min(-1, keepdim=True).indices  # + 2 (1 - cos): pick_lane's heading cost
+        # (min's indices: the first minimum, as argmin, and faster than argmin on CPU)
+        center = torch.where(found, d.gather(1, best).squeeze(1), torch.full_like(cy, cap))
+        lane = torch.where(found, self.lane.index_select(0, useg.view(-1).index_select(0, row + best.squeeze(1))),
+                           torch.full((), -1, dtype=torch.long, device=dev))
         r = {"offroad": ~on_road, "opposite": opposite, "center_dist": center, "lane": lane}
-        if self.has_shoulder:
-            ce = torch.where(d <= f[_EDGE_REACH], d, inf)
+        if self.has_shoulder and bool(self.cell_shoulder.index_select(0, ucell).any()):
+            edge = self.featT[_EDGE_REACH].index_select(0, useg.view(-1)).view(U, K).index_select(0, inv)
+            ce = torch.where(d <= edge, d, inf)
             emin, e = ce.min(-1)
-            seg_e = seg.gather(1, e[:, None]).squeeze(1)
-            r["emergency"] = torch.isfinite(emin) & (self.featT[_SHOULDER].index_select(0, seg_e) > 0) & \
-                (emin <= self.featT[_HW].index_select(0, seg_e))
+            seg_e = useg.view(-1).index_select(0, row + e)
+            r["emergency"] = torch.isfinite(emin) & (col[_SHOULDER].index_select(0, seg_e) > 0) & \
+                (emin <= col[_HW].index_select(0, seg_e))
+        else:  # no shoulder segment in these cells
+            r["emergency"] = torch.zeros(Qb, dtype=torch.bool, device=dev)
         return r
 
 
@@ -424,8 +467,12 @@ class _LaneIndex:
 class _Route:
     """A window of each state's route polyline as a flat segment table, for step-to-step projection.
 
-    Built per chunk of ``Bc`` states. ``seg (8, Bc * (W-1))`` columns: start x/y, vector x/y,
-    1 / length^2, length, arc length at the start, valid (1/0); ``has_route (Bc,)``.
+    Built per chunk of ``Bc`` states. ``win (5, Bc * (W-1))``: start x/y, vector x/y, 1 / length^2 (what
+    the search reads); ``out``: arc length at the start, length, unit direction x/y (read for the chosen
+    segment only). Unusable segments (past the route's end, zero length) are moved far away (1e9 m), so
+    they never win a projection while a usable one is in the window (the step-to-step window always holds
+    the previous projection's segment, usable whenever the state has a route; without one every route
+    term is zeroed). ``has_route (Bc,)``.
     """
 
     def __init__(self, state: WorldState, window: int):
@@ -439,8 +486,12 @@ class _Route:
         a, ab = pts[:, :-1], pts[:, 1:] - pts[:, :-1]
         l2 = (ab * ab).sum(-1)
         ok = valid[:, 1:] & valid[:, :-1] & (l2 > 1e-12)
-        self.seg = torch.stack([a[..., 0], a[..., 1], ab[..., 0], ab[..., 1], 1.0 / l2.clamp_min(1e-12), l2.sqrt(),
-                                cum[:, :-1], ok.to(a.dtype)], 0).reshape(8, Bc * (W - 1)).contiguous()
+        length = l2.sqrt().clamp_min(1e-9)
+        far = torch.full((), 1e9, dtype=a.dtype, device=a.device)
+        N = Bc * (W - 1)
+        self.win = torch.stack([torch.where(ok, a[..., 0], far), torch.where(ok, a[..., 1], far), ab[..., 0],
+                                ab[..., 1], 1.0 / l2.clamp_min(1e-12)], 0).reshape(5, N).contiguous()
+        self.out = [x.reshape(N).contiguous() for x in (cum[:, :-1], length, ab[..., 0] / length, ab[..., 1] / length)]
         self.nseg = W - 1
         self.has_route = ok.any(-1)
         self.Bc = Bc
@@ -452,20 +503,70 @@ class _Route:
         ``s (Q,)`` arc length of the projection, ``cos (Q,)``, ``sin (Q,)`` of the segment's direction.
         """
         off = torch.arange(-back, ahead + 1, device=pos.device)
-        jj = (j[:, None] + off).clamp(0, self.nseg - 1)  # (Q, A)
-        row = (b[:, None] * self.nseg + jj).reshape(-1)
-        f = self.seg.index_select(1, row).view(8, jj.shape[0], jj.shape[1])  # contiguous (Q, A) per column
+        jj = (j[:, None] + off).clamp_(0, self.nseg - 1)  # (Q, A)
+        row = (b * self.nseg)[:, None] + jj
+        f = self.win.index_select(1, row.view(-1)).view(5, jj.shape[0], jj.shape[1])  # contiguous (Q, A) blocks
         rx = pos[:, 0:1] - f[0]
         ry = pos[:, 1:2] - f[1]
-        u = ((rx * f[2] + ry * f[3]) * f[4]).clamp(0.0, 1.0)
+        # unfused, in this order: the rounding decides between the two segments of a vertex the point is
+        # nearest to (an exact tie of distance, different heading), keep it as it always was
+        u = ((rx * f[2] + ry * f[3]) * f[4]).clamp_(0.0, 1.0)
         ex, ey = rx - u * f[2], ry - u * f[3]
-        d2 = torch.where(f[7] > 0, ex * ex + ey * ey, torch.full((), float("inf"), device=pos.device))
-        d2min, k = d2.min(-1)
-        r = row.view(jj.shape).gather(1, k[:, None]).squeeze(1)  # the chosen segment's column
-        col = lambda i: self.seg[i].index_select(0, r)
-        length = col(5).clamp_min(1e-9)
-        return (jj.gather(1, k[:, None]).squeeze(1), torch.sqrt(d2min), col(6) + u.gather(1, k[:, None]).squeeze(1)
-                * length, col(2) / length, col(3) / length)
+        d2 = ex * ex + ey * ey
+        d2min, k = d2.min(-1, keepdim=True)
+        r = row.gather(1, k).squeeze(1)  # the chosen segment's column
+        cum, length, cos, sin = (x.index_select(0, r) for x in self.out)
+        s = cum + u.gather(1, k).squeeze(1) * length
+        return jj.gather(1, k).squeeze(1), d2min.squeeze(1).sqrt_(), s, cos, sin
+
+    def tracker(self, b: Tensor, back: int, ahead: int):
+        """:meth:`project` for repeated calls with the same states ``b (Q,)`` and window: the windows of
+        every (state, segment) are laid out once as contiguous rows ``(5, Bc * nseg, A)``, so each step
+        gathers one block per candidate. Returns ``step(j, pos) -> (j_new, dist, s, cos, sin)``."""
+        n = self.nseg
+        off = torch.arange(-back, ahead + 1, device=b.device)
+        jj = (torch.arange(n, device=b.device)[:, None] + off).clamp_(0, n - 1)  # (nseg, A)
+        rows = (torch.arange(self.Bc, device=b.device)[:, None, None] * n + jj).view(-1)
+        A = off.shape[0]
+        win = self.win.index_select(1, rows).view(5, self.Bc * n, A)
+        base = b * n
+
+        def step(j: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+            f = win.index_select(1, base + j)  # (5, Q, A)
+            rx = pos[:, 0:1] - f[0]
+            ry = pos[:, 1:2] - f[1]
+            u = ((rx * f[2] + ry * f[3]) * f[4]).clamp_(0.0, 1.0)  # as in project (same rounding)
+            ex, ey = rx - u * f[2], ry - u * f[3]
+            d2 = ex * ex + ey * ey
+            d2min, k = d2.min(-1, keepdim=True)
+            j_new = (j + k.squeeze(1) - back).clamp_(0, n - 1)
+            r = base + j_new
+            cum, length, cos, sin = (x.index_select(0, r) for x in self.out)
+            return j_new, d2min.squeeze(1).sqrt_(), cum + u.gather(1, k).squeeze(1) * length, cos, sin
+
+        return step
+
+
+# ---------------------------------------------------------------------- stop signs over a whole trajectory
+def _stop_violations(inside: Tensor, slow: Tensor, inside0: Tensor, served0: Tensor) -> Tensor:
+    """Stop-sign violations of whole trajectories at once (the per-step rule of ``events._stop_signs``).
+
+    inside, slow: (H, ...) bool, in the trigger area (heading-aware) after each step, and in it below the
+    stop speed; inside0, served0: (...) bool, the snapshot's ``stop_inside`` / ``stop_ok``. The
+    sequential rule: ``served |= slow``; leaving the area (inside before, not now) without ``served`` is
+    a violation; leaving clears ``served``. Equivalently an exit at step h is fine iff a slow step
+    happened since the previous exit, or, before the first exit, the snapshot was already served.
+    Returns (H, ...) bool, the violation steps.
+    """
+    was_inside = torch.cat([inside0[None], inside[:-1]])
+    left = was_inside & ~inside
+    n_slow = slow.to(torch.int32).cumsum(0)  # slow steps so far
+    left_i = left.to(torch.int32)
+    base = torch.where(left, n_slow, torch.zeros_like(n_slow)).cummax(0).values  # n_slow at the last exit
+    base_prev = torch.cat([torch.zeros_like(base[:1]), base[:-1]])  # ... strictly before this step
+    first_exit = (left_i.cumsum(0) - left_i) == 0
+    served = (served0 & first_exit) | (n_slow > base_prev)
+    return left & ~served
 
 
 # ---------------------------------------------------------------------- the counterfactual world
@@ -505,10 +606,12 @@ class CounterfactualWorld:
         valid = valid.to(torch.bool)
         traj = torch.nan_to_num(trajectories.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
         parts = []
+        # the others' decay rollout is small ((B, H, N)) and shared by the candidates: once for all states
+        others = self.decay_rollout(snapshot) if B else None
         for b0 in range(0, B, self.cfg.chunk_states):  # chunks bound memory
             sl = slice(b0, min(B, b0 + self.cfg.chunk_states))
             tr = tracker.index(sl) if tracker is not None else None
-            parts.append(self._score_chunk(snapshot.index(sl), traj[sl], tr))
+            parts.append(self._score_chunk(snapshot.index(sl), traj[sl], tr, tuple(x[sl] for x in others)))
         terms = {k: torch.cat([p[0][k] for p in parts]) if parts else torch.zeros(B, G) for k in TERMS}
         collided = torch.cat([p[1] for p in parts]) if parts else torch.zeros(B, G, dtype=torch.bool)
         zero = torch.zeros((), device=valid.device)
@@ -599,9 +702,9 @@ class CounterfactualWorld:
             ts = TrackerState.zeros(Q, traj.device)
         else:
             ts = TrackerState(tracker.integral[bq], tracker.prev_error[bq], tracker.prev_valid()[bq])
+        geom = prepare_plan(plan.reshape(Q, traj.shape[2], 3), pos, self.tracker_cfg)
         return {"pos": pos, "yaw": yaw0[bq], "speed": st.speed[bq, 0], "steer": st.steer[bq, 0],
-                "wheelbase": st.wheelbase[bq, 0], "geom": prepare_plan(plan.reshape(Q, -1, 3), pos, self.tracker_cfg),
-                "tracker": ts}
+                "wheelbase": st.wheelbase[bq, 0], "geom": geom, "tracker": ts}
 
     def _ego_step(self, ego: dict, h: int) -> tuple[Tensor, Tensor, Tensor]:
         """Virtual step h of the ego: the world's tracker, then its bicycle (as ``World.step`` does with a
@@ -616,6 +719,18 @@ class CounterfactualWorld:
             *self._ego_limits)
         return ego["pos"], ego["yaw"], ego["speed"]
 
+    def _ego_loop(self, ego: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """All H virtual steps of the ego, time-major: ``pos (H, Q, 2)``, ``yaw (H, Q)``, ``speed (H, Q)``."""
+        H = self.cfg.horizon
+        Q = ego["speed"].shape[0]
+        P = ego["pos"].new_empty(H, Q, 2)
+        Y = ego["yaw"].new_empty(H, Q)
+        V = ego["speed"].new_empty(H, Q)
+        for h in range(H):  # loop over time only: the tracker and the bicycle, nothing else
+            p, y, v = self._ego_step(ego, h)
+            P[h], Y[h], V[h] = p, y, v
+        return P, Y, V
+
     def ego_rollout(self, snapshot: WorldState, trajectories: Tensor,
                     tracker: TrackerState | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The ego following each candidate for H steps (no scoring): ``pos (B, G, H, 2)``, ``yaw (B, G, H)``,
@@ -623,11 +738,10 @@ class CounterfactualWorld:
         self._check(snapshot, trajectories, torch.ones(trajectories.shape[:2], dtype=torch.bool), tracker)
         B, G = trajectories.shape[:2]
         ego = self._ego_init(snapshot, trajectories.to(torch.float32), tracker)
-        steps = [self._ego_step(ego, h) for h in range(self.cfg.horizon)]
+        P, Y, V = self._ego_loop(ego)
         H = self.cfg.horizon
-        return (torch.stack([p for p, _, _ in steps], 1).view(B, G, H, 2),
-                torch.stack([y for _, y, _ in steps], 1).view(B, G, H),
-                torch.stack([v for _, _, v in steps], 1).view(B, G, H))
+        return (P.view(H, B, G, 2).permute(1, 2, 0, 3).contiguous(), Y.view(H, B, G).permute(1, 2, 0).contiguous(),
+                V.view(H, B, G).permute(1, 2, 0).contiguous())
 
     # ------------------------------------------------------------------ one chunk
     def _lights_now(self, st: WorldState) -> Tensor:
@@ -670,8 +784,15 @@ class CounterfactualWorld:
             "served": st.stop_ok.gather(1, k),
         }
 
-    def _score_chunk(self, st: WorldState, traj: Tensor, tracker: TrackerState | None):
-        """Score one chunk: st has Bc states, traj (Bc, G, T, 3). Returns (terms dict of (Bc, G), collided)."""
+    def _score_chunk(self, st: WorldState, traj: Tensor, tracker: TrackerState | None,
+                     others: tuple[Tensor, Tensor, Tensor]):
+        """Score one chunk: st has Bc states, traj (Bc, G, T, 3), others: their :meth:`decay_rollout`.
+        Returns (terms dict of (Bc, G), collided).
+
+        Only the tracker and the bicycle feed back into the ego's motion, so the H-step loop runs them
+        alone; the map, light and stop-sign terms are computed afterwards on all ``H * Q`` points at
+        once, the route projection keeps its step-to-step search window in a cheap loop of its own, and
+        the first collision masks the later steps. Everything per step is time-major ``(H, Q)``."""
         cfg, ecfg, rcfg = self.cfg, self.cfg.events, self.cfg.reward
         mb = self.maps
         Bc, G = traj.shape[:2]
@@ -679,128 +800,135 @@ class CounterfactualWorld:
         dev = traj.device
         Q = Bc * G
         bq = torch.arange(Bc, device=dev).repeat_interleave(G)  # (Q,) state of each candidate
-        mq = st.map_id[bq]
+        mq = st.map_id.index_select(0, bq)
+        zero = torch.zeros((), device=dev)
 
-        # ---- others: decay rollout, once per state
-        o_pos, o_yaw, o_valid = self.decay_rollout(st)
+        o_pos, o_yaw, o_valid = others  # the decay rollout of the other agents
 
-        # ---- ego start (the snapshot's ego) and the prepared plans
+        # ---- the ego: tracker + bicycle, the only per-step loop over the full candidate set
         e_pos0, e_yaw0 = st.pos[:, 0], st.yaw[:, 0]
-        ego = self._ego_init(st, traj, tracker)
-        pos, yaw, speed = ego["pos"], ego["yaw"], ego["speed"]
-        length = st.length[bq, 0]
+        pos, yaw, speed = self._ego_loop(self._ego_init(st, traj, tracker))  # (H, Q, 2), (H, Q), (H, Q)
+        cy, sy = torch.cos(yaw), torch.sin(yaw)
         lim = self._ego_limits
 
-        # ---- route and the deviations before the first step
+        # ---- route: the projection before the first step (whole window), then tracked step to step
         route = _Route(st, cfg.route_window)
         b0 = torch.arange(Bc, device=dev)
-        j0 = torch.zeros(Bc, dtype=torch.long, device=dev)
-        j0, rd0, s0, rc0, rs0 = route.project(b0, j0, e_pos0, 0, route.nseg - 1)
+        j0, rd0, s0, rc0, rs0 = route.project(b0, torch.zeros(Bc, dtype=torch.long, device=dev), e_pos0, 0,
+                                              route.nseg - 1)
         has_route = route.has_route
-        lane0 = self.lanes.query(st.map_id, e_pos0, e_yaw0, ecfg)
+        rdist, s_now, rc, rs = (pos.new_empty(H, Q) for _ in range(4))
+        j = j0.index_select(0, bq)
+        step = route.tracker(bq, cfg.route_search_back, cfg.route_search_ahead)
+        for h in range(H):  # the projection window follows the previous step's segment
+            j, rdist[h], s_now[h], rc[h], rs[h] = step(j, pos[h])
+        hr = has_route.index_select(0, bq)  # (Q,)
+        rdist = torch.where(hr, rdist, zero)  # (H, Q)
+        head = torch.where(hr, torch.atan2(sy * rc - cy * rs, cy * rc + sy * rs).abs(), zero)
+        dp = torch.where(hr, torch.diff(s_now, dim=0, prepend=s0.index_select(0, bq)[None]), zero)
+        offroute = hr & (rdist > ecfg.offroute_dist)
+
+        # ---- lane terms: one query on the snapshots' egos and all H * Q points
+        lane = self.lanes.query(torch.cat([st.map_id, mq.repeat(H)]), torch.cat([e_pos0, pos.view(H * Q, 2)]),
+                                torch.cat([e_yaw0, yaw.view(H * Q)]), ecfg)
+        center = lane["center_dist"][Bc:].view(H, Q)
         head0 = torch.atan2(torch.sin(e_yaw0) * rc0 - torch.cos(e_yaw0) * rs0,
                             torch.cos(e_yaw0) * rc0 + torch.sin(e_yaw0) * rs0).abs()
-        zero_b = torch.zeros_like(rd0)
-        j = j0[bq]
-        s_prev = s0[bq]
-        p_route = torch.where(has_route, rd0, zero_b)[bq]
-        p_center = lane0["center_dist"][bq]
-        p_head = torch.where(has_route, head0, zero_b)[bq]
-        hr = has_route[bq]
+        p_route = torch.cat([torch.where(has_route, rd0, zero).index_select(0, bq)[None], rdist[:-1]])
+        p_center = torch.cat([lane["center_dist"][:Bc].index_select(0, bq)[None], center[:-1]])
+        p_head = torch.cat([torch.where(has_route, head0, zero).index_select(0, bq)[None], head[:-1]])
+        no_col = torch.zeros((), dtype=torch.bool, device=dev)
+        _, terms = dense_step_reward(dp, rdist, center, head, p_route, p_center, p_head,
+                                     lane["offroad"][Bc:].view(H, Q), lane["opposite"][Bc:].view(H, Q), offroute,
+                                     lane["emergency"][Bc:].view(H, Q), no_col, zero, rcfg)
 
-        # ---- lights and stop signs within reach of the horizon
+        # ---- lights and stop signs within reach of the horizon, from the whole trajectory
         t_h = H * dt
         reach = st.speed[:, 0] * t_h + 0.5 * lim[0] * t_h * t_h + st.length[:, 0] + ecfg.red_light_radius
         lights = self._select_lights(st, reach)
         stops = self._select_stops(st, reach)
-        if lights is not None:
-            L = {k: v[bq] for k, v in lights.items()}
-            lu = torch.stack([torch.cos(L["heading"]), torch.sin(L["heading"])], -1)  # (Q, Kr, 2)
-            rear = pos - 0.5 * length[:, None] * torch.stack([torch.cos(yaw), torch.sin(yaw)], -1)
-            prev_along = ((rear[:, None] - L["pos"]) * lu).sum(-1)
-        if stops is not None:
-            S = {k: v[bq] for k, v in stops.items()}
-            su = torch.stack([torch.cos(S["trig"][..., 2]), torch.sin(S["trig"][..., 2])], -1)
-            s_inside, s_ok = S["inside"] & S["ok"], S["served"]
+        red = stp = None
+        ar_g = torch.arange(G, device=dev)
 
-        # ---- the virtual steps
-        names = ("progress", "recovery", "offroad", "opposite", "offroute", "emergency")
-        per_step = {k: [] for k in names}
-        red_steps, stop_steps, e_pos, e_yaw, e_speed = [], [], [], [], []
-        no_col = torch.zeros(Q, dtype=torch.bool, device=dev)
-        zero_q = torch.zeros(Q, device=dev)
-        for h in range(H):  # loop over time only
-            pos, yaw, speed = self._ego_step(ego, h)
-            e_pos.append(pos)
-            e_yaw.append(yaw)
-            e_speed.append(speed)
-            # map and route terms
-            ln = self.lanes.query(mq, pos, yaw, ecfg)
-            j, rdist, s_now, rc, rs = route.project(bq, j, pos, cfg.route_search_back, cfg.route_search_ahead)
-            cy, sy = torch.cos(yaw), torch.sin(yaw)
-            head = torch.atan2(sy * rc - cy * rs, cy * rc + sy * rs).abs()
-            rdist = torch.where(hr, rdist, zero_q)
-            head = torch.where(hr, head, zero_q)
-            dp = torch.where(hr, s_now - s_prev, zero_q)
-            offroute = hr & (rdist > ecfg.offroute_dist)
-            _, terms = dense_step_reward(dp, rdist, ln["center_dist"], head, p_route, p_center, p_head,
-                                         ln["offroad"], ln["opposite"], offroute, ln["emergency"], no_col, zero_q,
-                                         rcfg)
-            for k in names:
-                per_step[k].append(terms[k])
-            s_prev, p_route, p_center, p_head = s_now, rdist, ln["center_dist"], head
-            # red lights: the rear point crosses a red stop line of the ego's lane (events._red_lights)
-            if lights is not None:
-                rear = pos - 0.5 * length[:, None] * torch.stack([cy, sy], -1)
-                rel = rear[:, None] - L["pos"]
-                along = (rel * lu).sum(-1)
-                lateral = lu[..., 0] * rel[..., 1] - lu[..., 1] * rel[..., 0]
-                cur = ln["lane"]
-                ctrl = torch.where(cur >= 0, take(mb.lane_light, mq, cur.clamp_min(0)), torch.full_like(cur, -1))
-                match = (cur[:, None] >= 0) & ((L["lane"] == cur[:, None]) | (ctrl[:, None] == L["k"]))
-                heading_ok = (cy[:, None] * lu[..., 0] + sy[:, None] * lu[..., 1]) > 0
-                near = (pos[:, None] - L["pos"]).norm(dim=-1) <= ecfg.red_light_radius
-                run = L["ok"] & (prev_along < 0) & (along >= 0) & heading_ok & near & \
-                    (match | (lateral.abs() <= L["half_width"]))
-                red_steps.append(run.any(-1))
-                prev_along = along
-            # stop signs: leaving the trigger area without having stopped in it (events._stop_signs)
-            if stops is not None:
-                rel = pos[:, None] - S["trig"][..., :2]
-                in_box = ((rel * su).sum(-1).abs() <= 0.5 * S["trig"][..., 3]) & \
-                    ((su[..., 0] * rel[..., 1] - su[..., 1] * rel[..., 0]).abs() <= 0.5 * S["trig"][..., 4])
-                heading_ok = (cy[:, None] * torch.cos(S["heading"]) + sy[:, None] * torch.sin(S["heading"])) > 0
-                inside = S["ok"] & in_box & heading_ok
-                s_ok = s_ok | (inside & (speed.abs() < ecfg.stop_speed)[:, None])
-                left = s_inside & ~inside
-                stop_steps.append((left & ~s_ok).any(-1))
-                s_ok = s_ok & ~left
-                s_inside = inside
+        def rows(ok: Tensor) -> tuple[Tensor, Tensor, int]:
+            """Candidates (columns of Q) of the states with a checked slot, their state, and the slots used."""
+            sel = ok.any(1).nonzero().squeeze(1)
+            return (sel[:, None] * G + ar_g).view(-1), sel.repeat_interleave(G), int(ok.sum(1).max())
+
+        if lights is not None:
+            # the rear point crosses a red stop line of the ego's lane (events._red_lights); only the
+            # candidates of states with a red light in reach, only the slots in use (they come first)
+            qs, bs, n = rows(lights["ok"])
+            L = {k: v[:, :n].index_select(0, bs) for k, v in lights.items()}  # (Qs, n[, 2])
+            lux, luy = torch.cos(L["heading"]), torch.sin(L["heading"])
+            lpx, lpy = L["pos"][..., 0], L["pos"][..., 1]
+            p_s, cy_s, sy_s = pos.index_select(1, qs), cy.index_select(1, qs), sy.index_select(1, qs)
+            half = 0.5 * st.length[:, 0].index_select(0, bs)
+            e_rear = e_pos0 - 0.5 * st.length[:, 0:1] * torch.stack([torch.cos(e_yaw0), torch.sin(e_yaw0)], -1)
+            rx = torch.cat([e_rear[:, 0].index_select(0, bs)[None], p_s[..., 0] - half * cy_s])  # (H + 1, Qs)
+            ry = torch.cat([e_rear[:, 1].index_select(0, bs)[None], p_s[..., 1] - half * sy_s])
+            relx = rx[..., None] - lpx  # (H + 1, Qs, n)
+            rely = ry[..., None] - lpy
+            along_all = relx * lux + rely * luy
+            along, prev_along = along_all[1:], along_all[:-1]
+            lateral = lux * rely[1:] - luy * relx[1:]
+            cur = lane["lane"][Bc:].view(H, Q).index_select(1, qs)
+            ctrl = torch.where(cur >= 0, take(mb.lane_light, st.map_id.index_select(0, bs)[None], cur.clamp_min(0)),
+                               torch.full_like(cur, -1))
+            match = (cur[..., None] >= 0) & ((L["lane"] == cur[..., None]) | (ctrl[..., None] == L["k"]))
+            heading_ok = (cy_s[..., None] * lux + sy_s[..., None] * luy) > 0
+            nx = p_s[..., 0:1] - lpx
+            ny = p_s[..., 1:2] - lpy
+            near = torch.sqrt(nx * nx + ny * ny) <= ecfg.red_light_radius
+            run = L["ok"] & (prev_along < 0) & (along >= 0) & heading_ok & near & \
+                (match | (lateral.abs() <= L["half_width"]))
+            red = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, run.any(-1))
+        if stops is not None:
+            # leaving the trigger area without having stopped in it (events._stop_signs)
+            qs, bs, n = rows(stops["ok"])
+            S = {k: v[:, :n].index_select(0, bs) for k, v in stops.items()}  # (Qs, n[, 5])
+            p_s, cy_s, sy_s = pos.index_select(1, qs), cy.index_select(1, qs), sy.index_select(1, qs)
+            trig = S["trig"]
+            sux, suy = torch.cos(trig[..., 2]), torch.sin(trig[..., 2])
+            relx = p_s[..., 0:1] - trig[..., 0]  # (H, Qs, n)
+            rely = p_s[..., 1:2] - trig[..., 1]
+            in_box = ((relx * sux + rely * suy).abs() <= 0.5 * trig[..., 3]) & \
+                ((sux * rely - suy * relx).abs() <= 0.5 * trig[..., 4])
+            heading_ok = (cy_s[..., None] * torch.cos(S["heading"]) + sy_s[..., None] * torch.sin(S["heading"])) > 0
+            inside = S["ok"] & in_box & heading_ok  # (H, Qs, n)
+            slow = inside & (speed.index_select(1, qs).abs() < ecfg.stop_speed)[..., None]
+            viol = _stop_violations(inside, slow, S["inside"] & S["ok"], S["served"])
+            stp = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, viol.any(-1))
 
         # ---- collisions against the decay rollout, first counted one per candidate
-        ep = torch.stack(e_pos, 1).view(Bc, G, H, 2)
-        ey = torch.stack(e_yaw, 1).view(Bc, G, H)
-        ev = torch.stack(e_speed, 1).view(Bc, G, H)
+        ep = pos.view(H, Bc, G, 2).permute(1, 2, 0, 3)  # (Bc, G, H, 2) views of the time-major tensors
+        ey = yaw.view(H, Bc, G).permute(1, 2, 0)
+        ev = speed.view(H, Bc, G).permute(1, 2, 0)
         cb, cg, ch, _ = candidate_collision_pairs(ep, ey, st.length[:, 0], st.width[:, 0], o_pos, o_yaw,
                                                   st.length, st.width, o_valid[:, None].expand(Bc, H, -1))
         counted = ev[cb, cg, ch] >= ecfg.collision_min_speed
-        first = torch.full((Bc * G,), H, dtype=torch.long, device=dev)
+        first = torch.full((Q,), H, dtype=torch.long, device=dev)
         if cb.numel():
             first.scatter_reduce_(0, (cb * G + cg)[counted], ch[counted], reduce="amin")
-        first = first.view(Bc, G)
         collided = first < H
         hidx = torch.arange(H, device=dev)
-        alive = (hidx <= first[..., None]) if cfg.stop_after_collision else torch.ones(Bc, G, H, dtype=torch.bool,
-                                                                                        device=dev)
-        disc = rcfg.gamma ** hidx.to(ep.dtype)
-        w = torch.where(alive, disc, torch.zeros((), device=dev))  # (Bc, G, H)
-        out = {k: (torch.stack(per_step[k], 1).view(Bc, G, H) * w).sum(-1) for k in names}
-        v_hit = ev.gather(2, first.clamp(max=H - 1)[..., None]).squeeze(-1)
-        out["collision"] = torch.where(collided, collision_penalty(v_hit, rcfg) * disc[first.clamp(max=H - 1)],
-                                       torch.zeros_like(v_hit))
-        zeros = torch.zeros(Bc, G, dtype=torch.bool, device=dev)
-        red = (torch.stack(red_steps, 1).view(Bc, G, H) & alive).any(-1) if red_steps else zeros
-        stp = (torch.stack(stop_steps, 1).view(Bc, G, H) & alive).any(-1) if stop_steps else zeros
-        out["red_light"] = -rcfg.red_light_penalty * red.to(ep.dtype)
-        out["stop_sign"] = -rcfg.stop_sign_penalty * stp.to(ep.dtype)
-        return out, collided
+        disc = rcfg.gamma ** hidx.to(pos.dtype)
+        if cfg.stop_after_collision:  # no reward after the first counted collision
+            alive = hidx[:, None] <= first  # (H, Q)
+            w = torch.where(alive, disc[:, None], zero)
+        else:
+            alive = None
+            w = disc[:, None]
+        names = ("progress", "recovery", "offroad", "opposite", "offroute", "emergency")
+        out = {k: (terms[k] * w).sum(0).view(Bc, G) for k in names}
+        fc = first.clamp(max=H - 1)
+        v_hit = speed.gather(0, fc[None]).squeeze(0)
+        out["collision"] = torch.where(collided, collision_penalty(v_hit, rcfg) * disc.index_select(0, fc),
+                                       zero).view(Bc, G)
+        for name, flag, pen in (("red_light", red, rcfg.red_light_penalty), ("stop_sign", stp, rcfg.stop_sign_penalty)):
+            if flag is None:
+                out[name] = torch.zeros(Bc, G, device=dev)
+            else:
+                hit = (flag & alive).any(0) if alive is not None else flag.any(0)
+                out[name] = -pen * hit.to(pos.dtype).view(Bc, G)
+        return out, collided.view(Bc, G)

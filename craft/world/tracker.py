@@ -258,10 +258,25 @@ def _plan_speed_from(seg_speed: Tensor, t: Tensor, waypoint_dt: float) -> Tensor
     return v0 + frac * (v1 - v0)
 
 
-def _lookahead_from(geom: PlanGeometry, pos: Tensor, ld: Tensor) -> Tensor:
-    """The point ``ld (B,)`` metres along the prepared path beyond the projection of ``pos (B, 2)``. (B, 2)."""
-    a, seg, seg_len, cum = geom.a, geom.seg, geom.seg_len, geom.cum
-    n_seg = seg.shape[1]
+def _plan_speed_scalar(seg_speed: Tensor, t: float, cfg: TrackerConfig, dtype: torch.dtype) -> Tensor:
+    """:func:`_plan_speed_from` at ``t + cfg.speed_lookahead`` for one time ``t`` shared by the batch (the
+    interpolation position is computed once, with the same ``dtype`` rounding as the batched path)."""
+    n_seg = seg_speed.shape[1]
+    if n_seg == 1:
+        return seg_speed[:, 0]
+    tt = torch.tensor(t, dtype=dtype) + cfg.speed_lookahead
+    u = (tt / cfg.waypoint_dt - 0.5).clamp(0.0, float(n_seg - 1))
+    i0 = min(int(torch.floor(u)), n_seg - 2)
+    frac = float(u - i0)
+    v0 = seg_speed[:, i0]
+    return v0 + frac * (seg_speed[:, i0 + 1] - v0)
+
+
+def _lookahead_xy(geom: PlanGeometry, pos: Tensor, ld: Tensor) -> tuple[Tensor, Tensor]:
+    """x and y (each (B,)) of the point ``ld (B,)`` metres along the prepared path beyond the projection
+    of ``pos (B, 2)``."""
+    seg_len, cum = geom.seg_len, geom.cum
+    n_seg = seg_len.shape[1]
     # Nearest point on every segment, then the nearest segment (x / y kept apart: no size-2 reductions).
     px, py = pos[:, 0:1], pos[:, 1:2]
     rx, ry = px - geom.ax, py - geom.ay
@@ -269,7 +284,7 @@ def _lookahead_from(geom: PlanGeometry, pos: Tensor, ld: Tensor) -> Tensor:
     fx = px - (geom.ax + u * geom.sx)
     fy = py - (geom.ay + u * geom.sy)
     dist2 = fx * fx + fy * fy
-    k = dist2.argmin(dim=1, keepdim=True)  # (B, 1)
+    k = dist2.min(dim=1, keepdim=True).indices  # (B, 1), the first minimum (as argmin; faster on CPU)
 
     s_proj = cum.gather(1, k).squeeze(1) + u.gather(1, k).squeeze(1) * seg_len.gather(1, k).squeeze(1)
     s_target = s_proj + ld
@@ -279,12 +294,19 @@ def _lookahead_from(geom: PlanGeometry, pos: Tensor, ld: Tensor) -> Tensor:
     j = (torch.searchsorted(cum, s_target[:, None].contiguous()) - 1).clamp(0, n_seg - 1)  # (B, 1)
     j_len = seg_len.gather(1, j).squeeze(1)
     j_frac = ((s_target - cum.gather(1, j).squeeze(1)) / j_len.clamp_min(_EPS)).clamp(0.0, 1.0)
-    j_a = a.gather(1, j[..., None].expand(-1, -1, 2)).squeeze(1)
-    j_seg = seg.gather(1, j[..., None].expand(-1, -1, 2)).squeeze(1)
-    inside = j_a + j_frac[:, None] * j_seg
+    in_x = geom.ax.gather(1, j).squeeze(1) + j_frac * geom.sx.gather(1, j).squeeze(1)
+    in_y = geom.ay.gather(1, j).squeeze(1) + j_frac * geom.sy.gather(1, j).squeeze(1)
 
-    beyond = geom.points[:, -1] + (s_target - total).clamp_min(0.0)[:, None] * geom.direction
-    return torch.where((s_target > total)[:, None], beyond, inside)
+    over = (s_target - total).clamp_min(0.0)
+    end = geom.points[:, -1]
+    past = s_target > total
+    return (torch.where(past, end[:, 0] + over * geom.direction[:, 0], in_x),
+            torch.where(past, end[:, 1] + over * geom.direction[:, 1], in_y))
+
+
+def _lookahead_from(geom: PlanGeometry, pos: Tensor, ld: Tensor) -> Tensor:
+    """The point ``ld (B,)`` metres along the prepared path beyond the projection of ``pos (B, 2)``. (B, 2)."""
+    return torch.stack(_lookahead_xy(geom, pos, ld), dim=-1)
 
 
 def _lookahead_point(points: Tensor, pos: Tensor, ld: Tensor, fallback_yaw: Tensor) -> Tensor:
@@ -344,12 +366,15 @@ def track_prepared(
 ) -> tuple[Tensor, Tensor, TrackerState]:
     """:func:`track` on a plan prepared once with :func:`prepare_plan` (identical results)."""
     dtype, device = speed.dtype, speed.device
-    t = torch.as_tensor(time_since_plan, dtype=dtype, device=device).expand_as(speed)
     wheelbase = torch.as_tensor(wheelbase, dtype=dtype, device=device).expand_as(speed).clamp_min(1e-3)
     final_yaw = geom.final_yaw
 
     # ---- longitudinal: PID on the plan's speed a little ahead in time ----
-    target = _plan_speed_from(geom.seg_speed, t + cfg.speed_lookahead, cfg.waypoint_dt)
+    if isinstance(time_since_plan, (int, float)):  # one time for all: interpolate at a scalar position
+        target = _plan_speed_scalar(geom.seg_speed, time_since_plan + 0.0, cfg, dtype)
+    else:
+        t = torch.as_tensor(time_since_plan, dtype=dtype, device=device).expand_as(speed)
+        target = _plan_speed_from(geom.seg_speed, t + cfg.speed_lookahead, cfg.waypoint_dt)
     stationary = geom.stationary
     stopping = stationary | (target < cfg.stop_speed)
 
@@ -357,21 +382,21 @@ def track_prepared(
     integrate = error.abs() <= cfg.integral_band
     integral = torch.where(integrate, state.integral + error * dt, state.integral)
     integral = integral.clamp(-cfg.integral_limit, cfg.integral_limit)
-    derivative = torch.where(state.prev_valid(), (error - state.prev_error) / dt, torch.zeros_like(error))
+    derivative = torch.where(state.prev_valid(), (error - state.prev_error) / dt, 0.0)
     pid = cfg.kp * error + cfg.ki * integral + cfg.kd * derivative
-    accel_cmd = torch.where(stopping, torch.full_like(pid, -cfg.stop_decel), pid)
-    integral = torch.where(stopping, torch.zeros_like(integral), integral)
+    accel_cmd = torch.where(stopping, -cfg.stop_decel, pid)
+    integral = torch.where(stopping, 0.0, integral)
 
     # ---- lateral: pure pursuit on the path polyline ----
     ld = (cfg.lookahead_min + cfg.lookahead_gain * speed).clamp(cfg.lookahead_min, cfg.lookahead_max)
-    goal = _lookahead_from(geom, pos, ld)
+    goal_x, goal_y = _lookahead_xy(geom, pos, ld)
     c, s = torch.cos(yaw), torch.sin(yaw)
-    dx, dy = goal[:, 0] - pos[:, 0], goal[:, 1] - pos[:, 1]
+    dx, dy = goal_x - pos[:, 0], goal_y - pos[:, 1]
     gx, gy = c * dx + s * dy, -s * dx + c * dy
     dist = torch.sqrt(gx * gx + gy * gy).clamp_min(_EPS)
     sin_alpha = gy / dist
     # A target behind the vehicle asks for the tightest turn toward its side.
-    behind = torch.where(gy >= 0, torch.ones_like(gy), -torch.ones_like(gy))
+    behind = torch.where(gy >= 0, 1.0, -1.0).to(gy.dtype)  # (scalar operands: no filled temporaries)
     sin_alpha = torch.where(gx < 0, behind, sin_alpha)
     pursuit = torch.atan(2.0 * wheelbase * sin_alpha / dist)
 
