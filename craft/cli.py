@@ -149,6 +149,7 @@ def cmd_experiment(args) -> int:
     cfg = ExperimentConfig(family=args.family, init=args.init or "", seeds=tuple(range(args.seeds)),
                            iters=args.iters, buffer=args.buffer, worlds=args.worlds, split=args.split,
                            routes=args.routes, methods=tuple(args.methods), train_towns=args.train_towns,
+                           protocols=tuple(args.protocols),
                            finetune={k: v for k, v in (("lr", args.lr), ("lr_end", args.lr_end),
                                                        ("epochs", args.epochs), ("minibatch", args.minibatch))
                                      if v is not None})
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 512)")
     x.add_argument("--split", default="test")
     x.add_argument("--routes", type=_positive_int, help="evaluation routes per scenario type")
+    x.add_argument("--protocols", nargs="+", default=["b2d", "b2d-star"], choices=["b2d", "b2d-star"])
     x.add_argument("--out", required=True)
     x.set_defaults(func=cmd_experiment)
 

@@ -143,3 +143,17 @@ def test_finetune_bad_input(init_ckpt, tmp_path, capsys):
     finetune(init_ckpt, tmp_path / "z", replace(TINY, iters=1), progress=False)
     with pytest.raises(CraftError, match="already holds a fine-tuning run"):
         finetune(init_ckpt, tmp_path / "z", replace(TINY, iters=1), progress=False)
+
+
+def test_snapshots_of_different_waves_concatenate():
+    from craft.finetune.collector import _concat_states
+    from craft.world.towns import generate_town
+    from craft.world.world import World, random_specs
+
+    w = World([generate_town(3)])
+    a = w.reset(random_specs(w.maps, 2, seed=0, n_vehicles=4), seed=0)
+    b = w.reset(random_specs(w.maps, 3, seed=1, n_vehicles=12), seed=1)
+    assert a.num_agents != b.num_agents
+    s = _concat_states([a, b])
+    assert s.batch_size == 5 and s.num_agents == max(a.num_agents, b.num_agents)
+    assert torch.equal(s.pos[:2, :a.num_agents], a.pos) and not s.valid[:2, a.num_agents:].any()

@@ -27,7 +27,7 @@ from torch import Tensor
 from craft.errors import CraftError
 from craft.policies.base import CandidatePolicy, CandidateSet
 from craft.world.observe import Observation, observe
-from craft.world.state import WorldState
+from craft.world.state import WorldState, resize_state
 
 EVENT_FIELDS = ("collision_pedestrian", "collision_vehicle", "collision_layout", "collision_any", "red_light",
                 "stop_infraction", "progress", "offroad", "opposite_lane", "offroute", "emergency_lane",
@@ -218,12 +218,20 @@ class Collector:
             logp_old=torch.stack(rows["logp"]), obs=Observation.cat(obs_l),
             candidates=CandidateSet(torch.cat([c.trajectories for c in cand_l]),
                                     torch.cat([c.valid for c in cand_l]), torch.cat([c.logits for c in cand_l])),
-            snapshot=WorldState.concat(snap_l), tracker={k: torch.cat([t[k] for t in trk_l]) for k in trk_l[0]},
+            snapshot=_concat_states(snap_l), tracker={k: torch.cat([t[k] for t in trk_l]) for k in trk_l[0]},
             events={k: torch.stack([e[k] for e in ev_l]) for k in EVENT_FIELDS}, route=torch.stack(rows["route"]),
             info={"waves_started": waves_started})
         # the buffer's decisions continue the episode in the next buffer, so mark the boundary as truncated:
         # a route still running resumes in the next call with a fresh decision
         return buf
+
+
+def _concat_states(states: list[WorldState]) -> WorldState:
+    """Concatenate snapshots of different waves (their padded agent / route sizes may differ)."""
+    N = max(s.num_agents for s in states)
+    R = max(s.route_lanes.shape[1] for s in states)
+    P = max(s.route_pts.shape[1] for s in states)
+    return WorldState.concat([resize_state(s, N, R, P) for s in states])
 
 
 __all__ = ["Collector", "CollectorConfig", "Buffer", "EVENT_FIELDS"]

@@ -310,38 +310,6 @@ def candidate_collision_pairs(
     Same arguments and algorithm as :func:`candidate_collisions`; returns four ``(P,)`` int64 tensors
     ``(b, g, h, n)``, one entry per overlapping (candidate step, other) pair, without materialising the
     dense ``(B, G, H, N)`` result. Useful when only the first collision per candidate is needed.
-
-    Collisions of ``G`` candidate ego futures against ``N`` other agents over ``H`` steps.
-
-    Step ``h`` of every candidate is tested against step ``h`` of the others (or against the static
-    others when they carry no time axis).  The ego must not be among the others (or must be masked out
-    through ``valid``).
-
-    Implementation, a two-level broad phase followed by a gathered narrow phase:
-
-    1. per ``(b, h, n)``: keep the other only if it lies within the axis-aligned bounding box of all
-       ``G`` candidates at step ``h``, grown by the bounding-circle reach (cost ``B*H*N``);
-    2. per ``(b, g, h, n)`` for the kept triples: bounding-circle distance test against every
-       candidate (a handful of flops per pair, in chunks of about ``2**22`` pairs so temporary memory
-       stays bounded -- callers need not chunk);
-    3. SAT only on the pairs that pass both levels, scattered into the dense result.
-
-    On CPU (``benchmarks/bench_collision.py``, B=16, G=512, H=20, N=64) this is about 10x faster than
-    dense all-pairs SAT in a typical scene and about 2.5x faster when every other agent crowds the
-    candidates (then level 1 keeps everything and the cost is a dense circle test plus gathers).
-    ``nonzero`` makes the call synchronise once per chunk on CUDA.
-
-    Args:
-        ego_pos: ``(B, G, H, 2)`` candidate ego centres.
-        ego_yaw: ``(B, G, H)`` candidate ego headings.
-        ego_length, ego_width: ``(B,)`` ego extents.
-        pos: ``(B, H, N, 2)`` others' future centres, or ``(B, N, 2)`` for static others.
-        yaw: ``(B, H, N)`` or ``(B, N)`` others' headings (same time layout as ``pos``).
-        length, width: ``(B, N)`` others' extents.
-        valid: ``(B, H, N)`` or ``(B, N)`` bool validity of the others.
-
-    Returns:
-        ``(B, G, H, N)`` bool, True where candidate ``g`` at step ``h`` overlaps agent ``n``.
     """
     name = "candidate_collision_pairs"
     _check(ego_pos.dim() == 4, f"{name}: ego_pos must have shape (B, G, H, 2), got {tuple(ego_pos.shape)}")

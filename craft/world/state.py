@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from craft.errors import CraftError
 from craft.world.kinds import AgentKind
 
 
@@ -257,3 +258,33 @@ def empty_state(B: int, N: int, K: int, Q: int, R: int, P: int, device="cpu") ->
         done=torch.zeros(B, **b),
         end_reason=torch.zeros(B, **i),
     )
+
+
+def resize_state(state: WorldState, N: int, R: int, P: int) -> WorldState:
+    """``state`` with its padded sizes set to ``N`` agents, ``R`` route lanes and ``P`` route points.
+
+    Growing fills new slots with :func:`~craft.world.state.empty_state`'s fill values (invalid agents, ``-1``
+    lanes, invalid route points), except ``route_pts`` / ``route_cum``, which repeat their last entry as
+    :meth:`World.reset` pads them (so the arc lengths stay sorted). Shrinking cuts trailing slots: the caller
+    must only cut padding (each world's agents, route lanes and route points must fit). Fields whose size
+    does not change are shared, not copied.
+    """
+    B = state.batch_size
+    K = state.light_override.shape[1]
+    Q = state.stop_ok.shape[1]
+    p0 = state.route_pts.shape[1]
+    if min(N, R, P) < 1:
+        raise CraftError(f"resize_state: sizes must be >= 1, got N={N}, R={R}, P={P}")
+    if (N, R, P) == (state.num_agents, state.route_lanes.shape[1], p0):
+        return state
+    out = empty_state(B, N, K, Q, R, P, device=state.device).tensors()
+    for name, src in state.tensors().items():
+        dst = out[name]
+        if dst.shape == src.shape:
+            out[name] = src
+            continue
+        keep = tuple(slice(0, min(a, b)) for a, b in zip(src.shape, dst.shape))
+        dst[keep] = src[keep]
+        if name in ("route_pts", "route_cum") and dst.shape[1] > p0:
+            dst[:, p0:] = src[:, -1:]
+    return WorldState(**out)
