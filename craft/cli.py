@@ -123,7 +123,7 @@ def cmd_finetune(args) -> int:
     col = CollectorConfig(split=args.split, worlds=args.worlds, buffer_size=args.buffer, seed=args.seed,
                           routes=args.routes, town_seeds=tuple(args.town_seeds) if args.town_seeds else None,
                           types=tuple(args.types) if args.types else None)
-    cfg = FinetuneConfig(method=args.method, iters=args.iters, seed=args.seed, collector=col)
+    cfg = FinetuneConfig(method=args.method, family=args.family, iters=args.iters, seed=args.seed, collector=col)
     over = {k: v for k, v in (("lr", args.lr), ("lr_end", args.lr_end), ("epochs", args.epochs),
                               ("minibatch", args.minibatch)) if v is not None}
     if over:
@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="closed-loop RL fine-tuning of a pre-trained policy (CRAFT or a baseline)")
     f.add_argument("--method", required=True, choices=["craft", "grpo", "ppo", "reinforcepp"])
     f.add_argument("--init", required=True, help="pre-trained policy checkpoint (file or folder)")
+    f.add_argument("--family", choices=["vocab", "hier", "vla"], help="require the checkpoint to be of this family")
     f.add_argument("--iters", type=_positive_int, default=10)
     f.add_argument("--split", default="train", help="split whose routes are driven (default train)")
     f.add_argument("--routes", type=_positive_int, help="routes per scenario type")

@@ -157,3 +157,46 @@ def test_snapshots_of_different_waves_concatenate():
     s = _concat_states([a, b])
     assert s.batch_size == 5 and s.num_agents == max(a.num_agents, b.num_agents)
     assert torch.equal(s.pos[:2, :a.num_agents], a.pos) and not s.valid[:2, a.num_agents:].any()
+
+
+def test_kl_terms_match_torch_distributions():
+    g = torch.Generator().manual_seed(4)
+    logits, tlogits = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    valid = torch.ones(5, 7, dtype=torch.bool)
+    rev, fwd = kl_terms(masked_log_softmax(logits, valid), masked_log_softmax(tlogits, valid), valid)
+    p, q = torch.distributions.Categorical(logits=logits), torch.distributions.Categorical(logits=tlogits)
+    assert torch.allclose(rev, torch.distributions.kl_divergence(p, q), atol=1e-6)
+    assert torch.allclose(fwd, torch.distributions.kl_divergence(q, p), atol=1e-6)
+
+
+def test_dual_clip_bounds_the_surrogate():
+    """The paper's proposition: -c A_max <= u <= (1 + eps) A_max for any ratio."""
+    g = torch.Generator().manual_seed(5)
+    new = torch.randn(4000, generator=g) * 3
+    adv = torch.randn(4000, generator=g) * 2
+    eps, c = 0.2, 2.0
+    _, _ = clipped_surrogate(new, torch.zeros(4000), adv, eps, c)
+    rho = new.exp()
+    u = torch.minimum(rho * adv, rho.clamp(1 - eps, 1 + eps) * adv)
+    u = torch.where(adv < 0, torch.maximum(u, c * adv), u)
+    a_max = adv.abs().max()
+    assert (u >= -c * a_max - 1e-6).all() and (u <= (1 + eps) * a_max + 1e-6).all()
+    # and the library's loss is exactly minus the mean of that bounded surrogate
+    loss, _ = clipped_surrogate(new, torch.zeros(4000), adv, eps, c)
+    assert torch.isclose(loss, -u.mean(), atol=1e-6)
+
+
+def test_nonfinite_losses_are_skipped_then_stop(init_ckpt, tmp_path):
+    tr = Trainer(init_ckpt, tmp_path / "nan", replace(TINY, max_nonfinite=2), progress=False)
+    before = {k: v.clone() for k, v in tr.policy.trainable_parameters().items()}
+    orig = tr.method.loss
+    tr.method.loss = lambda logp, mb: {k: v * float("nan") if k.startswith("loss_") else v
+                                       for k, v in orig(logp, mb).items()}
+    with pytest.raises(CraftError, match="non-finite loss"):
+        tr.iterate()
+    assert all(torch.equal(before[k], v) for k, v in tr.policy.trainable_parameters().items())
+
+
+def test_family_mismatch_is_an_error(init_ckpt, tmp_path):
+    with pytest.raises(CraftError, match="expected family 'vocab'"):
+        Trainer(init_ckpt, tmp_path / "f", replace(TINY, family="vocab"), progress=False)

@@ -243,3 +243,26 @@ def test_scores_match_stepwise_terms_on_a_straight_road(road):
     for k in TERMS:
         assert torch.allclose(a.terms[k][0, 1:], b.terms[k][0, 1:], atol=1e-6)
     assert float(a.terms["collision"][0, 0]) == float(b.terms["collision"][0, 0])
+
+
+def test_decay_rollout_holds_then_brakes_as_specified(road):
+    """A car at 10 m/s with no acceleration: 1.0 s of constant speed, then the brake ramps linearly to 3 m/s²
+    over 1.0 s; the per-step displacement follows the speeds of that schedule (hand-computed)."""
+    mb, world, cw = road
+    st = _scene(world, [AgentSpec(AgentKind.CAR, lane=0, s=200.0, speed=10.0)])
+    st = st.replace(accel=torch.zeros_like(st.accel))
+    k = int(torch.nonzero(st.valid[0, 1:])[0]) + 1
+    pos, _, valid = cw.decay_rollout(st)
+    assert valid[0, k] and not valid[0, 0]
+    x = torch.cat([st.pos[0, k, :1], pos[0, :, k, 0]])
+    step = torch.diff(x)  # (H,) metres per 0.1 s step
+    dt, v = 0.1, 10.0
+    for h in range(20):
+        t = h * dt
+        a = 0.0 if t < 1.0 - 1e-6 else -3.0 * min(1.0, (t - 1.0 + dt) / 1.0)
+        v_next = v + a * dt
+        # the step's displacement lies between the speeds at its two ends (exactly v dt while holding)
+        assert min(v, v_next) * dt - 1e-4 <= float(step[h]) <= max(v, v_next) * dt + 1e-4, (h, float(step[h]))
+        v = v_next
+    assert abs(v - (10.0 - 0.03 * 55)) < 1e-6  # 8.35 m/s at the end of the horizon
+    assert torch.allclose(step[:10], torch.full((10,), 1.0), atol=1e-4)

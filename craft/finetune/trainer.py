@@ -49,6 +49,8 @@ from craft.world.tracker import TrackerState
 @dataclass(frozen=True)
 class FinetuneConfig:
     method: str = "craft"
+    family: str | None = None
+    """When set, the initial checkpoint must hold a policy of this family."""
     iters: int = 10
     seed: int = 0
     # optimisation (paper values)
@@ -76,6 +78,9 @@ class FinetuneConfig:
     gae_lambda: float = 0.95
     value_clip: float = 0.2
     value_coef: float = 0.5
+    max_nonfinite: int = 3
+    """Optimiser steps with a non-finite loss are skipped (and counted in the ``skipped_share`` diagnostic); this many in a
+    row stop the run with an error."""
     step_gamma: float = 0.98
     """Discount per 0.1 s simulator step for the executed-rollout returns of PPO / REINFORCE++."""
     collector: CollectorConfig = field(default_factory=CollectorConfig)
@@ -154,7 +159,7 @@ class Trainer:
         self.device = device
         self.progress = progress
         torch.manual_seed(cfg.seed)
-        self.policy: CandidatePolicy = load_policy(init, device=device)
+        self.policy: CandidatePolicy = load_policy(init, family=cfg.family, device=device)
         self.init_path = str(init)
         self.teacher: CandidatePolicy = load_policy(init, device=device)
         self.teacher.requires_grad_(False)
@@ -175,6 +180,7 @@ class Trainer:
         self.mb_gen = torch.Generator().manual_seed(cfg.seed + 3)
         self.iteration = 0
         self.history: list[dict] = []
+        self.nonfinite_run = 0
         if resume:
             self._load()
 
@@ -254,6 +260,17 @@ class Trainer:
                 out["kl_reverse"] = rkl.mean().detach()
                 out["kl_forward"] = fkl.mean().detach()
                 loss = sum(v for k, v in out.items() if k.startswith("loss_"))
+                if not bool(torch.isfinite(loss)):
+                    self.nonfinite_run += 1
+                    sums.setdefault("skipped_share", []).append(1.0)
+                    if self.nonfinite_run >= cfg.max_nonfinite:
+                        raise CraftError(f"{self.nonfinite_run} optimiser steps in a row had a non-finite loss "
+                                         f"(iteration {self.iteration + 1}; terms "
+                                         f"{ {k: float(v.detach()) for k, v in out.items() if k.startswith('loss_')} }); "
+                                         "lower the learning rate or check the rewards")
+                    continue
+                self.nonfinite_run = 0
+                sums.setdefault("skipped_share", []).append(0.0)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]],
