@@ -88,7 +88,7 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
     from craft.errors import CraftError
     from craft.finetune.collector import CollectorConfig
     from craft.finetune.trainer import FinetuneConfig, finetune
-    from craft.scenarios.splits import split_specs, split_town_seeds
+    from craft.scenarios.splits import load_split, split_town_seeds
 
     out = Path(out)
     t0 = time.time()
@@ -128,14 +128,10 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
     ra = json.loads((out / "eval-after" / "results.json").read_text())["records"]
     delta = [a["scores"]["score_composed"] - b["scores"]["score_composed"] for a, b in zip(ra, rb)]
     i = max(range(len(delta)), key=lambda k: (abs(delta[k]), delta[k]))
-    inst_all = split_specs("val", routes=1)
-    used = sorted({x.spec.map_index for x in inst_all})
-    world = World([generate_town(split_town_seeds("val")[m]) for m in used])
-    import copy
-
+    inst_all, towns = load_split("val", routes=1)
+    world = World(towns)
     for name, pol, rec in (("before", str(ckpt), rb[i]), ("after", str(ft / "policy.pt"), ra[i])):
-        inst = copy.deepcopy(inst_all[i])
-        inst.spec.map_index = used.index(inst.spec.map_index)
+        inst = inst_all[i]
         _, frames = run_batch(world, [inst], make_driver(pol), ecfg, frames_for={0})
         path = out / f"route_{name}.gif"
         render_gif(world.maps.maps[inst.spec.map_index], frames[0], path,

@@ -273,23 +273,16 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
 
     Returns the summary. Nothing is written until every route has run (no partial results file).
     """
-    from craft.scenarios.splits import split_specs, split_town_seeds
-    from craft.world.towns import generate_town
+    from craft.scenarios.splits import load_split, split_town_seeds
 
     seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
-    instances = split_specs(split, town_seeds=seeds, routes=routes, types=types)
-    if not instances:
-        raise CraftError(f"split '{split}' produced no routes")
     t0 = time.time()
-    used = sorted({inst.spec.map_index for inst in instances})
-    remap = {m: i for i, m in enumerate(used)}
-    for inst in instances:
-        inst.spec.map_index = remap[inst.spec.map_index]
+    instances, towns = load_split(split, town_seeds=seeds, routes=routes, types=types)
     wcfg = WorldConfig(end_on_collision=cfg.protocol == "b2d-star")
     limits = [inst.time_limit_s for inst in instances if inst.time_limit_s is not None]
     if limits:  # routes with their own (longer) tick cap: the runner enforces each, the world the longest
         wcfg = replace(wcfg, events=replace(wcfg.events, tick_cap=max(wcfg.events.tick_cap, max(limits))))
-    world = World([generate_town(seeds[m]) for m in used], wcfg, device=device)
+    world = World(towns, wcfg, device=device)
     for i, inst in enumerate(instances):
         inst.meta["route_id"] = f"RouteScenario_{i}_{inst.type}_{inst.meta.get('route_id', 0)}"
     logs: list[RouteLog] = []

@@ -96,22 +96,14 @@ class Collector:
     """Keeps routes running between calls; ``collect(policy)`` returns the next :class:`Buffer`."""
 
     def __init__(self, cfg: CollectorConfig = CollectorConfig(), device: str = "cpu"):
-        from craft.scenarios.splits import split_specs, split_town_seeds
-        from craft.world.towns import generate_town
+        from craft.scenarios.splits import load_split
         from craft.world.world import World
 
         self.cfg = cfg
         self.device = device
-        seeds = list(cfg.town_seeds) if cfg.town_seeds else split_town_seeds(cfg.split)
-        self.instances = split_specs(cfg.split, town_seeds=seeds, routes=cfg.routes,
-                                     types=list(cfg.types) if cfg.types else None)
-        if not self.instances:
-            raise CraftError(f"split '{cfg.split}' produced no routes to fine-tune on")
-        used = sorted({inst.spec.map_index for inst in self.instances})
-        remap = {m: i for i, m in enumerate(used)}
-        for inst in self.instances:
-            inst.spec.map_index = remap[inst.spec.map_index]
-        self.world = World([generate_town(seeds[m]) for m in used], device=device)
+        self.instances, towns = load_split(cfg.split, town_seeds=list(cfg.town_seeds) if cfg.town_seeds else None,
+                                           routes=cfg.routes, types=list(cfg.types) if cfg.types else None)
+        self.world = World(towns, device=device)
         g = torch.Generator().manual_seed(cfg.seed)
         self.order = torch.randperm(len(self.instances), generator=g).tolist()
         self.wave = 0

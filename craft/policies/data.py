@@ -117,21 +117,14 @@ def _compact(obs: Observation) -> dict[str, torch.Tensor]:
 def collect(cfg: CollectConfig, out: str | Path, device: str = "cpu", obs_cfg: ObsConfig | None = None) -> dict:
     """Record expert demonstrations on ``cfg.split`` into the file ``out``; returns a small summary."""
     from craft.bench.runner import EvalConfig, run_batch
-    from craft.scenarios.splits import split_specs, split_town_seeds
-    from craft.world.towns import generate_town
+    from craft.scenarios.base import town_seed_of
+    from craft.scenarios.splits import load_split
     from craft.world.world import World
 
     obs_cfg = obs_cfg or ObsConfig()
-    seeds = list(cfg.town_seeds) if cfg.town_seeds else split_town_seeds(cfg.split)
-    instances = split_specs(cfg.split, town_seeds=seeds, routes=cfg.routes,
-                            types=list(cfg.types) if cfg.types else None)
-    if not instances:
-        raise CraftError(f"split '{cfg.split}' produced no routes")
-    used = sorted({inst.spec.map_index for inst in instances})
-    remap = {m: i for i, m in enumerate(used)}
-    for inst in instances:
-        inst.spec.map_index = remap[inst.spec.map_index]
-    world = World([generate_town(seeds[m]) for m in used], device=device)
+    instances, towns = load_split(cfg.split, town_seeds=list(cfg.town_seeds) if cfg.town_seeds else None,
+                                  routes=cfg.routes, types=list(cfg.types) if cfg.types else None)
+    world = World(towns, device=device)
     ecfg = EvalConfig(batch_size=cfg.batch_size, seed=cfg.seed, max_steps=cfg.max_steps)
     t0 = time.time()
     obs_parts: list[dict] = []
@@ -152,7 +145,7 @@ def collect(cfg: CollectConfig, out: str | Path, device: str = "cpu", obs_cfg: O
         "format": DATA_FORMAT, "format_version": DATA_VERSION, "obs": obs, "expert": torch.cat(plans),
         "route": torch.cat(routes),
         "routes": [{"type": inst.type, "route_id": inst.meta.get("route_id", 0),
-                    "town_seed": seeds[used[inst.spec.map_index]]} for inst in instances],
+                    "town_seed": town_seed_of(towns[inst.spec.map_index])} for inst in instances],
         "obs_config": dataclasses.asdict(obs_cfg), "collect_config": dataclasses.asdict(cfg),
     }
     atomic_save(data, out)

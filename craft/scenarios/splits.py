@@ -79,7 +79,7 @@ def missing_types() -> list[str]:
 
 
 def split_specs(split: str, town_seeds: list[int] | None = None, routes: int | None = None,
-                types: list[str] | None = None, strict: bool = False) -> list[ScenarioInstance]:
+                types: list[str] | None = None, strict: bool = False, towns: dict | None = None) -> list[ScenarioInstance]:
     """Deterministic scenario instances of ``split`` (see the module docstring).
 
     town_seeds: override the split's town pool (``spec.map_index`` then indexes this list).
@@ -108,7 +108,7 @@ def split_specs(split: str, town_seeds: list[int] | None = None, routes: int | N
         if strict:
             raise CraftError(msg)
         warnings.warn(msg, stacklevel=2)
-    towns: dict[int, object] = {}
+    towns = {} if towns is None else towns  # seed -> RoadMap, filled as towns are generated
 
     def town(i):
         s = pool[i]
@@ -178,4 +178,23 @@ def _long_specs(sid: int, pool: list[int], town, n_routes: int, types: list[str]
     return out
 
 
-__all__ = ["B2D_TYPES", "SPLITS", "split_specs", "split_town_seeds", "missing_types"]
+def load_split(split: str, town_seeds: list[int] | None = None, routes: int | None = None,
+               types: list[str] | None = None) -> tuple[list[ScenarioInstance], list]:
+    """The instances of :func:`split_specs` and the towns they use, ready for ``World(towns)``.
+
+    Each instance's ``spec.map_index`` is re-pointed into the returned town list (towns of the pool that no
+    route uses are left out); the towns are the ones ``split_specs`` generated, not generated again.
+    """
+    pool = list(town_seeds) if town_seeds else split_town_seeds(split)
+    cache: dict = {}
+    instances = split_specs(split, town_seeds=pool, routes=routes, types=types, towns=cache)
+    if not instances:
+        raise CraftError(f"split '{split}' produced no routes")
+    used = sorted({inst.spec.map_index for inst in instances})
+    remap = {m: i for i, m in enumerate(used)}
+    for inst in instances:
+        inst.spec.map_index = remap[inst.spec.map_index]
+    return instances, [cache[pool[m]] for m in used]
+
+
+__all__ = ["B2D_TYPES", "SPLITS", "split_specs", "load_split", "split_town_seeds", "missing_types"]
