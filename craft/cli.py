@@ -142,19 +142,17 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from craft.experiments import ExperimentConfig, main_table
+    from craft.experiments import SMALL_BUDGET, ExperimentConfig, run_experiment
 
-    if args.name != "main":
-        raise CraftError(f"experiment '{args.name}' is not available yet in this build (available: main)")
+    overrides = {k: v for k, v in (("lr", args.lr), ("lr_end", args.lr_end), ("epochs", args.epochs),
+                                   ("minibatch", args.minibatch)) if v is not None}
     cfg = ExperimentConfig(family=args.family, init=args.init or "", seeds=tuple(range(args.seeds)),
                            iters=args.iters, buffer=args.buffer, worlds=args.worlds, split=args.split,
                            routes=args.routes, methods=tuple(args.methods), train_towns=args.train_towns,
-                           protocols=tuple(args.protocols),
-                           finetune={k: v for k, v in (("lr", args.lr), ("lr_end", args.lr_end),
-                                                       ("epochs", args.epochs), ("minibatch", args.minibatch))
-                                     if v is not None})
-    main_table(cfg, args.out)
-    print((Path(args.out) / "table.md").read_text())
+                           protocols=tuple(args.protocols), finetune={**SMALL_BUDGET, **overrides})
+    text = run_experiment(args.name, cfg, args.out, families=tuple(args.families) if args.families else None,
+                          doc=args.doc)
+    print(text)
     return 0
 
 
@@ -264,24 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_finetune)
 
     x = sub.add_parser("experiment", help="the paper's experiments on this benchmark (resumable)")
-    x.add_argument("name", choices=["main", "ablation", "transfer", "scaling", "stability", "fidelity", "all"])
+    x.add_argument("name", choices=["main", "ablation", "transfer", "scaling", "stability", "fidelity", "all",
+                                    "report"],
+                   help="an experiment; all: every one, then docs/results.md; report: only docs/results.md")
     x.add_argument("--family", default="vocab", choices=["vocab", "hier", "vla"])
     x.add_argument("--init", help="pre-trained checkpoint (default checkpoints/<family>.pt)")
-    x.add_argument("--seeds", type=_positive_int, default=3)
-    x.add_argument("--iters", type=_positive_int, default=8, help="fine-tuning iterations per run")
-    x.add_argument("--buffer", type=_positive_int, default=2048)
-    x.add_argument("--worlds", type=_positive_int, default=128)
-    x.add_argument("--train-towns", type=_positive_int, default=40)
+    x.add_argument("--families", nargs="+", choices=["vocab", "hier", "vla"],
+                   help="all / stability: the families to run (default: all three)")
+    x.add_argument("--seeds", type=_positive_int, default=3, help="fine-tuning seeds 0..N-1 (main; default 3)")
+    x.add_argument("--iters", type=_positive_int, default=6, help="fine-tuning iterations per run (default 6)")
+    x.add_argument("--buffer", type=_positive_int, default=2048, help="transitions per iteration (default 2048)")
+    x.add_argument("--worlds", type=_positive_int, default=128, help="routes driven in parallel (default 128)")
+    x.add_argument("--train-towns", type=_positive_int, default=20, help="train town seeds driven (default 20)")
     x.add_argument("--methods", nargs="+", default=["reinforcepp", "ppo", "grpo", "craft"],
                    choices=["reinforcepp", "ppo", "grpo", "craft"])
-    x.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the paper's 1e-4)")
-    x.add_argument("--lr-end", type=float, help="final learning rate (default 5e-6)")
-    x.add_argument("--epochs", type=_positive_int, help="passes over each buffer (default 2)")
-    x.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 512)")
-    x.add_argument("--split", default="test")
+    x.add_argument("--lr", type=float, help="fine-tuning learning rate (default 1e-3, see docs/results.md)")
+    x.add_argument("--lr-end", type=float, help="final learning rate (default 5e-5)")
+    x.add_argument("--epochs", type=_positive_int, help="passes over each buffer (default 4)")
+    x.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 256)")
+    x.add_argument("--split", default="test", help="evaluation split (default test)")
     x.add_argument("--routes", type=_positive_int, help="evaluation routes per scenario type")
     x.add_argument("--protocols", nargs="+", default=["b2d", "b2d-star"], choices=["b2d", "b2d-star"])
-    x.add_argument("--out", required=True)
+    x.add_argument("--doc", default="docs/results.md", help="all / report: the results document to write")
+    x.add_argument("--out", default="out/experiments",
+                   help="experiment root: runs pool under OUT/runs, tables under OUT/<experiment> (default "
+                        "out/experiments)")
     x.set_defaults(func=cmd_experiment)
 
     d = sub.add_parser("demo", help="the quick start: render a town, drive worlds in closed loop, write a GIF")

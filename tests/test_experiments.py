@@ -1,34 +1,124 @@
-"""Experiment runner on a tiny budget: a well-formed, deterministic table; finished runs are skipped."""
+"""Experiment runners on a tiny budget: well-formed, deterministic tables; finished runs are reused."""
 
 import json
+import math
+from dataclasses import replace
 
+import pytest
 import torch
 
-from craft.experiments import ExperimentConfig, main_table, summarise, table_markdown
+from craft.errors import CraftError
+from craft.experiments import ExperimentConfig, main_table, run_experiment, summarise, table_markdown
+from craft.experiments import tables
+from craft.experiments.core import EvalSet, evaluate_policy, finetune_run
+from craft.experiments.results import write_results
 from craft.policies import build_policy
 
 torch.set_num_threads(1)
 
+TINY = dict(methods=("grpo",), seeds=(0,), iters=1, buffer=16, worlds=2, train_towns=1, split="val", routes=1,
+            types=("HardBreakRoute",), protocols=("b2d",), finetune={"minibatch": 16}, eval_max_steps=150)
 
-def test_main_table_tiny(tmp_path):
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory):
     torch.manual_seed(0)
-    init = tmp_path / "init.pt"
-    build_policy("hier").save(init)
-    cfg = ExperimentConfig(family="hier", init=str(init), methods=("grpo",), seeds=(0,), iters=1, buffer=16,
-                           worlds=2, train_towns=1, split="val", routes=1, types=("HardBreakRoute",),
-                           protocols=("b2d",))
-    table = main_table(cfg, tmp_path / "exp")
+    path = tmp_path_factory.mktemp("init") / "init.pt"
+    build_policy("vocab").save(path)
+    return str(path)
+
+
+def test_main_table_tiny(tmp_path, init):
+    cfg = ExperimentConfig(family="vocab", init=init, **TINY)
+    table = main_table(cfg, tmp_path)
     rows = table["b2d"]
     assert set(rows) == {"pretrained", "grpo"}
     for cols in rows.values():
         assert cols["DS"]["n"] == 1 and 0 <= cols["DS"]["mean"] <= 100 and cols["DS"]["std"] == 0.0
-    md = (tmp_path / "exp" / "table.md").read_text()
-    assert "| grpo |" in md and "Protocol `b2d`" in md
+    md = (tmp_path / "main-vocab" / "table.md").read_text()
+    assert "| GRPO |" in md and "Protocol `b2d`" in md
     # a second call finds every run finished and rewrites the same table
-    first = (tmp_path / "exp" / "table.json").read_text()
-    main_table(cfg, tmp_path / "exp")
-    assert (tmp_path / "exp" / "table.json").read_text() == first
-    assert json.loads(first)["config"]["iters"] == 1
+    first = (tmp_path / "main-vocab" / "table.json").read_text()
+    main_table(cfg, tmp_path)
+    assert (tmp_path / "main-vocab" / "table.json").read_text() == first
+    data = json.loads(first)
+    assert data["config"]["iters"] == 1 and len(data["runs"]) == 2 and len(data["evals"]) == 2
+
+
+def test_seeded_runs_repeat(tmp_path, init):
+    cfg = ExperimentConfig(family="vocab", init=init, **TINY)
+    a = finetune_run(tmp_path / "a", cfg, "grpo", 0)
+    b = finetune_run(tmp_path / "b", cfg, "grpo", 0)
+    assert a.name == b.name  # the pool key depends on the config and the checkpoint only
+    pa = torch.load(a / "policy.pt", weights_only=False)["state_dict"]
+    pb = torch.load(b / "policy.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    other = finetune_run(tmp_path / "a", cfg, "grpo", 1)
+    assert other.name != a.name
+
+
+def test_one_rollout_scores_both_protocols(tmp_path, init):
+    """b2d-star from the b2d rollout (cut at the first collision) equals a b2d-star rollout."""
+    from craft.bench.runner import EvalConfig, evaluate, make_driver
+
+    es = EvalSet(name="val", split="val", routes=1, types=("ParkingCutIn", "HardBreakRoute", "Accident"))
+    both = evaluate_policy(init, tmp_path / "pol", es)
+    star = evaluate(make_driver(init), "val", tmp_path / "star", EvalConfig(protocol="b2d-star"), routes=1,
+                    types=list(es.types))
+    for k in ("DS", "RC", "IS", "SR"):
+        assert both["b2d-star"][k] == pytest.approx(star[k], abs=1e-6), k
+
+
+def test_ablation_transfer_scaling_stability_tiny(tmp_path, init):
+    cfg = ExperimentConfig(family="vocab", init=init, **{**TINY, "methods": ("grpo", "craft")})
+    md = tables.ablation(cfg, tmp_path)
+    rows = json.loads((tmp_path / "ablation-vocab" / "table.json").read_text())["table"]["b2d"]
+    assert list(rows) == ["pre-trained", "+ self-distillation only", "+ counterfactual proxy (= GRPO)",
+                          "+ grounded residual (= CRAFT)", "grounded residual without the proxy"]
+    assert "| DS | RC | IS | SR |" in md
+    md = tables.transfer(replace(cfg, train_towns=2), tmp_path, fresh_towns=(50000,), fresh_routes=1, long_routes=1,
+                         long_train_routes=1)
+    t = json.loads((tmp_path / "transfer-vocab" / "table.json").read_text())["rows"]
+    assert len(t) == 4 and all(math.isfinite(r["ΔDS"]["mean"]) for r in t.values())
+    md = tables.scaling(cfg, tmp_path, hard_type="HardBreakRoute", curve_iters=2, curve_buffer=8)
+    s = json.loads((tmp_path / "scaling-vocab" / "table.json").read_text())
+    assert set(s["rows"]) == {"grpo", "craft"} and len(s["curves"]["craft"][0]) == 2
+    assert (tmp_path / "scaling-vocab" / "scaling.png").stat().st_size > 0
+    md = tables.stability(cfg, tmp_path, families=("vocab",))
+    assert "vocab / CRAFT" in md and (tmp_path / "stability" / "stability.png").exists()
+    # docs/results.md from these files is deterministic
+    a = write_results(tmp_path, tmp_path / "docs" / "results.md", discussion=None)
+    b = write_results(tmp_path, tmp_path / "docs" / "results2.md", discussion=None)
+    assert a == b and "## Ablation (Table 2)" in a and "Not run yet." in a  # main / fidelity not run here
+    assert (tmp_path / "docs" / "results" / "stability-stability.png").exists()
+
+
+def test_fidelity_experiment_and_report(tmp_path, init):
+    from craft.experiments import fidelity_experiment
+    from craft.experiments.fidelity import FidelityConfig
+
+    cfg = ExperimentConfig(family="vocab", init=init, **TINY)
+    fc = FidelityConfig(states=2, candidates=4, tail_s=0.5, towns=1, worlds=2, buffer=16, routes=1,
+                        scatter_states=1)
+    md = fidelity_experiment(cfg, tmp_path, fc)
+    data = json.loads((tmp_path / "fidelity" / "table.json").read_text())
+    assert set(data["result"]["policies"]) == {"pre-trained", "CRAFT"} and data["wall_s"] > 0
+    assert "| pre-trained |" in md
+    doc = run_experiment("report", cfg, tmp_path, doc=tmp_path / "results.md")
+    assert "## Proxy fidelity (oracle)" in doc and "| pre-trained |" in doc
+    assert (tmp_path / "results" / "fidelity-fidelity.png").exists()
+
+
+def test_cv_and_bad_input():
+    assert tables.cv([1.0, 1.0, 1.0]) == 0.0
+    assert tables.cv([1.0, 3.0]) == pytest.approx(0.5)
+    assert math.isnan(tables.cv([2.0]))
+    with pytest.raises(CraftError, match="family"):
+        ExperimentConfig(family="nope")
+    with pytest.raises(CraftError, match="not found"):
+        main_table(ExperimentConfig(init="missing.pt", **TINY), "unused")
+    with pytest.raises(CraftError, match="unknown experiment"):
+        run_experiment("nope", ExperimentConfig(**TINY), "unused")
 
 
 def test_summary_mean_and_std_over_seeds():

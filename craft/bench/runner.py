@@ -268,11 +268,20 @@ def chain_breakdown(chain: list[dict], infractions: dict[str, list[dict]], progr
 # ---------------------------------------------------------------------- whole split
 def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig = EvalConfig(),
              town_seeds: list[int] | None = None, routes: int | None = None, device: str = "cpu",
-             types: list[str] | None = None) -> dict:
+             types: list[str] | None = None, also: dict[str, str | os.PathLike] | None = None) -> dict:
     """Evaluate ``driver`` on ``split``; writes results.json, summary.md, abilities.png and GIFs into ``out``.
 
-    Returns the summary. Nothing is written until every route has run (no partial results file).
+    ``also`` maps further protocols to folders: the same rollout is scored under each of them too (only from a
+    ``b2d`` rollout, where b2d-star is the log cut at its first collision — the world is deterministic, so this
+    equals a second rollout that ends there). Returns the summary of ``cfg.protocol``. Nothing is written
+    until every route has run (no partial results file).
     """
+    also = dict(also or {})
+    for proto in also:
+        if proto not in PROTOCOLS:
+            raise CraftError(f"unknown protocol '{proto}': use one of {', '.join(PROTOCOLS)}")
+        if cfg.protocol != "b2d" and proto != cfg.protocol:
+            raise CraftError(f"only a b2d rollout can be re-scored under '{proto}' (this one is {cfg.protocol})")
     from craft.scenarios.splits import load_split, split_town_seeds
 
     seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
@@ -292,19 +301,29 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
         with tqdm(total=max(route_step_caps(batch, cfg, world.cfg.dt)), desc=desc, unit="step") as bar:
             batch_logs, _ = run_batch(world, batch, driver, cfg, progress=bar)
         logs += batch_logs
-    records = [score_route(log, cfg.protocol, index=i) for i, log in enumerate(logs)]
-    summary = aggregate(records, num_routes=len(instances), protocol=cfg.protocol, split=split,
-                        town_seeds=seeds, policy=driver.name)
-    summary["wall_time_s"] = time.time() - t0
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "results.json", json.dumps(results_json(summary, records), indent=2))
-    per_type = per_type_table(records)
-    _write_text(out / "summary.md", summary_markdown(summary, per_type))
-    ability_bar_chart(summary, str(out / "abilities.png"))
+    wall = time.time() - t0
+    for proto, folder in also.items():
+        if proto != cfg.protocol:
+            _score_and_write(logs, proto, Path(folder), split, seeds, driver.name, wall)
+    summary, records = _score_and_write(logs, cfg.protocol, Path(out), split, seeds, driver.name, wall)
     if cfg.gif_worst:
         _worst_gifs(world, instances, records, driver, cfg, out)
     return summary
+
+
+def _score_and_write(logs: list[RouteLog], protocol: str, out: Path, split: str, seeds: list[int], name: str,
+                     wall: float) -> tuple[dict, list[dict]]:
+    """Score ``logs`` under ``protocol``; write results.json, summary.md and abilities.png into ``out``."""
+    records = [score_route(log, protocol, index=i) for i, log in enumerate(logs)]
+    summary = aggregate(records, num_routes=len(logs), protocol=protocol, split=split, town_seeds=seeds,
+                        policy=name)
+    summary["wall_time_s"] = wall
+    out.mkdir(parents=True, exist_ok=True)
+    per_type = per_type_table(records)
+    _write_text(out / "summary.md", summary_markdown(summary, per_type))
+    ability_bar_chart(summary, str(out / "abilities.png"))
+    _write_text(out / "results.json", json.dumps(results_json(summary, records), indent=2))  # last: the marker
+    return summary, records
 
 
 def _worst_gifs(world, instances, records, driver, cfg, out: Path) -> None:

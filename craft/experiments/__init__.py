@@ -1,0 +1,83 @@
+"""The paper's experiments on this benchmark (``craft experiment NAME``); see docs/results.md.
+
+Every experiment runs under one root folder: the pool of fine-tuning runs ``ROOT/runs`` (shared, resumable,
+see :mod:`craft.experiments.core`) and one folder of tables and plots per experiment. ``all`` runs every
+experiment for the given families and then writes ``docs/results.md``; ``report`` only writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from craft.errors import CraftError
+from craft.experiments.core import SMALL_BUDGET, ExperimentConfig, main_table, summarise, table_markdown
+
+NAMES = ("main", "ablation", "transfer", "scaling", "stability", "fidelity", "all", "report")
+FAMILIES = ("vocab", "hier", "vla")
+
+
+def run_experiment(name: str, cfg: ExperimentConfig, out: str | os.PathLike,
+                   families: tuple[str, ...] | None = None, doc: str | os.PathLike = "docs/results.md") -> str:
+    """Run (or continue) experiment ``name`` under the root ``out``; returns its markdown."""
+    from craft.experiments import tables
+    from craft.experiments.results import write_results
+
+    if name not in NAMES:
+        raise CraftError(f"unknown experiment '{name}' (one of {', '.join(NAMES)})")
+    fams = tuple(families) if families else FAMILIES
+    for f in fams:
+        if f not in FAMILIES:
+            raise CraftError(f"unknown policy family '{f}' (one of {', '.join(FAMILIES)})")
+    out = Path(out)
+    if name == "main":
+        main_table(cfg, out)
+        return (out / f"main-{cfg.family}" / "table.md").read_text()
+    if name == "ablation":
+        return tables.ablation(cfg, out)
+    if name == "transfer":
+        return tables.transfer(cfg, out)
+    if name == "scaling":
+        return tables.scaling(cfg, out)
+    if name == "stability":
+        return tables.stability(cfg, out, fams)
+    if name == "fidelity":
+        return fidelity_experiment(cfg, out)
+    if name == "report":
+        return write_results(out, doc)
+    t0 = time.time()
+    for f in fams:
+        main_table(replace(cfg, family=f, init="" if f != cfg.family else cfg.init), out)
+    tables.ablation(cfg, out)
+    tables.transfer(cfg, out)
+    tables.scaling(cfg, out)
+    tables.stability(cfg, out, fams)
+    fidelity_experiment(cfg, out)
+    wall = time.time() - t0
+    (out / "all.json").write_text(json.dumps({"wall_s": wall}))
+    return write_results(out, doc, all_wall_s=wall)
+
+
+def fidelity_experiment(cfg: ExperimentConfig, out: str | os.PathLike, fidelity_cfg=None) -> str:
+    """The proxy-fidelity oracle on the pre-trained policy and on CRAFT fine-tuned from it (first seed);
+    ``fidelity_cfg``: a :class:`~craft.experiments.fidelity.FidelityConfig` (default: its defaults)."""
+    from craft.experiments.core import finetune_run, write_json, write_text
+    from craft.experiments.fidelity import FidelityConfig, fidelity
+
+    out = Path(out)
+    t0 = time.time()
+    run = finetune_run(out, cfg, "craft", cfg.seeds[0])
+    folder = out / "fidelity"
+    res = fidelity({"pre-trained": cfg.init_path, "CRAFT": str(run / "policy.pt")}, folder,
+                   fidelity_cfg or FidelityConfig())
+    md = (folder / "fidelity.md").read_text()
+    write_json(folder / "table.json", {"result": res, "wall_s": time.time() - t0, "runs": [run.name]})
+    write_text(folder / "table.md", md)
+    return md
+
+
+__all__ = ["FAMILIES", "NAMES", "SMALL_BUDGET", "ExperimentConfig", "main_table", "run_experiment", "summarise",
+           "table_markdown"]
