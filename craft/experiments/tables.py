@@ -71,8 +71,11 @@ def ablation(cfg: ExperimentConfig, out: str | os.PathLike) -> str:
 
 # ------------------------------------------------------------------------------------------- transfer
 def transfer(cfg: ExperimentConfig, out: str | os.PathLike, fresh_towns: tuple[int, ...] = FRESH_TOWNS,
-             fresh_routes: int = 2, long_routes: int | None = None, long_train_routes: int | None = None) -> str:
-    """ΔDS, ΔRC, ΔIS, ΔSR of CRAFT against the pre-trained policy across train/evaluation distributions."""
+             fresh_routes: int = 2, long_routes: int | None = 18, long_train_routes: int | None = None) -> str:
+    """ΔDS, ΔRC, ΔIS, ΔSR of CRAFT against the pre-trained policy across train/evaluation distributions.
+
+    ``long_routes``: the first N routes of the ``long`` split (18 of its 36 by default: a long route costs up
+    to ~10x a Bench2Drive route to drive); ``fresh_routes``: routes per type on ``fresh_towns``."""
     cfg = _seed0(cfg)
     sets = {
         "test": default_eval_set(cfg),
@@ -106,7 +109,10 @@ def transfer(cfg: ExperimentConfig, out: str | os.PathLike, fresh_towns: tuple[i
         raw[name] = {"pretrained": base[dst], "deltas": deltas}
     cols = ("pre-trained DS", "DS", "ΔDS", "ΔRC", "ΔIS", "ΔSR")
     md = "\n".join([f"# Transfer: CRAFT ({cfg.family}), protocol `b2d`", "", budget_line(cfg),
-                    f" Fresh towns: seeds {fresh_towns[0]}–{fresh_towns[-1]}, {fresh_routes} routes per type.", "",
+                    f" `long`: its first {long_routes or 36} routes. Fresh towns: seeds "
+                    f"{fresh_towns[0]}–{fresh_towns[-1]}, "
+                    f"{fresh_routes} routes per type. Long-style fine-tuning: CRAFT on `long`-split routes built on "
+                    f"the same train towns.", "",
                     *markdown_table(rows, cols, head="fine-tuned on → evaluated on"), ""])
     folder = Path(out) / f"transfer-{cfg.family}"
     write_json(folder / "table.json", {"config": config_dict(cfg), "rows": rows, "raw": raw,
