@@ -17,7 +17,8 @@ from craft.policies import build_policy
 torch.set_num_threads(1)
 
 TINY = dict(methods=("grpo",), seeds=(0,), iters=1, buffer=16, worlds=2, train_towns=1, split="val", routes=1,
-            types=("HardBreakRoute",), protocols=("b2d",), finetune={"minibatch": 16}, eval_max_steps=150)
+            types=("HardBreakRoute",), protocols=("b2d",), finetune={"minibatch": 16}, eval_max_steps=150,
+            noise_seeds=())
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,14 @@ def test_main_table_tiny(tmp_path, init):
     assert (tmp_path / "main-vocab" / "table.json").read_text() == first
     data = json.loads(first)
     assert data["config"]["iters"] == 1 and len(data["runs"]) == 2 and len(data["evals"]) == 2
+
+
+def test_noise_floor_row(tmp_path, init):
+    cfg = ExperimentConfig(family="vocab", init=init, **{**TINY, "methods": (), "noise_seeds": (1,)})
+    rows = main_table(cfg, tmp_path)["b2d"]
+    row = rows["pre-trained, traffic seeds 0, 1"]
+    assert row["DS"]["n"] == 2 and rows["pretrained"]["DS"]["n"] == 1
+    assert "noise floor" in (tmp_path / "main-vocab" / "table.md").read_text()
 
 
 def test_seeded_runs_repeat(tmp_path, init):
@@ -131,3 +140,25 @@ def test_summary_mean_and_std_over_seeds():
     assert t["b2d"]["craft"]["Give_Way"] is None
     md = table_markdown(t, ExperimentConfig())
     assert "60.00 ± 14.14" in md and "–" in md
+
+
+def test_dropping_ended_routes_changes_nothing(tmp_path, monkeypatch):
+    """The runner drops ended routes' rows from the batch; every route's log is the same as without it."""
+    from craft.bench import runner
+    from craft.bench.runner import EvalConfig, evaluate, make_driver
+
+    types = ["HardBreakRoute", "ParkingCutIn", "Accident", "ControlLoss", "StaticCutIn", "YieldToEmergencyVehicle",
+             "PedestrianCrossing", "SignalizedJunctionLeftTurn", "OppositeVehicleRunningRedLight"]
+    cfg = EvalConfig(max_steps=700)
+    monkeypatch.setattr(runner, "COMPACT_MIN_ROWS", 4)
+    dropped = []
+    put = runner._put_rows
+    monkeypatch.setattr(runner, "_put_rows", lambda full, rows, part: dropped.append(len(rows)) or put(full, rows, part))
+    a = evaluate(make_driver("expert"), "val", tmp_path / "a", cfg, types=types)
+    monkeypatch.setattr(runner, "COMPACT_MIN_ROWS", 10_000)
+    monkeypatch.setattr(runner, "_put_rows", put)
+    b = evaluate(make_driver("expert"), "val", tmp_path / "b", cfg, types=types)
+    ra = json.loads((tmp_path / "a" / "results.json").read_text())["_checkpoint"]["records"]
+    rb = json.loads((tmp_path / "b" / "results.json").read_text())["_checkpoint"]["records"]
+    assert len(dropped) >= 2 and sum(dropped) == 18  # rows were dropped mid-run, then the rest at the end
+    assert len(ra) == 18 and ra == rb and a["DS"] == b["DS"]

@@ -120,6 +120,10 @@ _STEP_FIELDS = ("collision_pedestrian", "collision_vehicle", "collision_layout",
                 "stop_infraction", "speed", "accel", "yaw_rate", "background_speed", "done", "end_reason")
 
 
+COMPACT_MIN_ROWS = 16
+"""run_batch drops the rows of ended routes once half of a batch of at least this many rows has ended."""
+
+
 def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, frames_for: set[int] = frozenset(),
               progress: tqdm | None = None):
     """Drive ``instances`` (ScenarioInstance) in one batch. Returns (route logs, frames by batch index)."""
@@ -136,6 +140,8 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
     rec.update(pos=[], progress=[], driven=[], outside=[])
     frames: dict[int, list] = {b: [] for b in frames_for}
     ended_at = torch.full((B,), -1, dtype=torch.long)
+    rows = torch.arange(B)  # batch row -> route index; rows of ended routes are dropped (see _compact)
+    final = state  # every route's state at its end (rows written back when dropped)
     for t in range(int(caps.max())):
         state, table = apply(state, table, maps=world.maps, dt=world.cfg.dt)
         if t % cfg.replan_every == 0:
@@ -150,15 +156,17 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
                 ev.done = ev.done | over
                 ev.end_reason = torch.where(over, reason, ev.end_reason)
         for k in _STEP_FIELDS:
-            rec[k].append(getattr(ev, k).detach().cpu())
-        rec["pos"].append(state.pos[:, 0].detach().cpu())
-        rec["progress"].append(state.progress.detach().cpu())
-        rec["driven"].append(state.driven.detach().cpu())
-        rec["outside"].append(state.driven_outside.detach().cpu())
+            rec[k].append(_full(getattr(ev, k), rows, B))
+        rec["pos"].append(_full(state.pos[:, 0], rows, B))
+        rec["progress"].append(_full(state.progress, rows, B))
+        rec["driven"].append(_full(state.driven, rows, B))
+        rec["outside"].append(_full(state.driven_outside, rows, B))
         for b in frames_for:
             if ended_at[b] < 0 and t % 2 == 0:
                 frames[b].append(frame_of(world, state, b))
-        newly = ev.done.cpu() & (ended_at < 0)
+        newly = torch.zeros(B, dtype=torch.bool)
+        newly[rows] = ev.done.cpu()
+        newly &= ended_at < 0
         ended_at[newly] = t
         if progress is not None:
             progress.update(1)
@@ -166,6 +174,15 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
                 progress.set_postfix(routes_done=f"{int((ended_at >= 0).sum())}/{B}")
         if bool(state.done.all()):
             break
+        if not frames_for and len(rows) >= COMPACT_MIN_ROWS and int((~state.done).sum()) <= len(rows) // 2:
+            # most routes of the batch have ended: drop their rows. Every world is independent (its random
+            # numbers are keyed by its own seed and step), so the remaining routes drive exactly as before.
+            keep = ~state.done
+            final = _put_rows(final, rows[~keep.cpu()], state.index(~keep))
+            state, table, ex, caps = state.index(keep), table.index(keep), ex.index(keep), caps[keep]
+            rows = rows[keep.cpu()]
+    final = _put_rows(final, rows, state)
+    state = final
     steps = len(rec["speed"])
     R = {k: torch.stack(v) for k, v in rec.items()}  # (T, B, ...)
     final_reason = state.end_reason.cpu()
@@ -174,6 +191,27 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
         n = int(ended_at[b]) + 1 if ended_at[b] >= 0 else steps
         logs.append(_route_log(b, inst, R, n, world, state, final_reason))
     return logs, frames
+
+
+def _full(x: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
+    """A per-step record of the batch rows ``rows`` as a (B, ...) CPU tensor (dropped rows: zeros)."""
+    x = x.detach().cpu()
+    if len(rows) == B:
+        return x
+    out = torch.zeros((B, *x.shape[1:]), dtype=x.dtype)
+    out[rows] = x
+    return out
+
+
+def _put_rows(full, rows: torch.Tensor, part):
+    """``full`` (a WorldState of all routes) with the routes ``rows`` replaced by ``part``'s rows."""
+    from dataclasses import fields
+
+    if len(rows) == 0:
+        return full
+    idx = rows.to(full.step.device)
+    return full.replace(**{f.name: getattr(full, f.name).index_copy(0, idx, getattr(part, f.name))
+                           for f in fields(full)})
 
 
 def _route_log(b: int, inst, R: dict, n: int, world: World, state, final_reason) -> RouteLog:

@@ -55,6 +55,9 @@ class ExperimentConfig:
     protocols: tuple[str, ...] = ("b2d", "b2d-star")
     eval_seed: int = 0
     """Background-traffic seed of every evaluation: the spread over ``seeds`` is the fine-tuning's alone."""
+    noise_seeds: tuple[int, ...] = (1, 2)
+    """Further evaluation traffic seeds for the pre-trained policy alone (main table): the spread of its DS over
+    ``(eval_seed,) + noise_seeds`` is the evaluation's own noise floor, the yardstick for the methods' gaps."""
     eval_max_steps: int | None = None
     """Tick cap of every evaluated route (default: Bench2Drive's 200 s, long routes their own; for tests)."""
     finetune: dict = field(default_factory=lambda: dict(SMALL_BUDGET))
@@ -284,7 +287,9 @@ def budget_line(cfg: ExperimentConfig) -> str:
 
 
 def table_markdown(table: dict, cfg: ExperimentConfig) -> str:
-    lines = [f"# Main table: {cfg.family} on `{cfg.split}`", "", budget_line(cfg), ""]
+    lines = [f"# Main table: {cfg.family} on `{cfg.split}`", "", budget_line(cfg)
+             + (" The last row evaluates the pre-trained policy under other background-traffic seeds: its ± is the "
+                "evaluation's noise floor." if cfg.noise_seeds else ""), ""]
     for proto, rows in table.items():
         lines += [f"## Protocol `{proto}`", ""] + markdown_table(rows, COLUMNS) + [""]
     return "\n".join(lines)
@@ -325,6 +330,13 @@ def main_table(cfg: ExperimentConfig, out: str | os.PathLike) -> dict:
             used.append(run)
             for proto, s in evaluate_policy(run / "policy.pt", run, es, cfg.protocols, evals).items():
                 results.setdefault(m, {}).setdefault(proto, []).append(s)
+    if cfg.noise_seeds:
+        row = f"pre-trained, traffic seeds {', '.join(str(x) for x in (cfg.eval_seed,) + tuple(cfg.noise_seeds))}"
+        results[row] = {p: list(v) for p, v in results["pretrained"].items()}
+        for ns in cfg.noise_seeds:
+            for proto, s in evaluate_policy(cfg.init_path, used[0], replace(es, seed=ns), cfg.protocols,
+                                            evals).items():
+                results[row][proto].append(s)
     table = summarise(results)
     folder = Path(out) / f"main-{cfg.family}"
     write_json(folder / "table.json", {"config": config_dict(cfg), "table": table, "runs": run_names(used),

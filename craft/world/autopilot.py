@@ -72,6 +72,16 @@ class PlanExecutor:
         self.plan_pos0 = torch.where(mask[:, None], pos0, self.plan_pos0)
         self.age = torch.where(mask, torch.zeros_like(self.age), self.age)
 
+    def index(self, idx: torch.Tensor) -> "PlanExecutor":
+        """The executor of a subset of worlds (``idx``: (B',) long or (B,) bool), e.g. after dropping ended ones."""
+        ex = PlanExecutor.__new__(PlanExecutor)
+        ex.cfg, ex.dt = self.cfg, self.dt
+        ex.tracker = self.tracker.index(idx)
+        ex.plan_world = None if self.plan_world is None else self.plan_world[idx]
+        ex.plan_pos0 = None if self.plan_pos0 is None else self.plan_pos0[idx]
+        ex.age = self.age[idx]
+        return ex
+
     def control(self, state: WorldState) -> torch.Tensor:
         """(B, 2) ego (accel, steer) for this step; advances the plan clock."""
         from craft.world.tracker import track
