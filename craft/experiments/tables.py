@@ -14,6 +14,7 @@ Each writes ``OUT/<name>/table.{md,json}`` (and plots) and returns its markdown.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import replace
@@ -249,11 +250,15 @@ def cv(series: list[float]) -> float:
 
 def stability(cfg: ExperimentConfig, out: str | os.PathLike,
               families: tuple[str, ...] = ("vocab", "hier", "vla")) -> str:
-    """Fig. 5: CV over iterations of KL_rev, KL_fwd and E[A] per method and family (mean ± std over seeds)."""
+    """Fig. 5: CV over iterations of KL_rev, KL_fwd and E[A] per method and family (mean ± std over seeds).
+
+    A family's runs are those of its main table when ``OUT/main-<family>/table.json`` exists (its seeds and
+    budget), else ``cfg``'s with that family (run if missing)."""
     rows: dict[str, dict] = {}
-    used = []
+    used, seeds_of = [], {}
     for fam in families:
-        fcfg = replace(cfg, family=fam, init="" if fam != cfg.family else cfg.init)
+        fcfg = main_config(out, fam) or replace(cfg, family=fam, init="" if fam != cfg.family else cfg.init)
+        seeds_of[fam] = list(fcfg.seeds)
         for m in cfg.methods:
             per: dict[str, list[float]] = {}
             for seed in cfg.seeds:
@@ -269,7 +274,9 @@ def stability(cfg: ExperimentConfig, out: str | os.PathLike,
     folder = Path(out) / "stability"
     _stability_plot(rows, families, cfg.methods, folder / "stability.png")
     md = "\n".join([
-        "# Stability: coefficient of variation over fine-tuning iterations", "", budget_line(cfg), "",
+        "# Stability: coefficient of variation over fine-tuning iterations", "",
+        "The main tables' runs (" + "; ".join(f"{f}: seeds {v}" for f, v in seeds_of.items()) + "), "
+        f"{cfg.iters} iterations each; mean ± std over seeds.", "",
         "CV = std / |mean| of the per-iteration value (lower is steadier). E[A]: CRAFT / GRPO's exact expected "
         "advantage over the candidate set; PPO / REINFORCE++'s clipped surrogate of the sampled candidate.", "",
         *markdown_table(rows, ("CV KL_rev", "CV KL_fwd", "CV E[A]"), digits=3, head="family / method"), "",
@@ -278,6 +285,16 @@ def stability(cfg: ExperimentConfig, out: str | os.PathLike,
                                                         "runs": run_names(used)})
     write_text(folder / "table.md", md)
     return md
+
+
+def main_config(out: str | os.PathLike, family: str) -> ExperimentConfig | None:
+    """The ExperimentConfig a family's main table was made with (None if it has not been made)."""
+    path = Path(out) / f"main-{family}" / "table.json"
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())["config"]
+    return ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+                               if k in ExperimentConfig.__dataclass_fields__})
 
 
 def _stability_plot(rows: dict, families: tuple[str, ...], methods: tuple[str, ...], path: Path) -> None:
