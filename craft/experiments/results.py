@@ -87,6 +87,10 @@ def write_results(root: str | os.PathLike, doc: str | os.PathLike = "docs/result
                  else ""), ""]
     for folder, title, cmd in SECTIONS:
         md = root / folder / "table.md"
+        tj = root / folder / "table.json"
+        if folder.startswith("main-") and tj.exists():
+            n = len(json.loads(tj.read_text())["config"]["seeds"])
+            cmd += f" --seeds {n}" if n != 3 else ""
         lines += [f"## {title}", "", f"Command: `{cmd} --out {_display_root(root)}`", ""]
         if not md.exists():
             lines += ["Not run yet.", ""]
