@@ -111,10 +111,10 @@ def test_fidelity_experiment_and_report(tmp_path, init):
                         scatter_states=1)
     md = fidelity_experiment(cfg, tmp_path, fc)
     data = json.loads((tmp_path / "fidelity" / "table.json").read_text())
-    assert set(data["result"]["policies"]) == {"pre-trained", "CRAFT"} and data["wall_s"] > 0
-    assert "| pre-trained |" in md
+    assert set(data["result"]["policies"]) == {"vocab pre-trained", "vocab CRAFT"} and data["wall_s"] > 0
+    assert "| vocab pre-trained |" in md
     doc = run_experiment("report", cfg, tmp_path, doc=tmp_path / "results.md")
-    assert "## Proxy fidelity (oracle)" in doc and "| pre-trained |" in doc
+    assert "## Proxy fidelity (oracle)" in doc and "| vocab CRAFT |" in doc
     assert (tmp_path / "results" / "fidelity-fidelity.png").exists()
 
 

@@ -45,7 +45,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | os.PathLike,
     if name == "stability":
         return tables.stability(cfg, out, fams)
     if name == "fidelity":
-        return fidelity_experiment(cfg, out)
+        return fidelity_experiment(cfg, out, families=fams)
     if name == "report":
         return write_results(out, doc)
     t0 = time.time()
@@ -55,26 +55,34 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | os.PathLike,
     tables.transfer(cfg, out)
     tables.scaling(cfg, out)
     tables.stability(cfg, out, fams)
-    fidelity_experiment(cfg, out)
+    fidelity_experiment(cfg, out, families=fams)
     wall = time.time() - t0
     (out / "all.json").write_text(json.dumps({"wall_s": wall}))
     return write_results(out, doc, all_wall_s=wall)
 
 
-def fidelity_experiment(cfg: ExperimentConfig, out: str | os.PathLike, fidelity_cfg=None) -> str:
-    """The proxy-fidelity oracle on the pre-trained policy and on CRAFT fine-tuned from it (first seed);
-    ``fidelity_cfg``: a :class:`~craft.experiments.fidelity.FidelityConfig` (default: its defaults)."""
+def fidelity_experiment(cfg: ExperimentConfig, out: str | os.PathLike, fidelity_cfg=None,
+                        families: tuple[str, ...] = ("vocab",)) -> str:
+    """The proxy-fidelity oracle on each family's pre-trained policy and on CRAFT fine-tuned from it (the first
+    seed of the family's main table, or of ``cfg``); ``fidelity_cfg``: a
+    :class:`~craft.experiments.fidelity.FidelityConfig` (default: its defaults)."""
     from craft.experiments.core import finetune_run, write_json, write_text
     from craft.experiments.fidelity import FidelityConfig, fidelity
+    from craft.experiments.tables import main_config
 
     out = Path(out)
     t0 = time.time()
-    run = finetune_run(out, cfg, "craft", cfg.seeds[0])
+    policies, runs = {}, []
+    for fam in families:
+        fcfg = main_config(out, fam) or replace(cfg, family=fam, init="" if fam != cfg.family else cfg.init)
+        run = finetune_run(out, fcfg, "craft", fcfg.seeds[0])
+        runs.append(run.name)
+        policies[f"{fam} pre-trained"] = fcfg.init_path
+        policies[f"{fam} CRAFT"] = str(run / "policy.pt")
     folder = out / "fidelity"
-    res = fidelity({"pre-trained": cfg.init_path, "CRAFT": str(run / "policy.pt")}, folder,
-                   fidelity_cfg or FidelityConfig())
+    res = fidelity(policies, folder, fidelity_cfg or FidelityConfig())
     md = (folder / "fidelity.md").read_text()
-    write_json(folder / "table.json", {"result": res, "wall_s": time.time() - t0, "runs": [run.name]})
+    write_json(folder / "table.json", {"result": res, "wall_s": time.time() - t0, "runs": runs})
     write_text(folder / "table.md", md)
     return md
 
