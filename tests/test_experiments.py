@@ -93,8 +93,10 @@ def test_ablation_transfer_scaling_stability_tiny(tmp_path, init):
     s = json.loads((tmp_path / "scaling-vocab" / "table.json").read_text())
     assert set(s["rows"]) == {"grpo", "craft"} and len(s["curves"]["craft"][0]) == 2
     assert (tmp_path / "scaling-vocab" / "scaling.png").stat().st_size > 0
-    md = tables.stability(cfg, tmp_path, families=("vocab",))
+    main_table(cfg, tmp_path)  # stability takes the main table's runs (its seeds), not its own cfg's
+    md = tables.stability(replace(cfg, seeds=(0, 1)), tmp_path, families=("vocab",))
     assert "vocab / CRAFT" in md and (tmp_path / "stability" / "stability.png").exists()
+    assert not list((tmp_path / "runs").glob("*-s1-*"))
     # docs/results.md from these files is deterministic
     a = write_results(tmp_path, tmp_path / "docs" / "results.md", discussion=None)
     b = write_results(tmp_path, tmp_path / "docs" / "results2.md", discussion=None)

@@ -259,9 +259,9 @@ def stability(cfg: ExperimentConfig, out: str | os.PathLike,
     for fam in families:
         fcfg = main_config(out, fam) or replace(cfg, family=fam, init="" if fam != cfg.family else cfg.init)
         seeds_of[fam] = list(fcfg.seeds)
-        for m in cfg.methods:
+        for m in fcfg.methods:
             per: dict[str, list[float]] = {}
-            for seed in cfg.seeds:
+            for seed in fcfg.seeds:
                 run = finetune_run(out, fcfg, m, seed)
                 used.append(run)
                 diag = read_diagnostics(run)
