@@ -556,7 +556,12 @@ def _plot(res: dict, plots: dict[str, dict], n_scatter: int) -> bytes:
     import matplotlib.pyplot as plt
 
     labels = list(plots)
-    fig, axes = plt.subplots(1, 1 + len(labels), figsize=(4.5 * (1 + len(labels)), 4.0), squeeze=False)
+    cols = min(4, 1 + len(labels))
+    nrows = -(-(1 + len(labels)) // cols)
+    fig, grid = plt.subplots(nrows, cols, figsize=(4.5 * cols, 4.0 * nrows), squeeze=False)
+    axes = grid.reshape(1, -1)  # panel k at axes[0, k]: the histogram, then one scatter per policy
+    for extra in axes[0, 1 + len(labels):]:
+        extra.axis("off")
     ax = axes[0, 0]
     bins = np.linspace(-1, 1, 21)
     for label in labels:
