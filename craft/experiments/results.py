@@ -48,6 +48,8 @@ def _body(md: str) -> list[str]:
         if line.startswith("# "):
             continue
         out.append("#" + line if line.startswith("#") else line)
+    while out and not out[0].strip():
+        out.pop(0)
     return out
 
 
@@ -69,7 +71,8 @@ def write_results(root: str | os.PathLike, doc: str | os.PathLike = "docs/result
              "disjoint towns (train: town seeds 30000+, test: 10000+, long: 40000+, fresh: 50000+).", ""]
     # compute time
     lines += ["## Compute time on this CPU", "",
-              "| experiment | fine-tuning (min) | evaluation (min) | new runs only (min) |", "|---|---:|---:|---:|"]
+              "| experiment | fine-tuning (min) | evaluation or oracle (min) | new runs only (min) |",
+              "|---|---:|---:|---:|"]
     seen: set[str] = set()
     total = 0.0
     for folder, title, _ in SECTIONS:
