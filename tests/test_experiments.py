@@ -100,7 +100,7 @@ def test_ablation_transfer_scaling_stability_tiny(tmp_path, init):
     # docs/results.md from these files is deterministic
     a = write_results(tmp_path, tmp_path / "docs" / "results.md", discussion=None)
     b = write_results(tmp_path, tmp_path / "docs" / "results2.md", discussion=None)
-    assert a == b and "## Ablation (Table 2)" in a and "Not run yet." in a  # main / fidelity not run here
+    assert a == b and "## Ablation (Table 2) — `vocab`" in a and "Not run yet." in a  # main / fidelity not run here
     assert (tmp_path / "docs" / "results" / "stability-stability.png").exists()
 
 

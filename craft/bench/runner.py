@@ -345,7 +345,7 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
             _score_and_write(logs, proto, Path(folder), split, seeds, driver.name, wall)
     summary, records = _score_and_write(logs, cfg.protocol, Path(out), split, seeds, driver.name, wall)
     if cfg.gif_worst:
-        _worst_gifs(world, instances, records, driver, cfg, out)
+        _worst_gifs(world, instances, records, driver, cfg, Path(out))
     return summary
 
 

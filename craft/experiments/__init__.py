@@ -51,7 +51,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | os.PathLike,
     t0 = time.time()
     for f in fams:
         main_table(replace(cfg, family=f, init="" if f != cfg.family else cfg.init), out)
-    tables.ablation(cfg, out)
+    for f in ("vocab", "hier"):
+        if f in fams:
+            tables.ablation(replace(cfg, family=f, init="" if f != cfg.family else cfg.init), out)
     tables.transfer(cfg, out)
     tables.scaling(cfg, out)
     tables.stability(cfg, out, fams)
