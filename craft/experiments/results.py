@@ -84,9 +84,10 @@ def write_results(root: str | os.PathLike, doc: str | os.PathLike = "docs/result
         new = _new_compute_s(root, folder, seen)
         total += new
         lines.append(f"| {title} | {c[0] / 60:.1f} | {c[1] / 60:.1f} | {new / 60:.1f} |")
-    lines += ["", f"Sum of new runs: **{total / 60:.0f} min** of single-process compute (runs and evaluations "
-              "record their own wall time; two experiments ran side by side on the 2 cores, so each figure is "
-              "an upper bound of the idle-machine time)."
+    lines += ["", f"Sum of new runs: **{total / 60:.0f} min** of single-process compute — about what "
+              "`craft experiment all` takes from scratch on this CPU. Runs and evaluations record their own "
+              "wall time; the experiments here ran two or three side by side on the 2 cores (each process on "
+              "one torch thread), so each figure is an upper bound of the idle-machine time."
               + (f" The last `craft experiment all` took {all_wall_s / 60:.1f} min of wall time." if all_wall_s
                  else ""), ""]
     for folder, title, cmd in SECTIONS:
