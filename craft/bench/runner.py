@@ -140,8 +140,8 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
     rec.update(pos=[], progress=[], driven=[], outside=[])
     frames: dict[int, list] = {b: [] for b in frames_for}
     ended_at = torch.full((B,), -1, dtype=torch.long)
-    rows = torch.arange(B)  # batch row -> route index; rows of ended routes are dropped (see _compact)
-    final = state  # every route's state at its end (rows written back when dropped)
+    rows = torch.arange(B)  # batch row -> route index; rows of ended routes are dropped once half have ended
+    final = state  # every route's state at the step its route ended (end-of-route checks read it)
     for t in range(int(caps.max())):
         state, table = apply(state, table, maps=world.maps, dt=world.cfg.dt)
         if t % cfg.replan_every == 0:
@@ -164,9 +164,11 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
         for b in frames_for:
             if ended_at[b] < 0 and t % 2 == 0:
                 frames[b].append(frame_of(world, state, b))
+        newly_rows = ev.done.cpu() & (ended_at[rows] < 0)  # batch rows whose route ended at this step
+        if bool(newly_rows.any()):  # keep each route's state as it was when it ended (the world steps on)
+            final = _put_rows(final, rows[newly_rows], state.index(newly_rows.to(state.step.device)))
         newly = torch.zeros(B, dtype=torch.bool)
-        newly[rows] = ev.done.cpu()
-        newly &= ended_at < 0
+        newly[rows[newly_rows]] = True
         ended_at[newly] = t
         if progress is not None:
             progress.update(1)
@@ -178,11 +180,10 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
             # most routes of the batch have ended: drop their rows. Every world is independent (its random
             # numbers are keyed by its own seed and step), so the remaining routes drive exactly as before.
             keep = ~state.done
-            final = _put_rows(final, rows[~keep.cpu()], state.index(~keep))
             state, table, ex, caps = state.index(keep), table.index(keep), ex.index(keep), caps[keep]
             rows = rows[keep.cpu()]
-    final = _put_rows(final, rows, state)
-    state = final
+    running = ended_at[rows] < 0  # routes still running when the loop stopped: their last state
+    state = _put_rows(final, rows[running], state.index(running.to(state.step.device)))
     steps = len(rec["speed"])
     R = {k: torch.stack(v) for k, v in rec.items()}  # (T, B, ...)
     final_reason = state.end_reason.cpu()
