@@ -299,13 +299,21 @@ def config_dict(cfg: ExperimentConfig) -> dict:
     return asdict(cfg)
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` atomically (temp name, then rename)."""
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` atomically (temp name, then rename; no half-written file on failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` atomically (see :func:`write_bytes`)."""
+    write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

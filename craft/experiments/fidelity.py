@@ -71,7 +71,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +81,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from craft.errors import CraftError
+from craft.experiments.core import write_bytes
 from craft.finetune.proxy import ProxyConfig
 
 __all__ = ["FidelityConfig", "fidelity", "real_returns", "residual_concentration", "state_stats"]
@@ -468,22 +468,6 @@ def _one_policy(label: str, path: str, cfg: FidelityConfig, progress: bool) -> t
 
 
 # ---------------------------------------------------------------------- outputs
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _clean(x):
     """JSON-safe: NaN / inf -> None, tuples -> lists."""
     if isinstance(x, dict):
@@ -627,7 +611,7 @@ def fidelity(policies: dict[str, str], out: str | os.PathLike, cfg: FidelityConf
         plots[label] = plot
     res = _clean(res)
     out = Path(out)
-    _atomic_write(out / "fidelity.json", (json.dumps(res, indent=2) + "\n").encode())
-    _atomic_write(out / "fidelity.md", _markdown(res).encode())
-    _atomic_write(out / "fidelity.png", _plot(res, plots, cfg.scatter_states))
+    write_bytes(out / "fidelity.json", (json.dumps(res, indent=2) + "\n").encode())
+    write_bytes(out / "fidelity.md", _markdown(res).encode())
+    write_bytes(out / "fidelity.png", _plot(res, plots, cfg.scatter_states))
     return res

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from craft.experiments.core import (
     METHOD_NAMES, ExperimentConfig, EvalSet, budget_line, config_dict, default_eval_set, evaluate_policy,
-    finetune_run, markdown_table, pretrained_dir, read_diagnostics, run_names, stats, summarise, write_json, write_text,
+    finetune_run, markdown_table, pretrained_dir, read_diagnostics, run_names, stats, summarise, write_bytes,
+    write_json, write_text,
 )
 
 FRESH_TOWNS = tuple(range(50000, 50010))
@@ -215,13 +216,14 @@ def _scaling_plot(rows: dict, pre_ds: float, curves: dict, hard_type: str, path:
 
 
 def _save_fig(fig, path: Path) -> None:
+    import io
+
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------ stability
