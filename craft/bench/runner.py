@@ -131,7 +131,7 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
     from craft.scenarios.base import start
     from craft.scenarios.script import apply
 
-    state, table = start(world, instances, cfg.seed)
+    state, table = start(world, instances, cfg.seed, per_route_seed=all("split" in i.meta for i in instances))
     B = state.batch_size
     caps = torch.tensor(route_step_caps(instances, cfg, world.cfg.dt), device=state.device)
     own_caps = bool((caps != caps[0]).any()) or any(getattr(i, "time_limit_s", None) is not None for i in instances)
@@ -215,6 +215,17 @@ def _put_rows(full, rows: torch.Tensor, part):
                            for f in fields(full)})
 
 
+def b2d_route_id(inst, b: int = 0) -> str:
+    """Bench2Drive's ``RouteScenario_<number>_rep0`` for a split route (number:
+    :func:`craft.scenarios.splits.route_number`, the same whatever routes are evaluated with it); other
+    instances: ``RouteScenario_<batch row>_rep0``."""
+    from craft.scenarios.splits import route_number
+
+    k = inst.meta.get("route_id")
+    num = route_number(inst.type, k) if "split" in inst.meta and isinstance(k, int) else b
+    return f"RouteScenario_{num}_rep0"
+
+
 def _route_log(b: int, inst, R: dict, n: int, world: World, state, final_reason) -> RouteLog:
     dt = world.cfg.dt
     col = {"collisions_pedestrian": "collision_pedestrian", "collisions_vehicle": "collision_vehicle",
@@ -249,7 +260,7 @@ def _route_log(b: int, inst, R: dict, n: int, world: World, state, final_reason)
         extra["scenarios"] = chain_breakdown(inst.meta["chain"], infractions, prog, R["outside"][:n, b].numpy(),
                                              completed=reason == "completed")
     return RouteLog(
-        route_id=inst.meta.get("route_id", f"{inst.type}_{b}"),
+        route_id=b2d_route_id(inst, b),
         scenario_type=inst.type,
         town_seed=int(inst.town_seed),
         route_length_m=float(state.route_length[b]),
@@ -331,8 +342,6 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     if limits:  # routes with their own (longer) tick cap: the runner enforces each, the world the longest
         wcfg = replace(wcfg, events=replace(wcfg.events, tick_cap=max(wcfg.events.tick_cap, max(limits))))
     world = World(towns, wcfg, device=device)
-    for i, inst in enumerate(instances):
-        inst.meta["route_id"] = f"RouteScenario_{i}_{inst.type}_{inst.meta.get('route_id', 0)}"
     logs: list[RouteLog] = []
     for i in range(0, len(instances), cfg.batch_size):
         batch = instances[i:i + cfg.batch_size]

@@ -462,15 +462,24 @@ class Ctx:
                                 route_end_m=self.route_length())
 
 
-def start(world, instances: list[ScenarioInstance], seed: int):
+def start(world, instances: list[ScenarioInstance], seed: int, per_route_seed: bool = False):
     """Reset ``world`` with the instances' specs, pin the scripted agents' queues and pack the scripts.
+
+    ``per_route_seed``: seed every world from its route's own identity and ``seed``
+    (:func:`craft.scenarios.splits.instance_seed`; the instances must come from a split), so a route's
+    drive does not depend on the other routes of the batch. Otherwise world ``b`` draws from ``(seed, b)``.
 
     Returns ``(state, table)``; then per step: ``state, table = script.apply(state, table, maps=world.maps)``
     before ``world.step`` (adding ``table.ego_perturbation`` to the ego control).
     """
     from craft.scenarios.script import pack, set_queues
 
-    state = world.reset([inst.spec for inst in instances], seed)
+    row_seeds = None
+    if per_route_seed:
+        from craft.scenarios.splits import instance_seed
+
+        row_seeds = [instance_seed(inst, seed) for inst in instances]
+    state = world.reset([inst.spec for inst in instances], seed, row_seeds=row_seeds)
     state = set_queues(state, [inst.queues for inst in instances])
     ends = [inst.route_end_m if inst.route_end_m is not None else math.inf for inst in instances]
     state = cut_routes(state, torch.tensor(ends, dtype=torch.float32, device=state.device))

@@ -26,6 +26,10 @@ and draws from ``numpy.random.default_rng([4, k, tries])``; it chains 3-6 scenar
 :mod:`craft.scenarios.long`. Its instances have ``type == "Long"`` and ``meta["types"]``, the chained types in
 route order; a long route's tick cap grows with its length (``ScenarioInstance.time_limit_s``).
 
+Per-route seeding: an evaluation seeds each route's world with :func:`route_seed` of the route's
+:func:`route_identity` (split, type, k, town seed) and the evaluation seed, so a route's result does not
+depend on the other routes evaluated with it (``--routes``, ``--types``, ``--batch-size``, sharding).
+
 Scenario types of Bench2Drive that are not implemented yet are **skipped with a warning**
 (``UserWarning`` naming them); ``strict=True`` raises :class:`CraftError` instead.
 """
@@ -64,6 +68,46 @@ SPLITS = {
 }
 
 
+ROUTES_PER_TYPE_MAX = 1000
+"""Routes per type a split may ask for (route numbers are ``type index x 1000 + k``)."""
+
+
+def route_number(scenario_type: str, k: int) -> int:
+    """A route's number within its split: ``1000 x (index of its type in B2D_TYPES) + k`` (the long split's
+    type ``Long`` comes after the 44: ``44000 + k``). It names the route in results
+    (``RouteScenario_<number>_rep0``) whatever other routes are evaluated with it."""
+    ti = B2D_TYPES.index(scenario_type) if scenario_type in B2D_TYPES else len(B2D_TYPES)
+    if not 0 <= int(k) < ROUTES_PER_TYPE_MAX:
+        raise CraftError(f"route number k must be in [0, {ROUTES_PER_TYPE_MAX}), got {k}")
+    return ti * ROUTES_PER_TYPE_MAX + int(k)
+
+
+def route_identity(split: str, scenario_type: str, k: int, town_seed: int) -> str:
+    """What makes a route the route it is: ``"<split>/<type>/<k>/<town seed>"`` (the town seed is part of it:
+    ``--town-seeds`` moves route k of a type to another town)."""
+    return f"{split}/{scenario_type}/{int(k)}/{int(town_seed)}"
+
+
+def route_seed(identity: str, seed: int) -> int:
+    """The seed of one route's world (background traffic placement and random stream): a pure function of
+    the route's :func:`route_identity` and the evaluation seed, in ``[0, 2**31 - 1)``. It does not depend on
+    which routes share the batch, their order, the batch size or the process that runs the route.
+
+    >>> route_seed("test/Accident/0/10013", 0) == route_seed("test/Accident/0/10013", 0)
+    True
+    """
+    return zlib.crc32(f"{identity}#{int(seed)}".encode()) % (2**31 - 1)
+
+
+def instance_seed(inst: ScenarioInstance, seed: int) -> int:
+    """:func:`route_seed` of a split instance (``meta["split"]``, ``meta["route_id"]`` = k, ``town_seed``)."""
+    m = inst.meta
+    for key in ("split", "route_id"):
+        if key not in m:
+            raise CraftError(f"instance_seed: the {inst.type} instance has no meta[{key!r}] (not made by split_specs)")
+    return route_seed(route_identity(m["split"], inst.type, m["route_id"], inst.town_seed), seed)
+
+
 def split_town_seeds(split: str) -> list[int]:
     """The town seeds of ``split`` (disjoint between splits); map_index i of its instances = seed i."""
     if split not in SPLITS:
@@ -95,8 +139,8 @@ def split_specs(split: str, town_seeds: list[int] | None = None, routes: int | N
     if not pool:
         raise CraftError("split_specs needs at least one town seed")
     n_routes = default_routes if routes is None else int(routes)
-    if n_routes < 1:
-        raise CraftError(f"routes must be >= 1, got {routes}")
+    if not 1 <= n_routes <= ROUTES_PER_TYPE_MAX:
+        raise CraftError(f"routes must be in 1..{ROUTES_PER_TYPE_MAX}, got {routes}")
     wanted = list(types) if types is not None else list(B2D_TYPES)
     unknown = [t for t in wanted if t not in B2D_TYPES]
     if unknown:
@@ -197,4 +241,4 @@ def load_split(split: str, town_seeds: list[int] | None = None, routes: int | No
     return instances, [cache[pool[m]] for m in used]
 
 
-__all__ = ["B2D_TYPES", "SPLITS", "split_specs", "load_split", "split_town_seeds", "missing_types"]
+__all__ = ["B2D_TYPES", "SPLITS", "route_number", "route_identity", "route_seed", "instance_seed", "split_specs", "load_split", "split_town_seeds", "missing_types"]

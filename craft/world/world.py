@@ -109,11 +109,20 @@ class World:
         self._limits = lim.to(self.device)
 
     # ------------------------------------------------------------------ reset
-    def reset(self, specs: list[WorldSpec], seed: int) -> WorldState:
-        """Build B worlds from specs; background traffic is drawn from ``seed`` (same seed, same worlds)."""
+    def reset(self, specs: list[WorldSpec], seed: int, row_seeds: list[int] | None = None) -> WorldState:
+        """Build B worlds from specs; background traffic is drawn from ``seed`` (same seed, same worlds).
+
+        By default world ``b`` draws from ``(seed, b)``, so it depends on its row. ``row_seeds`` (B ints)
+        seeds every world from its own number instead (its layout and its random stream depend on that
+        number only, not on its row or on the other worlds of the batch); ``seed`` is then unused.
+        """
         if not specs:
             raise CraftError("reset needs at least one WorldSpec")
-        rows = [self._layout(i, spec, seed) for i, spec in enumerate(specs)]
+        if row_seeds is not None and len(row_seeds) != len(specs):
+            raise CraftError(f"reset: {len(row_seeds)} row_seeds for {len(specs)} specs")
+        keys = ([[seed, b] for b in range(len(specs))] if row_seeds is None
+                else [[int(s) % (2**31 - 1)] for s in row_seeds])
+        rows = [self._layout(i, spec, keys[i]) for i, spec in enumerate(specs)]
         B = len(rows)
         N = max(len(r["agents"]) for r in rows)
         K = self.maps.light_lane.shape[1]
@@ -124,7 +133,8 @@ class World:
         t = st.tensors()
         for b, r in enumerate(rows):
             t["map_id"][b] = r["map"]
-            t["seed"][b] = (seed * 1000003 + b * 7919) % (2**31 - 1)
+            t["seed"][b] = ((seed * 1000003 + b * 7919) % (2**31 - 1) if row_seeds is None
+                            else int(row_seeds[b]) % (2**31 - 1))
             for n, a in enumerate(r["agents"]):
                 for k, v in a.items():
                     if k == "queue":
@@ -147,8 +157,8 @@ class World:
         st = st.replace(queue=refill_queue(self.maps, st, st.lane, st.queue, salt=0))
         return self._sync_ego(st)
 
-    def _layout(self, b: int, spec: WorldSpec, seed: int) -> dict:
-        """Place the ego and every agent of one world (numpy; not a hot path)."""
+    def _layout(self, b: int, spec: WorldSpec, key: list[int]) -> dict:
+        """Place the ego and every agent of one world (numpy; not a hot path); ``key`` seeds its draws."""
         if not 0 <= spec.map_index < self.maps.num_maps:
             raise CraftError(f"world {b}: map_index {spec.map_index} does not exist ({self.maps.num_maps} maps)")
         m: RoadMap = self.maps.maps[spec.map_index]
@@ -162,7 +172,7 @@ class World:
                 raise CraftError(f"world {b}: route is disconnected: lane {c} does not follow lane {a}")
         if not np.isfinite(spec.ego_s) or not 0 <= spec.ego_s <= float(m.lane_length[route[0]]):
             raise CraftError(f"world {b}: ego_s {spec.ego_s} is outside lane {route[0]}")
-        rng = np.random.default_rng([seed, b])
+        rng = np.random.default_rng(key)
         agents = []
         ego_pos, ego_yaw = _pose(m, route[0], spec.ego_s)
         L, W, WB = DEFAULT_SIZE[AgentKind.EGO]
