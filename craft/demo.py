@@ -124,8 +124,10 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
     # one route before and after: the largest driving-score change
     import json
 
-    rb = json.loads((out / "eval-before" / "results.json").read_text())["records"]
-    ra = json.loads((out / "eval-after" / "results.json").read_text())["records"]
+    from craft.bench.metrics import load_results
+
+    rb = load_results(out / "eval-before" / "results.json")["records"]
+    ra = load_results(out / "eval-after" / "results.json")["records"]
     delta = [a["scores"]["score_composed"] - b["scores"]["score_composed"] for a, b in zip(ra, rb)]
     i = max(range(len(delta)), key=lambda k: (abs(delta[k]), delta[k]))
     inst_all, towns = load_split("val", routes=1)

@@ -58,7 +58,7 @@ def test_multiplicative_penalties():
 def test_outside_lanes_factor():
     r = score_route(log(driven_m=200.0, outside_lanes_m=20.0))
     assert r["scores"]["score_penalty"] == pytest.approx(0.9)
-    assert r["infractions"]["outside_route_lanes"][0].split(" ")[8] == "20.000"  # the leaderboard parses this
+    assert r["infractions"]["outside_route_lanes"][0].split(" ")[8] == "20.0"  # the leaderboard parses this
     r = score_route(log(driven_m=200.0, outside_lanes_m=20.0, infractions={"red_light": [ev()]}))
     assert r["scores"]["score_penalty"] == pytest.approx(0.63)
 
@@ -142,7 +142,8 @@ def test_efficiency():
     lg = log(progress_m=25.0, completed=False, end_reason="agent_blocked",
              checkpoint_speeds=_speeds(100.0, 20.0, 10.0, frac=0.25))
     assert efficiency(lg) == pytest.approx(200.0)
-    assert len(score_route(lg)["infractions"]["min_speed_infractions"]) == 5
+    # Bench2Drive records only fully passed checkpoints (25 m passes 4 of 5 m; the 5th would need > 25 m)
+    assert len(score_route(lg)["infractions"]["min_speed_infractions"]) == 4
 
 
 def test_savgol_reproduces_polynomials():
@@ -192,9 +193,9 @@ def _rec(scenario, rc_progress=100.0, completed=True, route_id="r", **kw):
 
 
 def test_aggregate_ds_sr_over_num_routes():
-    recs = [_rec("Accident", route_id="a"),
-            _rec("HighwayExit", route_id="b", infractions={"collisions_vehicle": [ev(other_kind="CAR")]}),
-            _rec("InvadingTurn", 50.0, completed=False, route_id="c"),
+    recs = [_rec("Accident", route_id="RouteScenario_1_rep0"),
+            _rec("HighwayExit", route_id="RouteScenario_2_rep0", infractions={"collisions_vehicle": [ev(other_kind="CAR")]}),
+            _rec("InvadingTurn", 50.0, completed=False, route_id="RouteScenario_3_rep0"),
             M.crashed_record("d", "ControlLoss", 0, 100.0)]
     s = aggregate(recs, num_routes=5, protocol="b2d", split="dev", town_seeds=[0, 1], policy="rule")
     assert s["DS"] == pytest.approx((100 + 60 + 50 + 0 + 0) / 5)
@@ -228,9 +229,9 @@ def test_abilities_traffic_signs_partial_credit():
 
 
 def test_infractions_per_km():
-    a = _rec("Accident", route_id="a", infractions={"collisions_vehicle": [ev(), ev(t=9.0)], "red_light": [ev()]},
+    a = _rec("Accident", route_id="RouteScenario_1_rep0", infractions={"collisions_vehicle": [ev(), ev(t=9.0)], "red_light": [ev()]},
              driven_m=100.0, outside_lanes_m=10.0)
-    b = _rec("Accident", 50.0, completed=False, route_id="b", route_length_m=200.0, end_reason="agent_blocked")
+    b = _rec("Accident", 50.0, completed=False, route_id="RouteScenario_2_rep0", route_length_m=200.0, end_reason="agent_blocked")
     s = aggregate([a, b], num_routes=2)
     km = (100 * 1.0 + 200 * 0.25) / 1000  # route km completed, as the leaderboard's global record
     assert s["infractions_per_km"]["collisions_vehicle"] == pytest.approx(round(2 / km, 3))
@@ -243,8 +244,8 @@ def test_infractions_per_km():
 def test_efficiency_comfort_aggregate():
     n = 100
     kin = {"accel_lon": np.zeros(n), "accel_lat": np.zeros(n), "yaw_rate": np.zeros(n)}
-    a = score_route(log(route_id="a", checkpoint_speeds=_speeds(100.0, 5.0, 10.0), kinematics=kin))
-    b = score_route(log(route_id="b", checkpoint_speeds=_speeds(100.0, 5.0, np.nan)))
+    a = score_route(log(route_id="RouteScenario_1_rep0", checkpoint_speeds=_speeds(100.0, 5.0, 10.0), kinematics=kin))
+    b = score_route(log(route_id="RouteScenario_2_rep0", checkpoint_speeds=_speeds(100.0, 5.0, np.nan)))
     s = aggregate([a, b], num_routes=2)
     assert s["efficiency"] == pytest.approx(75.0)
     assert s["comfort"] == pytest.approx(100.0)
@@ -252,8 +253,8 @@ def test_efficiency_comfort_aggregate():
 
 # ---------------------------------------------------------------------- results file and reports
 def test_results_json_roundtrip_and_validation(tmp_path):
-    recs = [_rec("Accident", route_id="a", infractions={"red_light": [ev()]}),
-            M.crashed_record("b", "HighwayExit", 3)]
+    recs = [_rec("Accident", route_id="RouteScenario_1_rep0", infractions={"red_light": [ev()]}),
+            M.crashed_record("RouteScenario_2_rep0", "HighwayExit", 3)]
     s = aggregate(recs, num_routes=2, protocol="b2d-star", split="smoke", town_seeds=[3], policy="expert")
     out = results_json(s, recs)
     assert [r["index"] for r in out["records"]] == [0, 1]
@@ -276,8 +277,8 @@ def test_results_json_roundtrip_and_validation(tmp_path):
 
 
 def test_reports(tmp_path):
-    recs = [_rec("Accident", route_id="a"), _rec("Accident", 50.0, completed=False, route_id="b"),
-            _rec("T_Junction", route_id="c")]
+    recs = [_rec("Accident", route_id="RouteScenario_1_rep0"), _rec("Accident", 50.0, completed=False, route_id="RouteScenario_2_rep0"),
+            _rec("T_Junction", route_id="RouteScenario_3_rep0")]
     s = aggregate(recs, num_routes=3, split="dev", town_seeds=[0], policy="rule")
     table = per_type_table(recs)
     assert table["Accident"] == {"routes": 2, "success": 1, "DS": pytest.approx(75.0)}

@@ -11,12 +11,15 @@ the world's per-step :class:`~craft.world.state.StepEvents` into one :class:`Rou
   infractions per km);
 - :func:`results_json` / :func:`validate_results` give and check the results file.
 
-Deliberate, documented deviations from Bench2Drive's scripts (each marked "Deviation" where it happens):
-units are SI and rad/s throughout (the original comfort script compares deg/s with rad/s bounds); the
-yaw acceleration is the Savitzky-Golay derivative of the yaw rate (the original script only smooths
-the yaw rate and calls that yaw acceleration); an incomplete route's RC is capped at 99.99 so that
-"RC == 100" always means completed; mean RC / IS are over the routes present (the leaderboard divides by
-the total number of routes).
+Bench2Drive's rules are followed as its code applies them (see docs/benchmark.md, "Where a published number
+depends on Bench2Drive's code"): the comfort figure ``comfort`` reproduces its unit handling (a deg/s yaw
+rate against rad/s bounds, the smoothed yaw rate as "yaw acceleration") and CRAFT's consistent variant is
+``comfort_si``; efficiency counts every background vehicle and only fully passed checkpoints (plus the
+last when > 95 % is done); the outside-lanes percentage is over route distance; the 200 s cap is reported
+as its "Failed - TickRuntime" status without an infraction entry. Remaining deliberate deviations (each
+marked "Deviation" where it happens): an incomplete route's RC is capped at 99.99 so that "RC == 100"
+always means completed; mean RC / IS are over the routes present (the leaderboard divides by the total
+number of routes; its ``global_record`` in the results file does divide by the total).
 """
 
 from __future__ import annotations
@@ -49,10 +52,13 @@ __all__ = [
     "is_success",
     "efficiency",
     "comfort",
+    "comfort_si",
     "savgol",
     "aggregate",
     "results_json",
     "validate_results",
+    "load_results",
+    "global_record",
 ]
 
 # ---------------------------------------------------------------------- tables
@@ -140,7 +146,7 @@ _STATUS_FAILURE = {
     "route_deviation": "Agent deviated from the route",
     "agent_blocked": "Agent got blocked",
     "route_timeout": "Agent timed out",
-    "tick_cap": "Agent timed out",
+    "tick_cap": "TickRuntime",  # Bench2Drive's message when its 4000-tick (200 s) limit stops the route
 }
 CRASHED_STATUS = "Failed - Simulation crashed"
 
@@ -191,6 +197,10 @@ class RouteLog:
     """Metres driven (``WorldState.driven``)."""
     outside_lanes_m: float = 0.0
     """Metres driven outside route lanes / in a wrong-direction lane (``WorldState.driven_outside``)."""
+    outside_route_m: float | None = None
+    """Route metres passed while outside route lanes / in a wrong-direction lane
+    (``WorldState.progress_outside``): Bench2Drive's outside-lanes percentage is this over the route metres
+    passed (``progress_m``). None (hand-made logs): ``outside_lanes_m`` over ``driven_m`` instead."""
     scenario_timeout: bool = False
     """The route's scenario was not passed within its 240 s (one ``scenario_timeouts`` factor 0.7)."""
     yield_emergency_failed: bool = False
@@ -201,14 +211,22 @@ class RouteLog:
     """Per-step arrays for comfort: ``accel_lon`` (StepEvents.accel, m/s^2), ``accel_lat`` (m/s^2; the
     runner may use speed x yaw_rate), ``yaw_rate`` (StepEvents.yaw_rate, rad/s), optional ``speed`` (m/s)."""
     checkpoint_speeds: dict[str, Any] = field(default_factory=dict)
-    """Per-step arrays for efficiency: ``ego_speed`` (m/s), ``background_speed`` (StepEvents.background_speed,
-    NaN where no background vehicle was within 50 m), ``progress_m`` (WorldState.progress after the step)."""
+    """Per-step arrays for efficiency: ``ego_speed`` (m/s), ``background_speed_all`` (mean speed of every
+    background vehicle of the world, NaN where there is none: Bench2Drive's rule), ``progress_m``
+    (WorldState.progress after the step); optional ``background_speed`` (StepEvents.background_speed, moving
+    vehicles within 50 m), used when ``background_speed_all`` is missing."""
+    pose: dict[str, Any] = field(default_factory=dict)
+    """Optional per-step ego ``x``, ``y`` (m) and ``yaw`` (rad), for the per-step file of the comfort tool."""
     duration_s: float | None = None
     """Simulated route duration, s (``meta.duration_game``); defaults to steps logged x 0.1 s."""
     duration_system_s: float = 0.0
     """Wall-clock seconds spent on the route (``meta.duration_system``); 0 if unknown."""
     extra_meta: dict[str, Any] = field(default_factory=dict)
     """Extra JSON-able keys copied into the record's ``meta`` (e.g. a long route's chained scenarios)."""
+    scenario_name: str | None = None
+    """Bench2Drive's ``scenario_name`` (``<Type>_<n>``); default ``<scenario_type>_<route number>``."""
+    town_name: str | None = None
+    """Bench2Drive's ``town_name``; default ``CraftTown<town_seed>``."""
 
 
 # ---------------------------------------------------------------------- per-route scoring
@@ -255,6 +273,16 @@ def _outside_percent(outside_m: float, driven_m: float) -> float:
     if driven_m <= 0:
         return 0.0
     return min(100.0, max(0.0, 100.0 * outside_m / driven_m))
+
+
+def _outside(log: RouteLog) -> tuple[float, float]:
+    """(metres, percent) of Bench2Drive's outside-route-lanes infraction: route metres passed while outside
+    route lanes / in a wrong-direction lane, and their share of the route metres passed (Bench2Drive's
+    OutsideRouteLanesTest counts route distance, not distance driven). Hand-made logs without
+    ``outside_route_m``: metres driven outside over metres driven."""
+    if log.outside_route_m is None:
+        return float(log.outside_lanes_m), _outside_percent(log.outside_lanes_m, log.driven_m)
+    return float(log.outside_route_m), _outside_percent(log.outside_route_m, log.progress_m)
 
 
 def infraction_score(counts: dict[str, int], outside_percent: float = 0.0) -> float:
@@ -313,14 +341,24 @@ def _cut_star(log: RouteLog) -> tuple[RouteLog, bool]:
            "infractions": infr,
            "driven_m": float(first.get("driven_m", log.driven_m)),
            "outside_lanes_m": float(first.get("outside_lanes_m", log.outside_lanes_m)),
+           "outside_route_m": (None if log.outside_route_m is None
+                               else float(first.get("outside_route_m", log.outside_route_m))),
            "scenario_timeout": _flag_until(log, "scenario_timeouts", log.scenario_timeout, infr),
            "yield_emergency_failed": _flag_until(log, "yield_emergency_vehicle_infractions",
                                                  log.yield_emergency_failed, infr),
            "kinematics": {k: _series(log.kinematics, k, n) for k in log.kinematics},
            "checkpoint_speeds": {k: _series(log.checkpoint_speeds, k, n) for k in log.checkpoint_speeds},
+           "pose": {k: _series(log.pose, k, n) for k in log.pose},
            "duration_s": min(t0, log.duration_s) if log.duration_s is not None else t0}
     )
     return cut, True
+
+
+def protocol_log(log: RouteLog, protocol: str) -> RouteLog:
+    """The log as ``protocol`` sees it: b2d-star cuts it at the first counted collision (:func:`_cut_star`)."""
+    if protocol not in PROTOCOLS:
+        raise CraftError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return _cut_star(log)[0] if protocol == "b2d-star" else log
 
 
 def _flag_until(log: RouteLog, key: str, flag: bool, cut_infractions: dict) -> bool:
@@ -353,23 +391,56 @@ def _messages(log: RouteLog, counts: dict[str, int], eff_values: list[float]) ->
                       ("yield_emergency_vehicle_infractions", "Agent failed to yield to an emergency vehicle")):
         events = log.infractions.get(key, [])
         out[key] = [f"{text} at {_xy(e)}" for e in events] or [text] * counts[key]
-    if log.outside_lanes_m > 0:
-        p = _outside_percent(log.outside_lanes_m, log.driven_m)
+    metres, p = _outside(log)
+    if metres > 0:
         out["outside_route_lanes"].append(
-            f"Agent went outside its route lanes for about {log.outside_lanes_m:.3f} meters ({p:.2f}% of the "
-            "driven route)"
+            f"Agent went outside its route lanes for about {round(metres, 3)} meters ({round(p, 2)}% of the "
+            "completed route)"
         )
     for v in eff_values:
-        out["min_speed_infractions"].append(f"Average speed is {v:.2f}% of the surrounding traffic's one")
+        out["min_speed_infractions"].append(f"Average speed is {v}% of the surrounding traffic's one")
     if log.end_reason == "route_deviation":
-        out["route_dev"].append("Agent deviated from the route")
+        out["route_dev"].append(f"Agent deviated from the route at {_xy(_last_xy(log))}")
     elif log.end_reason == "agent_blocked":
-        out["vehicle_blocked"].append("Agent got blocked")
+        out["vehicle_blocked"].append(f"Agent got blocked at {_xy(_last_xy(log))}")
     elif log.end_reason == "route_timeout":
         out["route_timeout"].append("Route timeout.")
-    elif log.end_reason == "tick_cap":
-        out["route_timeout"].append("Route timeout (tick cap).")
+    # tick_cap: Bench2Drive stops the route with its tick-limit error: no infraction entry (status only)
     return out
+
+
+def _last_xy(log: RouteLog) -> dict:
+    x, y = _series(log.pose, "x"), _series(log.pose, "y")
+    if x is None or y is None or len(x) == 0:
+        return {}
+    return {"x": float(x[-1]), "y": float(y[-1])}
+
+
+WEATHER_ID = "clear"
+"""``weather_id`` of every record: CRAFT's world has no weather (Bench2Drive writes the id of its CARLA weather)."""
+
+
+def route_number_of(route_id: str) -> int:
+    """The integer of a ``RouteScenario_<int>_rep<k>`` route id (how Bench2Drive's tools match records to
+    routes); CraftError for another form."""
+    parts = str(route_id).split("_")
+    if len(parts) != 3 or parts[0] != "RouteScenario" or not parts[1].isdigit() or not parts[2].startswith("rep") \
+            or not parts[2][3:].isdigit():
+        raise CraftError(f"route_id {route_id!r} is not of the form RouteScenario_<int>_rep<k>")
+    return int(parts[1])
+
+
+def _names(route_id: str, scenario_type: str, town_seed: int, scenario_name: str | None,
+           town_name: str | None) -> dict:
+    """Bench2Drive's naming fields of a record."""
+    try:
+        num = route_number_of(route_id)
+    except CraftError:
+        num = 0
+    scen = scenario_name or f"{scenario_type}_{num}"
+    town = town_name or f"CraftTown{int(town_seed)}"
+    return {"scenario_name": scen, "weather_id": WEATHER_ID, "save_name": f"{route_id}_{town}_{scen}_{WEATHER_ID}",
+            "town_name": town}
 
 
 def score_route(log: RouteLog, protocol: str = "b2d", index: int = -1) -> dict:
@@ -385,11 +456,15 @@ def score_route(log: RouteLog, protocol: str = "b2d", index: int = -1) -> dict:
     (route timeout and tick cap) / ``" - Agent collided against an object"`` (b2d-star only, CRAFT's
     wording); :func:`crashed_record` gives ``"Failed - Simulation crashed"`` for routes that did not run.
 
-    Record: ``route_id, index, status, scenario_type, scenario_name`` (same value), ``town_seed``,
-    ``num_infractions``, ``scores {score_route, score_penalty, score_composed}``, ``infractions {key:
-    [strings]}`` (all of :data:`INFRACTION_KEYS`), ``meta {route_length, duration_game, duration_system,
-    protocol, end_reason, success, progress, driven, outside_lanes, first_junction_progress, efficiency,
-    comfort}``.
+    Record (Bench2Drive's leaderboard fields first): ``index``, ``route_id`` (``RouteScenario_<int>_rep<k>``),
+    ``scenario_name`` (``<Type>_<n>``), ``weather_id``, ``save_name`` (``<route_id>_<town_name>_<scenario_name>_
+    <weather_id>``: the folder of the route's per-step file; Bench2Drive appends a time stamp, left out so that
+    records are reproducible), ``town_name``, ``status``, ``num_infractions``, ``infractions {key: [strings]}``
+    (all of :data:`INFRACTION_KEYS`), ``scores {score_route, score_penalty, score_composed}``, ``meta
+    {route_length, duration_game, duration_system, ...}``; then CRAFT's ``scenario_type`` and ``town_seed``.
+    CRAFT's meta keys: protocol, end_reason, success, progress, driven, outside_lanes (metres driven outside),
+    outside_route (route metres passed outside), first_junction_progress, efficiency, comfort (Bench2Drive's
+    computation), comfort_si (CRAFT's consistent one).
     """
     if protocol not in PROTOCOLS:
         raise CraftError(f"score_route: protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -398,7 +473,7 @@ def score_route(log: RouteLog, protocol: str = "b2d", index: int = -1) -> dict:
         log, _ = _cut_star(log)
     rc = route_completion(log.progress_m, log.route_length_m, log.completed)
     counts = _event_counts(log, log.infractions)
-    p_out = _outside_percent(log.outside_lanes_m, log.driven_m)
+    _, p_out = _outside(log)
     score_is = infraction_score(counts, p_out)
     eff_route, eff_values = _efficiency_values(log)
     infr = _messages(log, counts, eff_values)
@@ -413,12 +488,10 @@ def score_route(log: RouteLog, protocol: str = "b2d", index: int = -1) -> dict:
                    + list(log.checkpoint_speeds.values()) if v is not None), default=0)
     duration = log.duration_s if log.duration_s is not None else n_steps * _DT
     record = {
-        "route_id": str(log.route_id),
         "index": int(index),
+        "route_id": str(log.route_id),
+        **_names(log.route_id, log.scenario_type, log.town_seed, log.scenario_name, log.town_name),
         "status": status,
-        "scenario_type": log.scenario_type,
-        "scenario_name": log.scenario_type,
-        "town_seed": int(log.town_seed),
         "num_infractions": num,
         "scores": {
             "score_route": rc,
@@ -438,10 +511,14 @@ def score_route(log: RouteLog, protocol: str = "b2d", index: int = -1) -> dict:
             "outside_lanes": round(float(log.outside_lanes_m), _ROUND_META),
             "first_junction_progress": (None if log.first_junction_progress_m is None
                                         else float(log.first_junction_progress_m)),
+            "outside_route": round(_outside(log)[0], _ROUND_META),
             "efficiency": eff_route,
             "comfort": comfort(log),
+            "comfort_si": comfort_si(log),
             **log.extra_meta,
         },
+        "scenario_type": log.scenario_type,
+        "town_seed": int(log.town_seed),
     }
     record["meta"]["success"] = is_success(record)
     return record
@@ -451,15 +528,16 @@ def crashed_record(route_id: str, scenario_type: str, town_seed: int, route_leng
                    index: int = -1, protocol: str = "b2d") -> dict:
     """The record of a route that could not be run (``"Failed - Simulation crashed"``, all scores 0)."""
     return {
-        "route_id": str(route_id), "index": int(index), "status": CRASHED_STATUS,
-        "scenario_type": scenario_type, "scenario_name": scenario_type, "town_seed": int(town_seed),
+        "index": int(index), "route_id": str(route_id), **_names(route_id, scenario_type, town_seed, None, None),
+        "status": CRASHED_STATUS, "scenario_type": scenario_type, "town_seed": int(town_seed),
         "num_infractions": 0,
         "scores": {"score_route": 0.0, "score_penalty": 0.0, "score_composed": 0.0},
         "infractions": {k: [] for k in INFRACTION_KEYS},
         "meta": {"route_length": round(float(route_length_m), _ROUND_META), "duration_game": 0.0,
                  "duration_system": 0.0, "protocol": protocol, "end_reason": "crashed", "success": False,
-                 "progress": 0.0, "driven": 0.0, "outside_lanes": 0.0, "first_junction_progress": None,
-                 "efficiency": None, "comfort": None},
+                 "progress": 0.0, "driven": 0.0, "outside_lanes": 0.0, "outside_route": 0.0,
+                 "first_junction_progress": None,
+                 "efficiency": None, "comfort": None, "comfort_si": None},
     }
 
 
@@ -472,42 +550,60 @@ def is_success(record: dict) -> bool:
 
 
 # ---------------------------------------------------------------------- efficiency
+def _checkpoint_value(ego_sum: float, bg_sum: float, n: int) -> float:
+    """One checkpoint's value as the leaderboard writes it: round(100 x mean ego / mean background, 2), or the
+    integer 100 when no step of the checkpoint had background vehicles (or they all stood still)."""
+    if n > 0 and bg_sum:
+        return round((ego_sum / n) / (bg_sum / n) * 100, 2)
+    return 100
+
+
 def _efficiency_values(log: RouteLog) -> tuple[float | None, list[float]]:
     """(route value, per-checkpoint values) of :func:`efficiency`."""
     cs = log.checkpoint_speeds
-    ego, bg, prog = (_series(cs, k) for k in ("ego_speed", "background_speed", "progress_m"))
+    bg_key = "background_speed_all" if _series(cs, "background_speed_all") is not None else "background_speed"
+    ego, bg, prog = (_series(cs, k) for k in ("ego_speed", bg_key, "progress_m"))
     if ego is None or prog is None or len(ego) == 0:
         return None, []
     n = min(len(ego), len(prog), len(bg) if bg is not None else len(ego))
-    ego, prog = ego[:n], prog[:n]
+    ego, prog = np.abs(ego[:n]), np.maximum.accumulate(np.maximum(prog[:n], 0.0))
     bg = bg[:n] if bg is not None else np.full(n, np.nan)
     seg = float(log.route_length_m) / _CHECKPOINTS
-    idx = np.clip(np.floor(np.maximum(prog, 0.0) / seg), 0, _CHECKPOINTS - 1).astype(np.int64)
-    values = []
-    for c in range(_CHECKPOINTS):
-        in_c = idx == c
-        if not in_c.any():
-            continue  # checkpoint never reached: no record
-        has_bg = in_c & np.isfinite(bg)
-        bg_mean = float(bg[has_bg].mean()) if has_bg.any() else 0.0
-        if bg_mean > 0:
-            v = 100.0 * float(np.abs(ego[has_bg]).mean()) / bg_mean
-        else:
-            v = 100.0  # no (moving) background vehicle around: the leaderboard's default
-        if v <= _EFFICIENCY_CAP:
-            values.append(v)
-    return (float(np.mean(values)) if values else None), values
+    has = np.isfinite(bg)
+    ego_c = np.concatenate([[0.0], np.cumsum(np.where(has, ego, 0.0))])  # prefix sums over the steps
+    bg_c = np.concatenate([[0.0], np.cumsum(np.where(has, bg, 0.0))])
+    cnt_c = np.concatenate([[0], np.cumsum(has)])
+    values: list = []
+    first, current = 0, 0.0  # first step of the open checkpoint; route metres where it began
+    while True:
+        # the step whose progress first exceeds the open checkpoint by more than one checkpoint length closes
+        # it before its own sample is added (MinimumSpeedRouteTest.update)
+        t = int(np.searchsorted(prog, current + seg, side="right"))
+        if values:
+            t = max(t, first + 1)  # one checkpoint per step at most
+        if t >= n:
+            break
+        values.append(_checkpoint_value(ego_c[t] - ego_c[first], bg_c[t] - bg_c[first], int(cnt_c[t] - cnt_c[first])))
+        first, current = t, float(prog[t])
+    if prog[-1] / float(log.route_length_m) > 0.95:  # the last, partly passed checkpoint (terminate())
+        values.append(_checkpoint_value(ego_c[n] - ego_c[first], bg_c[n] - bg_c[first], int(cnt_c[n] - cnt_c[first])))
+    kept = [v for v in values if v <= _EFFICIENCY_CAP]
+    return (float(np.mean(kept)) if kept else None), values
 
 
 def efficiency(log: RouteLog) -> float | None:
-    """Bench2Drive's driving efficiency of one route, percent (may exceed 100).
+    """Bench2Drive's driving efficiency of one route, percent (may exceed 100), as its leaderboard's
+    MinimumSpeedRouteTest and its efficiency script compute it.
 
-    The route is split into 20 equal checkpoints by ``checkpoint_speeds['progress_m']``; each reached
-    checkpoint gives 100 x (mean ego speed) / (mean background speed) over its steps that have a
-    background record (non-NaN ``background_speed``), like the leaderboard's MinSpeedRouteTest; 100 when
-    none of its steps has one (or the background stood still). Values above 1000 are dropped, as
-    Bench2Drive's efficiency script does. Route value = mean over the recorded checkpoints; None if there
-    are no per-step records.
+    The route (``route_length_m``) has 20 checkpoints of equal length. Every step with background vehicles
+    (a finite ``background_speed_all``: the mean speed of *every* background vehicle of the world) adds the
+    ego speed and that mean to the open checkpoint. The checkpoint closes at the first step whose route
+    progress exceeds the checkpoint's start by more than one checkpoint length (only fully passed
+    checkpoints count; the next one starts at that step's progress), giving 100 x ego sum / background sum
+    rounded to 2 digits (the integer 100 when it had no such step). When the route ends beyond 95 % of its
+    length the open checkpoint is closed too. Route value = mean of the checkpoint values <= 1000 (the
+    efficiency script drops larger ones); None if there are none (a route stopped before its first
+    checkpoint has no efficiency, and the efficiency script leaves it out).
     """
     return _efficiency_values(log)[0]
 
@@ -559,8 +655,9 @@ def _chunk_comfortable(lon: np.ndarray, lat: np.ndarray, yaw_rate: np.ndarray) -
     return all(bool(np.all((s > COMFORT_BOUNDS[k][0]) & (s < COMFORT_BOUNDS[k][1]))) for k, s in signals.items())
 
 
-def comfort(log: RouteLog) -> float | None:
-    """Share of comfortable 2 s chunks of the route, in [0, 1] (Bench2Drive's smoothness metric).
+def comfort_si(log: RouteLog) -> float | None:
+    """CRAFT's physically consistent comfort: share of comfortable 2 s chunks of the route, in [0, 1]
+    (the ``comfort_si`` key; :func:`comfort` is Bench2Drive's own computation).
 
     ``kinematics['accel_lon']``, ``['accel_lat']`` (m/s^2) and ``['yaw_rate']`` (rad/s), 10 Hz, are cut
     into non-overlapping 20-sample chunks (an incomplete last chunk is ignored; a route of at most 20
@@ -582,6 +679,54 @@ def comfort(log: RouteLog) -> float | None:
     if n <= _COMFORT_CHUNK:
         return 1.0 if _chunk_comfortable(lon, lat, yaw) else 0.0
     res = [_chunk_comfortable(lon[i:i + _COMFORT_CHUNK], lat[i:i + _COMFORT_CHUNK], yaw[i:i + _COMFORT_CHUNK])
+           for i in range(0, n - _COMFORT_CHUNK + 1, _COMFORT_CHUNK)]
+    return sum(res) / len(res)
+
+
+def _unwrap(headings: np.ndarray) -> np.ndarray:
+    """Bench2Drive's phase unwrap (it applies it to the yaw rate, in deg/s, with a 2 pi period)."""
+    adj = np.zeros_like(headings)
+    adj[1:] = np.cumsum(np.round(np.diff(headings) / (2 * np.pi)))
+    return headings - 2 * np.pi * adj
+
+
+def _chunk_comfortable_b2d(lon: np.ndarray, lat: np.ndarray, yaw_rate_deg: np.ndarray) -> bool:
+    """Bench2Drive's compute_comfort_metric on one chunk, its unit handling included: the yaw rate arrives
+    in deg/s (CARLA's angular velocity) and is checked against the rad/s bounds, and its "yaw acceleration"
+    is the smoothed yaw rate itself (no derivative)."""
+    n = len(lon)
+    w = min(7, n)
+    if w <= 2:
+        raise CraftError(f"comfort: a chunk needs at least 3 samples, got {n}")
+    if w % 2 == 0:  # Bench2Drive's scipy accepts an even window; ours needs an odd one (routes < 7 samples only)
+        w -= 1
+    yaw = _unwrap(yaw_rate_deg)
+    yaw_s = savgol(yaw, w, 2)
+    lon_s, lat_s, mag_s = (savgol(x, w, 2) for x in (lon, lat, np.hypot(lon, lat)))
+    signals = {"lon_accel": lon_s, "lat_accel": lat_s, "jerk": savgol(mag_s, w, 2, deriv=1, delta=_DT),
+               "lon_jerk": savgol(lon_s, w, 2, deriv=1, delta=_DT), "yaw_accel": yaw_s, "yaw_rate": yaw_s}
+    return all(bool(np.all((x > COMFORT_BOUNDS[k][0]) & (x < COMFORT_BOUNDS[k][1]))) for k, x in signals.items())
+
+
+def comfort(log: RouteLog) -> float | None:
+    """Bench2Drive's comfort (smoothness) of one route, in [0, 1], as its efficiency_smoothness_benchmark.py
+    computes it from the per-step file: 20-sample chunks (a route of at most 20 samples is one chunk, an
+    incomplete last chunk is dropped), Savitzky-Golay window 7, order 2, and its unit handling — the yaw
+    rate in deg/s against the 0.95 bound meant for rad/s, the smoothed yaw rate (deg/s) as the yaw
+    acceleration against 1.93. Almost any turn therefore makes a chunk uncomfortable; :func:`comfort_si`
+    is the physically consistent variant. None when fewer than 3 samples were logged."""
+    k = log.kinematics
+    lon, lat, yaw = (_series(k, name) for name in ("accel_lon", "accel_lat", "yaw_rate"))
+    if lon is None or yaw is None:
+        return None
+    n = min(len(lon), len(yaw), len(lat) if lat is not None else len(lon))
+    if n < 3:
+        return None
+    lat = lat[:n] if lat is not None else np.zeros(n)
+    lon, yaw = lon[:n], np.degrees(yaw[:n])
+    if n <= _COMFORT_CHUNK:
+        return 1.0 if _chunk_comfortable_b2d(lon, lat, yaw) else 0.0
+    res = [_chunk_comfortable_b2d(lon[i:i + _COMFORT_CHUNK], lat[i:i + _COMFORT_CHUNK], yaw[i:i + _COMFORT_CHUNK])
            for i in range(0, n - _COMFORT_CHUNK + 1, _COMFORT_CHUNK)]
     return sum(res) / len(res)
 
@@ -653,6 +798,7 @@ def aggregate(records: list[dict], num_routes: int, protocol: str = "b2d", split
     eff = [r["meta"].get("efficiency") for r in ran]
     com = [r["meta"].get("comfort") for r in ran]
     com_mean = mean([c for c in com if c is not None])
+    com_si = mean([c for c in (r["meta"].get("comfort_si") for r in ran) if c is not None])
     return {
         "DS": sum(r["scores"]["score_composed"] for r in records) / num_routes,
         "SR": 100.0 * sum(success) / num_routes,
@@ -660,6 +806,7 @@ def aggregate(records: list[dict], num_routes: int, protocol: str = "b2d", split
         "IS": mean([r["scores"]["score_penalty"] for r in ran]),
         "efficiency": mean([e for e in eff if e is not None]),
         "comfort": None if com_mean is None else 100.0 * com_mean,
+        "comfort_si": None if com_si is None else 100.0 * com_si,
         "abilities": abilities,
         "infractions_per_km": per_km,
         "num_routes": int(num_routes),
@@ -671,26 +818,101 @@ def aggregate(records: list[dict], num_routes: int, protocol: str = "b2d", split
 
 
 # ---------------------------------------------------------------------- results file
-SUMMARY_KEYS = ("DS", "SR", "RC", "IS", "efficiency", "comfort", "abilities", "infractions_per_km", "num_routes",
+SUMMARY_KEYS = ("DS", "SR", "RC", "IS", "efficiency", "comfort", "comfort_si", "abilities", "infractions_per_km", "num_routes",
                 "protocol", "split", "town_seeds", "policy")
 ABILITY_KEYS = tuple(ABILITIES) + ("Mean",)
-RECORD_KEYS = ("route_id", "index", "status", "scenario_type", "scenario_name", "town_seed", "scores",
-               "infractions", "meta")
+B2D_RECORD_KEYS = ("index", "route_id", "scenario_name", "weather_id", "save_name", "town_name", "status",
+                   "num_infractions", "infractions", "scores", "meta")
+"""A Bench2Drive leaderboard route record's fields (statistics_manager.py's RouteRecord)."""
+RECORD_KEYS = B2D_RECORD_KEYS + ("scenario_type", "town_seed")
 
 
-def results_json(summary: dict, records: list[dict], b2d_checkpoint: bool = True) -> dict:
-    """The results file: ``{"summary": ..., "records": [...]}``, records re-indexed 0..n-1 in order.
+B2D_LABELS = ("Avg. driving score", "Avg. route completion", "Avg. infraction penalty", "Collisions with pedestrians",
+              "Collisions with vehicles", "Collisions with layout", "Red lights infractions", "Stop sign infractions",
+              "Off-road infractions", "Route deviations", "Route timeouts", "Agent blocked",
+              "Yield emergency vehicles infractions", "Scenario timeouts", "Min speed infractions")
+"""The leaderboard's ``labels`` (the order of ``values``)."""
+_LABEL_KEYS = ("collisions_pedestrian", "collisions_vehicle", "collisions_layout", "red_light", "stop_infraction",
+               "outside_route_lanes", "route_dev", "route_timeout", "vehicle_blocked",
+               "yield_emergency_vehicle_infractions", "scenario_timeouts", "min_speed_infractions")
+SENSORS = ["craft_world_state"]
+"""The results file's ``sensors``: CRAFT's drivers read the batched world state (no CARLA sensor)."""
 
-    With ``b2d_checkpoint`` the same records are also under ``_checkpoint.records`` (with ``progress``
-    [records, num_routes]), where Bench2Drive's merge_route_json.py / ability_benchmark.py read them.
+
+def global_record(records: list[dict], num_routes: int) -> dict:
+    """The leaderboard's ``_checkpoint.global_record`` (statistics_manager.compute_global_statistics): score
+    means over ``num_routes`` and their sample standard deviations, infractions per km driven (route length
+    x RC; outside_route_lanes: total km outside), total length / durations, the failed routes as
+    ``exceptions`` [route_id, index, status], and the worst status (Perfect > Completed > Failed)."""
+    keys = ("score_composed", "score_route", "score_penalty")
+    mean = {k: round(sum(r["scores"][k] for r in records) / num_routes, _ROUND_SCORE) for k in keys}
+    if num_routes == 1:
+        std = {k: 0 for k in keys}
+    else:
+        std = {k: round(math.sqrt(sum((r["scores"][k] - mean[k]) ** 2 for r in records) / (num_routes - 1)),
+                        _ROUND_META) for k in keys}
+    km = max(sum(r["meta"]["route_length"] / 1000 * r["scores"]["score_route"] / 100 for r in records), 0.001)
+    infr = {}
+    for key in INFRACTION_KEYS:
+        if key == "outside_route_lanes":
+            infr[key] = round(sum(_outside_km(r) for r in records), _ROUND_META)
+        else:
+            infr[key] = round(sum(len(r["infractions"][key]) for r in records) / km, _ROUND_META)
+    status, exceptions = "Perfect", []
+    for r in records:
+        if "Failed" in r["status"]:
+            exceptions.append([r["route_id"], r["index"], r["status"]])
+            status = "Failed"
+        elif status == "Perfect" and r["status"] != "Perfect":
+            status = r["status"]
+    return {"index": -1, "route_id": -1, "status": status, "infractions": infr, "scores_mean": mean,
+            "scores_std_dev": std,
+            "meta": {"total_length": round(sum(r["meta"]["route_length"] for r in records), _ROUND_META),
+                     "duration_game": round(sum(r["meta"]["duration_game"] for r in records), _ROUND_META),
+                     "duration_system": round(sum(r["meta"]["duration_system"] for r in records), _ROUND_META),
+                     "exceptions": exceptions}}
+
+
+def results_json(summary: dict, records: list[dict]) -> dict:
+    """The results file in the leaderboard's layout plus CRAFT's summary.
+
+    ``_checkpoint {global_record, progress [records, num_routes], records}``, ``entry_status`` ("Finished";
+    "Crashed" when a record says the simulation crashed), ``eligible``, ``sensors``, ``values`` (strings, in
+    :data:`B2D_LABELS` order), ``labels``; then CRAFT's ``summary`` and ``records`` (the same records,
+    re-indexed 0..n-1 in order; Bench2Drive's tools read ``_checkpoint.records``).
     """
     recs = [{**r, "index": i} for i, r in enumerate(records)]
-    out = {"summary": summary, "records": recs}
-    if b2d_checkpoint:
-        out["_checkpoint"] = {"records": recs, "progress": [len(recs), int(summary.get("num_routes", len(recs)))],
-                              "global_record": {}}
+    n = int(summary.get("num_routes", len(recs)))
+    g = global_record(recs, n)
+    crashed = any("Simulation crashed" in r["status"] for r in recs)
+    entry = "Crashed" if crashed else "Finished"
+    values = [str(g["scores_mean"][k]) for k in ("score_composed", "score_route", "score_penalty")]
+    values += [str(g["infractions"][k]) for k in _LABEL_KEYS]
+    out = {"_checkpoint": {"global_record": g, "progress": [len(recs), n], "records": recs},
+           "entry_status": entry, "eligible": entry == "Finished", "sensors": list(SENSORS), "values": values,
+           "labels": list(B2D_LABELS), "summary": summary, "records": recs}
     validate_results(out)
     return out
+
+
+def load_results(path) -> dict:
+    """Read and check a results file; a file of another layout (an older CRAFT version, another tool's)
+    gives one CraftError line naming the file and the first missing or malformed field."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CraftError(f"results file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CraftError(f"results file {path} is not readable JSON ({e})") from None
+    try:
+        validate_results(obj)
+    except CraftError as e:
+        raise CraftError(f"{path}: {e} (not a results file of this layout; re-run craft eval)") from None
+    return obj
 
 
 def _num(x) -> bool:
@@ -704,7 +926,7 @@ def validate_results(obj) -> None:
 
     if not isinstance(obj, dict):
         fail("top level", f"must be an object, got {type(obj).__name__}")
-    for key in ("summary", "records"):
+    for key in ("_checkpoint", "entry_status", "eligible", "sensors", "values", "labels", "summary", "records"):
         if key not in obj:
             fail("top level", f"is missing {key!r}")
     s = obj["summary"]
@@ -716,7 +938,7 @@ def validate_results(obj) -> None:
     for key in ("DS", "SR", "num_routes"):
         if not _num(s[key]):
             fail(f"summary.{key}", f"must be a number, got {s[key]!r}")
-    for key in ("RC", "IS", "efficiency", "comfort"):
+    for key in ("RC", "IS", "efficiency", "comfort", "comfort_si"):
         if s[key] is not None and not _num(s[key]):
             fail(f"summary.{key}", f"must be a number or null, got {s[key]!r}")
     if not isinstance(s["abilities"], dict):
@@ -738,10 +960,14 @@ def validate_results(obj) -> None:
         for key in RECORD_KEYS:
             if key not in r:
                 fail(w, f"is missing {key!r}")
-        for key in ("route_id", "status", "scenario_type", "scenario_name"):
+        for key in ("route_id", "status", "scenario_type", "scenario_name", "weather_id", "save_name", "town_name"):
             if not isinstance(r[key], str):
                 fail(f"{w}.{key}", f"must be a string, got {r[key]!r}")
-        for key in ("index", "town_seed"):
+        try:
+            route_number_of(r["route_id"])
+        except CraftError:
+            fail(f"{w}.route_id", f"{r['route_id']!r} is not of the form RouteScenario_<int>_rep<k>")
+        for key in ("index", "town_seed", "num_infractions"):
             if not isinstance(r[key], int) or isinstance(r[key], bool):
                 fail(f"{w}.{key}", f"must be an integer, got {r[key]!r}")
         if not isinstance(r["scores"], dict):
@@ -766,9 +992,17 @@ def validate_results(obj) -> None:
                 fail(f"{w}.meta", f"is missing {key!r}")
             if not _num(r["meta"][key]):
                 fail(f"{w}.meta.{key}", f"must be a number, got {r['meta'][key]!r}")
-    if "_checkpoint" in obj:
-        cp = obj["_checkpoint"]
-        if not isinstance(cp, dict) or not isinstance(cp.get("records"), list):
-            fail("_checkpoint", "must be an object with a 'records' list")
-        if len(cp["records"]) != len(obj["records"]):
-            fail("_checkpoint.records", "must hold the same records as 'records'")
+    cp = obj["_checkpoint"]
+    if not isinstance(cp, dict):
+        fail("_checkpoint", "must be an object")
+    for key in ("global_record", "progress", "records"):
+        if key not in cp:
+            fail("_checkpoint", f"is missing {key!r}")
+    if not isinstance(cp["records"], list) or len(cp["records"]) != len(obj["records"]):
+        fail("_checkpoint.records", "must hold the same records as 'records'")
+    g = cp["global_record"]
+    if not isinstance(g, dict):
+        fail("_checkpoint.global_record", "must be an object")
+    for key in ("status", "infractions", "scores_mean", "scores_std_dev", "meta"):
+        if key not in g:
+            fail("_checkpoint.global_record", f"is missing {key!r}")

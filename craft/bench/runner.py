@@ -31,6 +31,7 @@ from craft.world.state import EndReason
 from craft.world.world import World, WorldConfig
 
 PROTOCOLS = ("b2d", "b2d-star")
+SWITCHES = ("wrong_direction", "blocked")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class EvalConfig:
     max_steps: int | None = None  # tick cap in steps for every route; None: 2000 (200 s, Bench2Drive) or a route's own time_limit_s (long routes)
     seed: int = 0  # background traffic seed
     gif_worst: int = 0  # GIFs of this many lowest-DS routes
+    switches: tuple[str, ...] = ("wrong_direction", "blocked")  # Bench2Drive's scenario switches in effect:
+    # wrong_direction: the TwoWays scenarios switch the wrong-direction test off while they run; blocked: a
+    # scenario's own timeout suspends the blocked test while it runs (see craft.scenarios.base.scenario_windows)
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -52,6 +56,9 @@ class EvalConfig:
                 raise CraftError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.gif_worst < 0:
             raise CraftError(f"EvalConfig.gif_worst must be >= 0, got {self.gif_worst}")
+        bad = [x for x in self.switches if x not in SWITCHES]
+        if bad:
+            raise CraftError(f"EvalConfig.switches: unknown {bad}; use some of {SWITCHES}")
 
 
 DEFAULT_MAX_STEPS = 2000  # Bench2Drive's 200 s tick cap at dt = 0.1 s
@@ -120,6 +127,28 @@ _STEP_FIELDS = ("collision_pedestrian", "collision_vehicle", "collision_layout",
                 "stop_infraction", "speed", "accel", "yaw_rate", "background_speed", "done", "end_reason")
 
 
+def background_vehicles(state, n_explicit: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: the background traffic vehicles of every world (Bench2Drive's ``role_name ==
+    'background'``): valid cars, trucks, bicycles and emergency vehicles after the ego and the scenario's
+    ``n_explicit (B,)`` explicit agents, wherever they are and whatever their speed; parked (STATIC) ones,
+    which Bench2Drive places as map meshes rather than vehicles, are left out."""
+    from craft.world.state import Mode
+
+    n = torch.arange(state.num_agents, device=state.device)[None]
+    veh = torch.zeros_like(state.valid)
+    for k in (AgentKind.CAR, AgentKind.TRUCK, AgentKind.BICYCLE, AgentKind.EMERGENCY):
+        veh |= state.kind == int(k)
+    return state.valid & veh & (n > n_explicit[:, None]) & (state.mode != Mode.STATIC)
+
+
+def mean_background_speed(state, n_explicit: torch.Tensor) -> torch.Tensor:
+    """(B,) mean speed of :func:`background_vehicles` (NaN where a world has none), m/s."""
+    bg = background_vehicles(state, n_explicit)
+    n = bg.sum(-1)
+    tot = torch.where(bg, state.speed.abs(), torch.zeros_like(state.speed)).sum(-1)
+    return torch.where(n > 0, tot / n.clamp_min(1), torch.full_like(tot, float("nan")))
+
+
 COMPACT_MIN_ROWS = 16
 """run_batch drops the rows of ended routes once half of a batch of at least this many rows has ended."""
 
@@ -128,22 +157,29 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
               progress: tqdm | None = None):
     """Drive ``instances`` (ScenarioInstance) in one batch. Returns (route logs, frames by batch index)."""
     from craft.demo import frame_of
-    from craft.scenarios.base import start
+    from craft.scenarios.base import apply_windows, scenario_windows, start
     from craft.scenarios.script import apply
 
     state, table = start(world, instances, cfg.seed, per_route_seed=all("split" in i.meta for i in instances))
+    win = scenario_windows(instances, device=state.device)
+    if "wrong_direction" not in cfg.switches:
+        win.wrong_dir_end_m.zero_()
+    if "blocked" not in cfg.switches:
+        win.blocked_end_m.zero_()
+    n_explicit = torch.tensor([len(i.spec.agents) for i in instances], device=state.device)
     B = state.batch_size
     caps = torch.tensor(route_step_caps(instances, cfg, world.cfg.dt), device=state.device)
     own_caps = bool((caps != caps[0]).any()) or any(getattr(i, "time_limit_s", None) is not None for i in instances)
     ex = PlanExecutor(B, state.device, dt=world.cfg.dt)
     rec = {k: [] for k in _STEP_FIELDS}
-    rec.update(pos=[], progress=[], driven=[], outside=[])
+    rec.update(pos=[], progress=[], driven=[], outside=[], outside_route=[], bg_all=[], yaw=[])
     frames: dict[int, list] = {b: [] for b in frames_for}
     ended_at = torch.full((B,), -1, dtype=torch.long)
     rows = torch.arange(B)  # batch row -> route index; rows of ended routes are dropped once half have ended
     final = state  # every route's state at the step its route ended (end-of-route checks read it)
     for t in range(int(caps.max())):
         state, table = apply(state, table, maps=world.maps, dt=world.cfg.dt)
+        state = apply_windows(state, win)
         if t % cfg.replan_every == 0:
             ex.set_plan(state, driver.plan(world, state))
         control = ex.control(state) + table.ego_perturbation
@@ -161,6 +197,9 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
         rec["progress"].append(_full(state.progress, rows, B))
         rec["driven"].append(_full(state.driven, rows, B))
         rec["outside"].append(_full(state.driven_outside, rows, B))
+        rec["outside_route"].append(_full(state.progress_outside, rows, B))
+        rec["bg_all"].append(_full(mean_background_speed(state, n_explicit), rows, B))
+        rec["yaw"].append(_full(state.yaw[:, 0], rows, B))
         for b in frames_for:
             if ended_at[b] < 0 and t % 2 == 0:
                 frames[b].append(frame_of(world, state, b))
@@ -181,6 +220,7 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
             # numbers are keyed by its own seed and step), so the remaining routes drive exactly as before.
             keep = ~state.done
             state, table, ex, caps = state.index(keep), table.index(keep), ex.index(keep), caps[keep]
+            win, n_explicit = win.index(keep), n_explicit[keep]
             rows = rows[keep.cpu()]
     running = ended_at[rows] < 0  # routes still running when the loop stopped: their last state
     state = _put_rows(final, rows[running], state.index(running.to(state.step.device)))
@@ -241,7 +281,8 @@ def _route_log(b: int, inst, R: dict, n: int, world: World, state, final_reason)
             kind = AgentKind(int(state.kind[b, other])).name if other >= 0 else "UNKNOWN"
             out.append({"t": (i + 1) * dt, "x": float(pos[i, 0]), "y": float(pos[i, 1]), "other_kind": kind,
                         "other_id": other, "progress_m": float(prog[i]), "driven_m": float(R["driven"][i, b]),
-                        "outside_lanes_m": float(R["outside"][i, b])})
+                        "outside_lanes_m": float(R["outside"][i, b]),
+                        "outside_route_m": float(R["outside_route"][i, b])})
         infractions[key] = out
     for key, field in (("red_light", "red_light"), ("stop_infraction", "stop_infraction")):
         infractions[key] = [{"t": (i + 1) * dt, "x": float(pos[i, 0]), "y": float(pos[i, 1]),
@@ -270,12 +311,14 @@ def _route_log(b: int, inst, R: dict, n: int, world: World, state, final_reason)
         infractions=infractions,
         driven_m=float(state.driven[b]),
         outside_lanes_m=float(state.driven_outside[b]),
+        outside_route_m=float(state.progress_outside[b]),
         yield_emergency_failed=yield_failed,
         first_junction_progress_m=inst.first_junction_progress_m,
         kinematics={"speed": speed, "accel_lon": R["accel"][:n, b].numpy(),
                     "accel_lat": speed * R["yaw_rate"][:n, b].numpy(), "yaw_rate": R["yaw_rate"][:n, b].numpy()},
         checkpoint_speeds={"ego_speed": speed, "background_speed": R["background_speed"][:n, b].numpy(),
-                           "progress_m": prog},
+                           "background_speed_all": R["bg_all"][:n, b].numpy(), "progress_m": prog},
+        pose={"x": pos[:, 0], "y": pos[:, 1], "yaw": R["yaw"][:n, b].numpy()},
         duration_s=n * dt,
         extra_meta=extra,
     )
@@ -318,13 +361,15 @@ def chain_breakdown(chain: list[dict], infractions: dict[str, list[dict]], progr
 # ---------------------------------------------------------------------- whole split
 def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig = EvalConfig(),
              town_seeds: list[int] | None = None, routes: int | None = None, device: str = "cpu",
-             types: list[str] | None = None, also: dict[str, str | os.PathLike] | None = None) -> dict:
+             types: list[str] | None = None, also: dict[str, str | os.PathLike] | None = None,
+             logs_out: list | None = None) -> dict:
     """Evaluate ``driver`` on ``split``; writes results.json, summary.md, abilities.png and GIFs into ``out``.
 
     ``also`` maps further protocols to folders: the same rollout is scored under each of them too (only from a
     ``b2d`` rollout, where b2d-star is the log cut at its first collision — the world is deterministic, so this
     equals a second rollout that ends there). Returns the summary of ``cfg.protocol``. Nothing is written
-    until every route has run (no partial results file).
+    until every route has run (no partial results file). ``logs_out``: a list that receives the routes'
+    :class:`RouteLog` s (to score them again under other rules).
     """
     also = dict(also or {})
     for proto in also:
@@ -350,23 +395,38 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
             batch_logs, _ = run_batch(world, batch, driver, cfg, progress=bar)
         logs += batch_logs
     wall = time.time() - t0
+    if logs_out is not None:
+        logs_out.extend(logs)
     for proto, folder in also.items():
         if proto != cfg.protocol:
-            _score_and_write(logs, proto, Path(folder), split, seeds, driver.name, wall)
-    summary, records = _score_and_write(logs, cfg.protocol, Path(out), split, seeds, driver.name, wall)
+            _score_and_write(logs, proto, Path(folder), split, seeds, driver.name, wall, world, instances)
+    summary, records = _score_and_write(logs, cfg.protocol, Path(out), split, seeds, driver.name, wall, world,
+                                        instances)
     if cfg.gif_worst:
         _worst_gifs(world, instances, records, driver, cfg, Path(out))
     return summary
 
 
 def _score_and_write(logs: list[RouteLog], protocol: str, out: Path, split: str, seeds: list[int], name: str,
-                     wall: float) -> tuple[dict, list[dict]]:
-    """Score ``logs`` under ``protocol``; write results.json, summary.md and abilities.png into ``out``."""
+                     wall: float, world: World, instances: list) -> tuple[dict, list[dict]]:
+    """Score ``logs`` under ``protocol``; write into ``out``: routes.xml (Bench2Drive's routes file of these
+    routes), metric_info/<save_name>/metric_info.json per route (the per-step file of Bench2Drive's comfort
+    tool: ``efficiency_smoothness_benchmark.py -f results.json -m metric_info``), summary.md, abilities.png
+    and, last, results.json."""
+    from craft.bench.b2d_files import metric_info, routes_xml
+    from craft.bench.metrics import protocol_log
+
     records = [score_route(log, protocol, index=i) for i, log in enumerate(logs)]
     summary = aggregate(records, num_routes=len(logs), protocol=protocol, split=split, town_seeds=seeds,
                         policy=name)
     summary["wall_time_s"] = wall
     out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "routes.xml", routes_xml(world, instances, records))
+    for log, rec in zip(logs, records):
+        folder = out / "metric_info" / rec["save_name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_text(folder / "metric_info.json",
+                    json.dumps(metric_info(protocol_log(log, protocol)), separators=(",", ":")))
     per_type = per_type_table(records)
     _write_text(out / "summary.md", summary_markdown(summary, per_type))
     ability_bar_chart(summary, str(out / "abilities.png"))

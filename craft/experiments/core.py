@@ -220,7 +220,9 @@ def evaluate_policy(policy: str | os.PathLike, folder: str | os.PathLike, es: Ev
     with locked(Path(folder)):
         if not all(f.exists() for f in files.values()):
             _run_eval(policy, base, es, protocols)
-    return {p: json.loads(f.read_text())["summary"] for p, f in files.items()}
+    from craft.bench.metrics import load_results
+
+    return {p: load_results(f)["summary"] for p, f in files.items()}
 
 
 def _run_eval(policy, base: Path, es: EvalSet, protocols: tuple[str, ...]) -> None:
@@ -235,8 +237,10 @@ def _run_eval(policy, base: Path, es: EvalSet, protocols: tuple[str, ...]) -> No
 
 def eval_wall_s(folder: Path) -> float:
     """Seconds the evaluation in ``folder`` (``<run>/eval-<set>``) took: its one rollout."""
+    from craft.bench.metrics import load_results
+
     f = Path(folder) / "b2d" / "results.json"
-    return float(json.loads(f.read_text())["summary"].get("wall_time_s", 0.0)) if f.exists() else 0.0
+    return float(load_results(f)["summary"].get("wall_time_s", 0.0)) if f.exists() else 0.0
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -72,6 +72,27 @@ class ScenarioInstance:
     time_limit_s: float | None = None  # the route's own tick cap (long routes); None: the runner's default (200 s)
 
 
+TWO_WAYS_TYPES = ("AccidentTwoWays", "ConstructionObstacleTwoWays", "ParkedObstacleTwoWays",
+                  "HazardAtSideLaneTwoWays", "VehicleOpensDoorTwoWays")
+"""Types whose scenario switches Bench2Drive's wrong-direction test off while it runs (the ego must use the
+opposite lane); HazardAtSideLaneTwoWays never switches it back on."""
+
+TIMEOUT_TYPES = (
+    "Accident", "AccidentTwoWays", "BlockedIntersection", "ConstructionObstacle", "ConstructionObstacleTwoWays",
+    "CrossingBicycleFlow", "EnterActorFlow", "HazardAtSideLane", "HazardAtSideLaneTwoWays", "HighwayExit",
+    "InterurbanActorFlow", "InterurbanAdvancedActorFlow", "InvadingTurn", "MergerIntoSlowTraffic",
+    "MergerIntoSlowTrafficV2", "NonSignalizedJunctionLeftTurn", "NonSignalizedJunctionLeftTurnEnterFlow",
+    "NonSignalizedJunctionRightTurn", "ParkedObstacle", "ParkedObstacleTwoWays", "ParkingExit",
+    "SequentialLaneChange", "SignalizedJunctionLeftTurn", "SignalizedJunctionLeftTurnEnterFlow",
+    "SignalizedJunctionRightTurn", "T_Junction", "VehicleOpensDoorTwoWays",
+)
+"""Types whose Bench2Drive scenario runs its own timeout (240 s), which suspends the blocked test from the
+scenario's trigger until the scenario ends (the ego got past it)."""
+
+SCENARIO_END_MARGIN = 15.0
+"""The scenario counts as over this many route metres after its interaction point (junction types: after
+the junction exit)."""
+
 Builder = Callable[["Ctx"], None]
 SCENARIOS: dict[str, tuple[str, Builder]] = {}
 TRAFFIC_SIGN_EXTRA: set[str] = set()  # starred types (also counted for Traffic_Signs)
@@ -439,6 +460,73 @@ class Ctx:
                 out.append((inc[0], c, succ[0]))
         return out
 
+    # -- where the scenario sits on the route
+    def _polyline(self) -> tuple[np.ndarray, np.ndarray]:
+        from craft.world.world import _route_polyline
+
+        pts = _route_polyline(self.m, self.route, self.ego_s).astype(np.float64)
+        cum = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))])
+        keep = cum <= self.route_length() + 1e-6
+        return pts[keep], cum[keep]
+
+    def _agent_xy(self, a: AgentSpec) -> np.ndarray:
+        if a.pos is not None:
+            return np.asarray(a.pos, dtype=np.float64)
+        return lane_pose(self.m, a.lane, a.s)[0]
+
+    def span(self) -> dict:
+        """Where the scenario sits on the route, in route metres from the ego start: ``trigger_m`` (the first
+        point where one of its rules can fire: a progress trigger's metres, the first route point within a
+        proximity trigger's distance of its agent / point, 0 for a timed rule; the interaction point when
+        it has no rule), ``interaction_m`` (the event: the builder's ``event_progress`` / junction entry /
+        brake / first slip point, else the first route point within 6 m of one of its agents) and
+        ``end_m`` (``SCENARIO_END_MARGIN`` after the interaction, or after the junction exit)."""
+        from craft.scenarios.script import A_VALID, T_NEAR_AGENT, T_NEAR_POINT, T_PROGRESS, T_TIME, T_TTC
+
+        pts, cum = self._polyline()
+        length = self.route_length()
+
+        def reach(xy, d: float) -> float | None:
+            inside = np.nonzero(np.linalg.norm(pts - np.asarray(xy)[None], axis=1) < d)[0]
+            return float(cum[inside[0]]) if len(inside) else None
+
+        xy = {i + 1: self._agent_xy(a) for i, a in enumerate(self.agents)}
+        meta = self.meta
+        inter = None
+        for key in ("event_progress", "stop_progress", "brake_progress", "first_slip_progress"):
+            if meta.get(key) is not None:
+                inter = float(meta[key])
+                break
+        if inter is None:
+            near = [reach(p, 6.0) for p in xy.values()]
+            near = [v for v in near if v is not None]
+            inter = min(near) if near else 0.0
+        fire = []
+        for r in self.rules:
+            t, p = r.trigger, r.trigger.params
+            if t.kind == T_PROGRESS:
+                fire.append(float(p[0]))
+            elif t.kind == T_TIME and not (r.action.kind == A_VALID and r.action.params[0] == 0.0):
+                fire.append(0.0)
+            elif t.kind in (T_NEAR_AGENT, T_TTC) and t.agent in xy:
+                v = reach(xy[t.agent], float(p[0]) if t.kind == T_NEAR_AGENT else float(p[1]))
+                if v is not None:
+                    fire.append(v)
+            elif t.kind == T_NEAR_POINT:
+                v = reach((p[0], p[1]), float(p[2]))
+                if v is not None:
+                    fire.append(v)
+        trig = min(fire) if fire else inter
+        trig = min(trig, inter)
+        end = inter + SCENARIO_END_MARGIN
+        if meta.get("outgoing") is not None:
+            try:
+                end = self.progress_of(int(meta["outgoing"]), 0.0) + SCENARIO_END_MARGIN
+            except ValueError:
+                pass
+        return {"trigger_m": round(max(0.0, trig), 2), "interaction_m": round(max(0.0, min(inter, length)), 2),
+                "end_m": round(min(max(end, inter), length), 2)}
+
     def finish(self, ability: str) -> ScenarioInstance:
         if not self.route:
             raise NoPlace("builder set no route")
@@ -458,8 +546,8 @@ class Ctx:
         return ScenarioInstance(type=self.type, ability=ability, spec=spec, rules=list(self.rules),
                                 town_seed=town_seed_of(self.m), route_length=self.route_length(),
                                 first_junction_progress_m=fj, emergency_index=self.emergency,
-                                queues=dict(self.queues), abilities=abil, meta=dict(self.meta),
-                                route_end_m=self.route_length())
+                                queues=dict(self.queues), abilities=abil,
+                                meta={**self.meta, "span": self.span()}, route_end_m=self.route_length())
 
 
 def start(world, instances: list[ScenarioInstance], seed: int, per_route_seed: bool = False):
@@ -484,6 +572,54 @@ def start(world, instances: list[ScenarioInstance], seed: int, per_route_seed: b
     ends = [inst.route_end_m if inst.route_end_m is not None else math.inf for inst in instances]
     state = cut_routes(state, torch.tensor(ends, dtype=torch.float32, device=state.device))
     return state, pack([inst.rules for inst in instances], device=state.device)
+
+
+ACTIVATION_M = 8.0
+"""Route metres after which a scenario counts as started (Bench2Drive's routes reach their trigger point a
+median 8 m after the start); a scenario whose interaction is closer starts there."""
+
+
+@dataclass
+class ScenarioWindows:
+    """Per-world route-metre windows of Bench2Drive's two scenario switches (:func:`scenario_windows`).
+    All (B,) float, route metres; an empty window has ``end <= start``."""
+
+    start_m: torch.Tensor  # the scenario starts once the ego's route progress reaches this
+    wrong_dir_end_m: torch.Tensor  # the wrong-direction test is off until the progress reaches this
+    blocked_end_m: torch.Tensor  # the blocked test is suspended until the progress reaches this
+
+    def index(self, keep: torch.Tensor) -> "ScenarioWindows":
+        return ScenarioWindows(self.start_m[keep], self.wrong_dir_end_m[keep], self.blocked_end_m[keep])
+
+
+def scenario_windows(instances: list[ScenarioInstance], device="cpu") -> ScenarioWindows:
+    """From ``min(ACTIVATION_M, interaction_m)`` until the ego passed the scenario's ``end_m``
+    (``meta["span"]``, see :meth:`Ctx.span`): the wrong-direction test is off for :data:`TWO_WAYS_TYPES`
+    (HazardAtSideLaneTwoWays: until the route ends; Bench2Drive never switches it back on) and the blocked
+    test is suspended for :data:`TIMEOUT_TYPES` (Bench2Drive's 240 s scenario timeout never expires within
+    its 200 s tick cap, so no scenario-timeout penalty follows). Instances without a span (long routes,
+    hand-made ones) get empty windows."""
+    rows = []
+    for inst in instances:
+        sp = inst.meta.get("span")
+        if sp is None:
+            rows.append((0.0, 0.0, 0.0))
+            continue
+        start = min(ACTIVATION_M, float(sp["interaction_m"]))
+        end = float(sp["end_m"])
+        wrong = (math.inf if inst.type == "HazardAtSideLaneTwoWays" else end) if inst.type in TWO_WAYS_TYPES else 0.0
+        rows.append((start, wrong, end if inst.type in TIMEOUT_TYPES else 0.0))
+    t = torch.tensor(rows, dtype=torch.float32, device=device).reshape(-1, 3)
+    return ScenarioWindows(t[:, 0], t[:, 1], t[:, 2])
+
+
+def apply_windows(state, win: ScenarioWindows):
+    """``state`` with ``wrong_dir_exempt`` / ``blocked_exempt`` set from the ego's route progress (call once
+    per step before ``world.step``)."""
+    p = state.progress
+    started = p >= win.start_m
+    return state.replace(wrong_dir_exempt=started & (p < win.wrong_dir_end_m),
+                         blocked_exempt=started & (p < win.blocked_end_m))
 
 
 def cut_routes(state, end_m: torch.Tensor):

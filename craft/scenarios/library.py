@@ -63,6 +63,8 @@ from craft.scenarios.script import Action, Trigger
 SIG, STOP, UNC = JunctionKind.SIGNAL, JunctionKind.STOP, JunctionKind.UNCONTROLLED
 NONSIG = (STOP, UNC)
 HALF_PI = math.pi / 2
+EVENT_AFTER_START = (44.0, 62.0)  # route metres from the ego start to a straight-road event (obstacle, cut-in)
+ROUTE_AFTER_EVENT = (40.0, 75.0)  # route metres kept after it (on top of the event's own span)
 
 
 # ====================================================================== shared pieces
@@ -73,8 +75,10 @@ def _straight_event(ctx: Ctx, lanes: list[int], margin: float = 15.0, span: floa
     if L < 2 * margin + span:
         raise NoPlace(f"lane {lane} too short")
     s = ctx.u(margin, L - margin - span)
-    pre, s0 = ctx.back(lane, s, ctx.u(30.0, 60.0))
-    ctx.set_route(pre, [lane], s0, reach=(lane, s, span + ctx.u(15.0, 35.0)))
+    # Bench2Drive's placement (its 220 routes): the event ~50 m (10-90 %: 49-62 m) after the route start and
+    # ~80 m (50-85 m) of route after it
+    pre, s0 = ctx.back(lane, s, ctx.u(EVENT_AFTER_START[0], EVENT_AFTER_START[1]))
+    ctx.set_route(pre, [lane], s0, reach=(lane, s, span + ctx.u(ROUTE_AFTER_EVENT[0], ROUTE_AFTER_EVENT[1])))
     ctx.meta.update(event_lane=lane, event_s=s, event_progress=ctx.progress_of(lane, s))
     return lane, s
 
@@ -273,8 +277,9 @@ def _cut_in(ctx: Ctx, parking: bool):
             lane, side = side, int(m.lane_left[side])
         L = float(m.lane_length[side])
         s = ctx.u(25.0, L - 15.0)
-    pre, s0 = ctx.back(lane, s, ctx.u(40.0, 75.0))
-    ctx.set_route(pre, [lane], s0, reach=(lane, min(s, float(m.lane_length[lane])), ctx.u(20.0, 40.0)))
+    pre, s0 = ctx.back(lane, s, ctx.u(EVENT_AFTER_START[0], EVENT_AFTER_START[1]))
+    ctx.set_route(pre, [lane], s0, reach=(lane, min(s, float(m.lane_length[lane])),
+                                          ctx.u(ROUTE_AFTER_EVENT[0], ROUTE_AFTER_EVENT[1])))
     if parking:
         # parked cars behind it and (leaving room to pull out) further ahead
         ctx.add_static("parked_car", side, s - ctx.u(6.0, 7.5), 0.0)

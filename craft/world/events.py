@@ -349,14 +349,18 @@ def _route_progress(prev: WorldState, state: WorldState, ego: _Ego, cfg: EventCo
     return book, events
 
 
-def _lanes(mb: MapBatch, prev: WorldState, state: WorldState, ego: _Ego, cfg: EventConfig) -> tuple[dict, dict]:
+def _lanes(mb: MapBatch, prev: WorldState, state: WorldState, ego: _Ego, cfg: EventConfig,
+           route_step: Tensor) -> tuple[dict, dict]:
     """Metres driven outside the lanes or in a wrong-direction lane (Bench2Drive's OutsideRouteLanesTest).
 
     Outside: distance from the ego centre to the nearest DRIVING or PARKING lane centre > half its width
     + ``outside_margin`` (or no such lane within reach). Wrong direction: the nearest DRIVING lane (by
     distance alone) heads more than ``wrong_direction_deg`` away from the ego, unless it is a junction
     connector. Each step's distance driven (``ego.moved``) adds to ``driven (B,)`` and, when outside or
-    in a wrong-direction lane after the step, to ``driven_outside (B,)``.
+    in a wrong-direction lane after the step, to ``driven_outside (B,)``; the route metres passed in the step
+    (``route_step (B,)``) add to ``progress_outside (B,)`` likewise (Bench2Drive's percentage is over route
+    distance). A wrong-direction lane does not count while ``prev.wrong_dir_exempt`` (Bench2Drive's TwoWays
+    scenarios switch its wrong-direction test off while they run); ``wrong_direction`` still reports it.
     Returns (bookkeeping, events ``driven``, ``outside_lanes`` (metres), ``wrong_direction (B,)`` bool).
     """
     m = state.map_id
@@ -366,8 +370,10 @@ def _lanes(mb: MapBatch, prev: WorldState, state: WorldState, ego: _Ego, cfg: Ev
     in_junction = take(mb.lane_junction, m, drv["lane"].clamp_min(0)) >= 0
     opposite = _wrap(ego.yaw - drv["heading"]).abs() > math.radians(cfg.wrong_direction_deg)
     wrong = (drv["lane"] >= 0) & ~in_junction & opposite
-    bad = ego.moved * (outside | wrong).to(ego.moved.dtype)
-    book = {"driven": prev.driven + ego.moved, "driven_outside": prev.driven_outside + bad}
+    counts = outside | (wrong & ~prev.wrong_dir_exempt)
+    bad = ego.moved * counts.to(ego.moved.dtype)
+    book = {"driven": prev.driven + ego.moved, "driven_outside": prev.driven_outside + bad,
+            "progress_outside": prev.progress_outside + route_step * counts.to(route_step.dtype)}
     return book, {"driven": ego.moved, "outside_lanes": bad, "wrong_direction": wrong}
 
 
@@ -381,9 +387,10 @@ def _termination(
     Priority within one step: COMPLETED, COLLISION (only with ``end_on_collision``), ROUTE_DEVIATION
     (> ``deviation_dist`` from the route, or ``driven_far`` > ``far_fraction`` x route length), BLOCKED
     (``blocked_time`` >= ``blocked_time``), ROUTE_TIMEOUT (elapsed > base + length / speed), TICK_CAP.
-    Route deviation is evaluated only for worlds that have a route.
+    Route deviation is evaluated only for worlds that have a route. While ``prev.blocked_exempt`` (a
+    scenario's own timeout runs) the blocked clock stays at 0, so it restarts when the test resumes.
     """
-    slow = ego.speed < cfg.blocked_speed
+    slow = (ego.speed < cfg.blocked_speed) & ~prev.blocked_exempt
     blocked = torch.where(slow, prev.blocked_time + cfg.dt, torch.zeros_like(prev.blocked_time))
     far = route["has_route"] & (route["route_dist"] > cfg.far_dist)
     driven_far = prev.driven_far + ego.moved * far.to(ego.moved.dtype)
@@ -520,7 +527,7 @@ def update_events(
     red_book, red = _red_lights(mb, prev, state, ego, lights, cfg)
     stop_book, stop = _stop_signs(mb, prev, state, ego, cfg)
     route_book, route = _route_progress(prev, state, ego, cfg)
-    lane_book, lanes = _lanes(mb, prev, state, ego, cfg)
+    lane_book, lanes = _lanes(mb, prev, state, ego, cfg, route["progress"])
     term_book, term = _termination(prev, state, ego, col, route, cfg, end_on_collision)
     flags = _flags(mb, prev, state, ego, lights, stop, route, lanes, cfg)
 

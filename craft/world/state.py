@@ -95,6 +95,9 @@ class WorldState:
     driven: torch.Tensor  # (B,) metres driven
     driven_outside: torch.Tensor  # (B,) metres driven outside route lanes / in the wrong direction
     driven_far: torch.Tensor  # (B,) metres driven more than 15 m away from the route
+    progress_outside: torch.Tensor  # (B,) route metres passed while outside route lanes / in the wrong direction
+    wrong_dir_exempt: torch.Tensor  # (B,) bool, a wrong-direction lane does not count now (TwoWays scenarios)
+    blocked_exempt: torch.Tensor  # (B,) bool, the blocked test is suspended now (a scenario's own timeout runs)
     done: torch.Tensor  # (B,) bool, route ended
     end_reason: torch.Tensor  # (B,) long EndReason (0 while running)
 
@@ -255,6 +258,9 @@ def empty_state(B: int, N: int, K: int, Q: int, R: int, P: int, device="cpu") ->
         driven=zf(B),
         driven_outside=zf(B),
         driven_far=zf(B),
+        progress_outside=zf(B),
+        wrong_dir_exempt=torch.zeros(B, **b),
+        blocked_exempt=torch.zeros(B, **b),
         done=torch.zeros(B, **b),
         end_reason=torch.zeros(B, **i),
     )
