@@ -22,6 +22,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def _old_scores(path: str, logs: list) -> dict:
     """Score ``logs`` with the metrics module at ``path`` (an earlier version): {protocol: figures}."""
     spec = importlib.util.spec_from_file_location("metrics_before", path)
     old = importlib.util.module_from_spec(spec)
+    sys.modules["metrics_before"] = old  # dataclasses look their module up while the class is built
     spec.loader.exec_module(old)
     names = {f.name for f in dataclasses.fields(old.RouteLog)}
     out = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from craft.bench.runner import EvalConfig, LaneFollow, evaluate
 from craft.scenarios.splits import route_identity, route_number, route_seed
@@ -218,3 +219,182 @@ def test_other_layout_is_one_clear_line(tmp_path, expert_run):
     (tmp_path / "b2d.json").write_text(json.dumps({k: v for k, v in obj.items() if k not in ("summary", "records")}))
     with pytest.raises(CraftError, match="missing 'summary'"):
         load_results(tmp_path / "b2d.json")
+
+
+# ---------------------------------------------------------------------- rules where Bench2Drive's code decides
+def test_wrong_direction_exempt_while_a_two_ways_scenario_runs():
+    """Driving eastbound on the westbound lane (the TwoWays overtaking manoeuvre): counted as outside route
+    lanes (route metres) unless the scenario switched the wrong-direction test off; off-road still counts."""
+    import math
+
+    from tests.test_events import go, make_state, MAIN_ROUTE
+
+    s = make_state([(0, MAIN_ROUTE)] * 3)
+    s.pos[:, 0, 0] = 20.0
+    s.pos[:, 0, 1] = torch.tensor([3.5, 3.5, 7.5])  # wrong lane / wrong lane exempt / sidewalk exempt
+    s.progress[:] = 20.0
+    s.progress_idx[:] = 20
+    s = s.replace(wrong_dir_exempt=torch.tensor([False, True, True]))
+    for k in range(1, 11):
+        s, _ = go(s, 20.0 + k, s.pos[:, 0, 1], 0.0, 10.0)
+    assert torch.allclose(s.driven_outside, torch.tensor([10.0, 0.0, 10.0]))
+    # route metres: the 3.5 m offset keeps the ego within reach of the route points it passes
+    assert float(s.progress_outside[0]) == pytest.approx(float(s.progress[0] - 20.0), abs=1.01)
+    assert float(s.progress_outside[1]) == 0.0 and float(s.progress_outside[0]) > 8.0
+    assert math.isfinite(float(s.progress_outside[2]))
+
+
+def test_blocked_test_suspended_while_a_scenario_timeout_runs():
+    from tests.test_events import go, make_state, MAIN_ROUTE
+
+    from craft.world.state import EndReason
+
+    s = make_state([(0, MAIN_ROUTE)] * 2).replace(blocked_exempt=torch.tensor([True, False]))
+    for _ in range(700):
+        s, ev = go(s, 0.0, 0.0, v=0.0)
+    assert not bool(s.done[0]) and float(s.blocked_time[0]) == 0.0
+    assert bool(s.done[1]) and int(s.end_reason[1]) == EndReason.BLOCKED
+    # once the scenario is over the clock starts from zero: 60 s more
+    s = s.index(torch.tensor([0])).replace(blocked_exempt=torch.tensor([False]))
+    for k in range(1, 700):
+        s, ev = go(s, 0.0, 0.0, v=0.0)
+        if bool(ev.done[0]):
+            break
+    assert k == 600
+
+
+def test_scenario_windows_follow_bench2drive_switches():
+    import math
+
+    from craft.scenarios.base import ACTIVATION_M, apply_windows, scenario_windows
+    from craft.scenarios.splits import split_specs
+
+    insts = {i.type: i for i in split_specs("val", routes=1, types=["AccidentTwoWays", "HazardAtSideLaneTwoWays",
+                                                                      "HardBreakRoute", "T_Junction"])}
+    order = ["AccidentTwoWays", "HazardAtSideLaneTwoWays", "HardBreakRoute", "T_Junction"]
+    w = scenario_windows([insts[t] for t in order])
+    end = [insts[t].meta["span"]["end_m"] for t in order]
+    assert w.wrong_dir_end_m.tolist()[0] == pytest.approx(end[0]) and math.isinf(w.wrong_dir_end_m[1])
+    assert w.wrong_dir_end_m.tolist()[2:] == [0.0, 0.0]  # not TwoWays types
+    assert w.blocked_end_m.tolist()[2] == 0.0  # HardBreakRoute has no scenario timeout in Bench2Drive
+    assert w.blocked_end_m.tolist()[3] == pytest.approx(end[3])  # T_Junction has one
+    for i, t in enumerate(order):
+        sp = insts[t].meta["span"]
+        assert 0.0 <= sp["trigger_m"] <= sp["interaction_m"] <= sp["end_m"] <= insts[t].route_length + 1e-6
+        assert float(w.start_m[i]) == pytest.approx(min(ACTIVATION_M, sp["interaction_m"]))
+
+    class _S:  # the two fields apply_windows reads and writes
+        def __init__(self, p):
+            self.progress = torch.tensor(p)
+
+        def replace(self, **kw):
+            return kw
+
+    at = [0.0, float(w.start_m[1]) + 1.0, 5000.0, float(w.start_m[3]) + 1.0]
+    got = apply_windows(_S(at), w)
+    assert got["wrong_dir_exempt"].tolist() == [False, True, False, False]
+    # both TwoWays types run a scenario timeout too; HardBreakRoute does not; nothing before the start
+    assert got["blocked_exempt"].tolist() == [False, at[1] < end[1], False, at[3] < end[3]]
+
+
+def _log(**kw):
+    from craft.bench.metrics import RouteLog
+
+    base = dict(route_id="RouteScenario_5_rep0", scenario_type="Accident", town_seed=0, route_length_m=100.0,
+                progress_m=100.0, completed=True, end_reason="completed", driven_m=100.0)
+    base.update(kw)
+    return RouteLog(**base)
+
+
+def test_efficiency_counts_fully_passed_checkpoints_and_every_background_vehicle():
+    import numpy as np
+
+    from craft.bench.metrics import efficiency, score_route
+
+    # 12 steps, progress 0.5 .. 6.0 m of a 100 m route (checkpoints of 5 m): the first checkpoint closes at
+    # the step whose progress exceeds 5 m (5.5 m, step 10) with the samples of steps 0-9; the background
+    # existed only in steps 0-4: ego 0+1+2+3+4 = 10 over background 5 x 10 = 50 -> 20 %. 6 % of the route
+    # is not > 95 %, so the open second checkpoint is not recorded.
+    prog = 0.5 * (np.arange(12) + 1)
+    bg = np.where(np.arange(12) < 5, 10.0, np.nan)
+    lg = _log(progress_m=6.0, completed=False, end_reason="agent_blocked",
+              checkpoint_speeds={"ego_speed": np.arange(12.0), "background_speed_all": bg, "progress_m": prog})
+    assert efficiency(lg) == pytest.approx(20.0)
+    assert score_route(lg)["infractions"]["min_speed_infractions"] == [
+        "Average speed is 20.0% of the surrounding traffic's one"]
+    # no background vehicle at all: the checkpoint's value is the integer 100
+    lg2 = _log(progress_m=6.0, completed=False, end_reason="agent_blocked",
+               checkpoint_speeds={"ego_speed": np.arange(12.0), "background_speed_all": np.full(12, np.nan),
+                                  "progress_m": prog})
+    assert score_route(lg2)["infractions"]["min_speed_infractions"] == [
+        "Average speed is 100% of the surrounding traffic's one"]
+    # beyond 95 %: the last, partly passed checkpoint is recorded too. 96 steps of 1 m + one 4 m jump (the
+    # completion rule): checkpoints close at 6, 12, ..., 96 m (16 of them: each needs > 5 m past the last
+    # close), then the open one at the end -> 17 values, all 50 (ego 5 m/s, background 10 m/s)
+    prog3 = np.append(np.arange(1.0, 97.0), 100.0)
+    lg3 = _log(checkpoint_speeds={"ego_speed": np.full(97, 5.0), "background_speed_all": np.full(97, 10.0),
+                                  "progress_m": prog3})
+    msgs = score_route(lg3)["infractions"]["min_speed_infractions"]
+    assert len(msgs) == 17 and efficiency(lg3) == pytest.approx(50.0)
+
+
+def test_comfort_bench2drive_units_and_the_si_variant():
+    """A steady gentle turn: 0.05 rad/s (2.86 deg/s), no acceleration. In rad/s it is comfortable; Bench2Drive
+    checks its deg/s yaw rate against the 0.95 bound and its smoothed yaw rate against the 1.93 yaw
+    acceleration bound, so every chunk fails. Straight driving passes both."""
+    import numpy as np
+
+    from craft.bench.metrics import comfort, comfort_si
+
+    n = 60
+    turn = {"accel_lon": np.zeros(n), "accel_lat": np.full(n, 0.4), "yaw_rate": np.full(n, 0.05)}
+    assert comfort_si(_log(kinematics=turn)) == 1.0
+    assert comfort(_log(kinematics=turn)) == 0.0
+    straight = {"accel_lon": np.zeros(n), "accel_lat": np.zeros(n), "yaw_rate": np.zeros(n)}
+    assert comfort(_log(kinematics=straight)) == comfort_si(_log(kinematics=straight)) == 1.0
+    # 0.01 rad/s = 0.57 deg/s is inside Bench2Drive's bounds too; the 3rd of 3 chunks turns harder
+    yaw = np.full(n, 0.01)
+    yaw[40:] = 0.05
+    assert comfort(_log(kinematics={**straight, "yaw_rate": yaw})) == pytest.approx(2 / 3)
+
+
+def test_outside_lanes_percentage_over_route_distance():
+    from craft.bench.metrics import score_route
+
+    # 10 route metres of 50 passed outside (20 %), whatever the metres driven (200)
+    r = score_route(_log(progress_m=50.0, completed=False, end_reason="agent_blocked", driven_m=200.0,
+                         outside_lanes_m=30.0, outside_route_m=10.0))
+    assert r["scores"]["score_penalty"] == pytest.approx(0.8)
+    assert r["infractions"]["outside_route_lanes"] == [
+        "Agent went outside its route lanes for about 10.0 meters (20.0% of the completed route)"]
+
+
+def test_tick_cap_reported_as_bench2drive_does():
+    from craft.bench.metrics import score_route
+
+    r = score_route(_log(progress_m=40.0, completed=False, end_reason="tick_cap"))
+    assert r["status"] == "Failed - TickRuntime"
+    assert r["infractions"]["route_timeout"] == [] and r["num_infractions"] == 0
+    assert r["scores"]["score_penalty"] == 1.0 and r["scores"]["score_composed"] == 40.0
+    r = score_route(_log(progress_m=40.0, completed=False, end_reason="route_timeout"))
+    assert r["status"] == "Failed - Agent timed out" and r["infractions"]["route_timeout"] == ["Route timeout."]
+
+
+@pytest.mark.slow
+def test_scenario_placement_within_bench2drive_ranges():
+    """The test split's straight-road events (the types Bench2Drive places with a distance parameter) sit
+    where Bench2Drive's 220 routes put them: interaction median in 49-62 m from the start (its 10-90 %
+    range), route after it median in 49-85 m; all routes 50-250 m."""
+    import numpy as np
+
+    from craft.scenarios.splits import split_specs
+
+    types = ["Accident", "AccidentTwoWays", "ConstructionObstacle", "ConstructionObstacleTwoWays",
+             "DynamicObjectCrossing", "HazardAtSideLane", "HazardAtSideLaneTwoWays", "ParkedObstacle",
+             "ParkedObstacleTwoWays", "ParkingCrossingPedestrian", "StaticCutIn", "VehicleOpensDoorTwoWays"]
+    insts = split_specs("test", types=types)
+    inter = np.array([i.meta["span"]["interaction_m"] for i in insts])
+    after = np.array([i.route_length for i in insts]) - inter
+    assert 49.0 <= np.median(inter) <= 62.0
+    assert 49.0 <= np.median(after) <= 85.0
+    assert all(50.0 <= i.route_length <= 250.0 for i in insts)
