@@ -274,14 +274,15 @@ def test_scenario_windows_follow_bench2drive_switches():
     order = ["AccidentTwoWays", "HazardAtSideLaneTwoWays", "HardBreakRoute", "T_Junction"]
     w = scenario_windows([insts[t] for t in order])
     end = [insts[t].meta["span"]["end_m"] for t in order]
-    assert w.wrong_dir_end_m.tolist()[0] == pytest.approx(end[0]) and math.isinf(w.wrong_dir_end_m[1])
-    assert w.wrong_dir_end_m.tolist()[2:] == [0.0, 0.0]  # not TwoWays types
-    assert w.blocked_end_m.tolist()[2] == 0.0  # HardBreakRoute has no scenario timeout in Bench2Drive
-    assert w.blocked_end_m.tolist()[3] == pytest.approx(end[3])  # T_Junction has one
+    wd, bl = w.wrong_dir_end_m[:, 0].tolist(), w.blocked_end_m[:, 0].tolist()
+    assert wd[0] == pytest.approx(end[0]) and math.isinf(wd[1])
+    assert wd[2:] == [0.0, 0.0]  # not TwoWays types
+    assert bl[2] == 0.0  # HardBreakRoute has no scenario timeout in Bench2Drive
+    assert bl[3] == pytest.approx(end[3])  # T_Junction has one
     for i, t in enumerate(order):
         sp = insts[t].meta["span"]
         assert 0.0 <= sp["trigger_m"] <= sp["interaction_m"] <= sp["end_m"] <= insts[t].route_length + 1e-6
-        assert float(w.start_m[i]) == pytest.approx(min(ACTIVATION_M, sp["interaction_m"]))
+        assert float(w.start_m[i, 0]) == pytest.approx(min(ACTIVATION_M, sp["interaction_m"]))
 
     class _S:  # the two fields apply_windows reads and writes
         def __init__(self, p):
@@ -290,7 +291,7 @@ def test_scenario_windows_follow_bench2drive_switches():
         def replace(self, **kw):
             return kw
 
-    at = [0.0, float(w.start_m[1]) + 1.0, 5000.0, float(w.start_m[3]) + 1.0]
+    at = [0.0, float(w.start_m[1, 0]) + 1.0, 5000.0, float(w.start_m[3, 0]) + 1.0]
     got = apply_windows(_S(at), w)
     assert got["wrong_dir_exempt"].tolist() == [False, True, False, False]
     # both TwoWays types run a scenario timeout too; HardBreakRoute does not; nothing before the start
@@ -398,3 +399,35 @@ def test_scenario_placement_within_bench2drive_ranges():
     assert 49.0 <= np.median(inter) <= 62.0
     assert 49.0 <= np.median(after) <= 85.0
     assert all(50.0 <= i.route_length <= 250.0 for i in insts)
+
+
+def test_long_route_windows_per_chained_scenario():
+    from craft.scenarios.base import TWO_WAYS_TYPES, TIMEOUT_TYPES, apply_windows, scenario_windows
+    from craft.scenarios.splits import split_specs
+
+    (inst,) = split_specs("long", routes=1)
+    chain = inst.meta["chain"]
+    w = scenario_windows([inst])
+    assert w.start_m.shape == (1, len(chain))
+    for j, c in enumerate(chain):
+        sp = c["span"]
+        assert float(w.start_m[0, j]) == pytest.approx(c["start_m"] + min(8.0, sp["interaction_m"]), abs=1e-3)
+        assert (float(w.blocked_end_m[0, j]) > 0) == (c["type"] in TIMEOUT_TYPES)
+        assert (float(w.wrong_dir_end_m[0, j]) > 0) == (c["type"] in TWO_WAYS_TYPES)
+
+    class _S:
+        def __init__(self, p):
+            self.progress = torch.tensor(p)
+
+        def replace(self, **kw):
+            return kw
+
+    for j, c in enumerate(chain):  # half way through each chained scenario's window
+        mid = 0.5 * (float(w.start_m[0, j]) + c["start_m"] + c["span"]["end_m"])
+        got = apply_windows(_S([mid]), w)
+        if c["type"] in TIMEOUT_TYPES:
+            assert bool(got["blocked_exempt"][0])
+        if c["type"] in TWO_WAYS_TYPES:
+            assert bool(got["wrong_dir_exempt"][0])
+    before_all = apply_windows(_S([0.0]), w)  # the route start lies before every chained scenario
+    assert not bool(before_all["blocked_exempt"][0]) and not bool(before_all["wrong_dir_exempt"][0])

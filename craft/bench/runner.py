@@ -163,7 +163,7 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
     state, table = start(world, instances, cfg.seed, per_route_seed=all("split" in i.meta for i in instances))
     win = scenario_windows(instances, device=state.device)
     if "wrong_direction" not in cfg.switches:
-        win.wrong_dir_end_m.zero_()
+        win.wrong_dir_end_m.zero_()  # (B, M)
     if "blocked" not in cfg.switches:
         win.blocked_end_m.zero_()
     n_explicit = torch.tensor([len(i.spec.agents) for i in instances], device=state.device)

@@ -582,7 +582,8 @@ median 8 m after the start); a scenario whose interaction is closer starts there
 @dataclass
 class ScenarioWindows:
     """Per-world route-metre windows of Bench2Drive's two scenario switches (:func:`scenario_windows`).
-    All (B,) float, route metres; an empty window has ``end <= start``."""
+    All (B, M) float route metres, M = most scenarios of a world (long routes chain several); an empty
+    window has ``end <= start``."""
 
     start_m: torch.Tensor  # the scenario starts once the ego's route progress reaches this
     wrong_dir_end_m: torch.Tensor  # the wrong-direction test is off until the progress reaches this
@@ -592,34 +593,44 @@ class ScenarioWindows:
         return ScenarioWindows(self.start_m[keep], self.wrong_dir_end_m[keep], self.blocked_end_m[keep])
 
 
+def _window(scenario_type: str, span: dict, offset: float = 0.0) -> tuple[float, float, float]:
+    start = offset + min(ACTIVATION_M, float(span["interaction_m"]))
+    end = offset + float(span["end_m"])
+    wrong = (math.inf if scenario_type == "HazardAtSideLaneTwoWays" else end) if scenario_type in TWO_WAYS_TYPES \
+        else 0.0
+    return start, wrong, end if scenario_type in TIMEOUT_TYPES else 0.0
+
+
 def scenario_windows(instances: list[ScenarioInstance], device="cpu") -> ScenarioWindows:
     """From ``min(ACTIVATION_M, interaction_m)`` until the ego passed the scenario's ``end_m``
     (``meta["span"]``, see :meth:`Ctx.span`): the wrong-direction test is off for :data:`TWO_WAYS_TYPES`
     (HazardAtSideLaneTwoWays: until the route ends; Bench2Drive never switches it back on) and the blocked
     test is suspended for :data:`TIMEOUT_TYPES` (Bench2Drive's 240 s scenario timeout never expires within
-    its 200 s tick cap, so no scenario-timeout penalty follows). Instances without a span (long routes,
-    hand-made ones) get empty windows."""
+    its 200 s tick cap, so no scenario-timeout penalty follows). A long route gets one window per chained
+    scenario (``meta["chain"]``, shifted by its ``start_m``); instances without spans get none."""
     rows = []
     for inst in instances:
-        sp = inst.meta.get("span")
-        if sp is None:
-            rows.append((0.0, 0.0, 0.0))
-            continue
-        start = min(ACTIVATION_M, float(sp["interaction_m"]))
-        end = float(sp["end_m"])
-        wrong = (math.inf if inst.type == "HazardAtSideLaneTwoWays" else end) if inst.type in TWO_WAYS_TYPES else 0.0
-        rows.append((start, wrong, end if inst.type in TIMEOUT_TYPES else 0.0))
-    t = torch.tensor(rows, dtype=torch.float32, device=device).reshape(-1, 3)
-    return ScenarioWindows(t[:, 0], t[:, 1], t[:, 2])
+        if inst.meta.get("span") is not None:
+            rows.append([_window(inst.type, inst.meta["span"])])
+        else:
+            rows.append([_window(c["type"], c["span"], float(c["start_m"])) for c in inst.meta.get("chain", [])
+                         if c.get("span") is not None])
+    M = max(1, max(len(r) for r in rows))
+    t = torch.zeros(len(rows), M, 3, dtype=torch.float32)
+    for b, r in enumerate(rows):
+        if r:
+            t[b, : len(r)] = torch.tensor(r, dtype=torch.float32)
+    t = t.to(device)
+    return ScenarioWindows(t[..., 0], t[..., 1], t[..., 2])
 
 
 def apply_windows(state, win: ScenarioWindows):
     """``state`` with ``wrong_dir_exempt`` / ``blocked_exempt`` set from the ego's route progress (call once
-    per step before ``world.step``)."""
-    p = state.progress
+    per step before ``world.step``): inside any of the world's windows."""
+    p = state.progress[:, None]
     started = p >= win.start_m
-    return state.replace(wrong_dir_exempt=started & (p < win.wrong_dir_end_m),
-                         blocked_exempt=started & (p < win.blocked_end_m))
+    return state.replace(wrong_dir_exempt=(started & (p < win.wrong_dir_end_m)).any(-1),
+                         blocked_exempt=(started & (p < win.blocked_end_m)).any(-1))
 
 
 def cut_routes(state, end_m: torch.Tensor):

@@ -264,7 +264,8 @@ def _merge(m: RoadMap, cfg: LongRouteConfig, pieces: list[_Piece], route: list[i
     spec = WorldSpec(map_index=map_index, route=list(route), ego_s=float(ego_s), ego_speed=0.0, n_vehicles=n_veh,
                      n_pedestrians=n_ped, agents=agents)
     chain = [dict(type=pc.inst.type, ability=pc.inst.ability, start_m=round(pc.start_m, 2),
-                  end_m=round(pc.start_m + pc.inst.route_length, 2), link_m=round(pc.link_m, 2), rules=r, agents=a)
+                  end_m=round(pc.start_m + pc.inst.route_length, 2), link_m=round(pc.link_m, 2), rules=r, agents=a,
+                  span=pc.inst.meta.get("span"))
              for pc, (r, a) in zip(pieces, spans)]
     return ScenarioInstance(type=LONG_TYPE, ability=LONG_TYPE, spec=spec, rules=rules, town_seed=town_seed_of(m),
                             route_length=float(end_m), first_junction_progress_m=first_junction,
