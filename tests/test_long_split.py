@@ -44,7 +44,7 @@ def test_long_routes_are_long_chained_and_deterministic(long4):
         assert not set(types) & set(NOT_CHAINED)
         starts = [c["start_m"] for c in inst.meta["chain"]]
         assert starts[0] == 0.0 and starts == sorted(starts)
-        assert inst.meta["chain"][-1]["end_m"] <= inst.route_length + 1e-6
+        assert inst.meta["chain"][-1]["end_m"] <= inst.route_length + 0.005  # end_m is rounded to 0.01 m
         assert len(set(inst.spec.route)) == len(inst.spec.route)  # no lane visited twice
         assert inst.time_limit_s is not None and inst.time_limit_s > inst.route_length / 5.0
         assert inst.town_seed == pool[inst.spec.map_index]

@@ -431,3 +431,25 @@ def test_long_route_windows_per_chained_scenario():
             assert bool(got["wrong_dir_exempt"][0])
     before_all = apply_windows(_S([0.0]), w)  # the route start lies before every chained scenario
     assert not bool(before_all["blocked_exempt"][0]) and not bool(before_all["wrong_dir_exempt"][0])
+
+
+def test_experiment_report_refuses_another_layout_in_one_line(tmp_path, capsys, expert_run):
+    from craft.cli import main
+
+    root = tmp_path / "exp"
+    (root / "main-vocab").mkdir(parents=True)
+    (root / "main-vocab" / "table.json").write_text(json.dumps({"runs": [], "evals": ["r1/eval-x"]}))
+    (root / "main-vocab" / "table.md").write_text("# t\n")
+    obj = json.loads((expert_run / "b2d" / "results.json").read_text())
+    for r in obj["records"]:  # a record of the earlier layout: no Bench2Drive naming fields
+        for k in ("save_name", "town_name", "weather_id"):
+            r.pop(k)
+    ev = root / "runs" / "r1" / "eval-x" / "b2d"
+    ev.mkdir(parents=True)
+    (ev / "results.json").write_text(json.dumps(obj))
+    doc = tmp_path / "results.md"
+    rc = main(["experiment", "report", "--out", str(root), "--doc", str(doc)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "is missing 'weather_id'" in err and "results.json" in err
+    assert not doc.exists()

@@ -818,8 +818,8 @@ def aggregate(records: list[dict], num_routes: int, protocol: str = "b2d", split
 
 
 # ---------------------------------------------------------------------- results file
-SUMMARY_KEYS = ("DS", "SR", "RC", "IS", "efficiency", "comfort", "comfort_si", "abilities", "infractions_per_km", "num_routes",
-                "protocol", "split", "town_seeds", "policy")
+SUMMARY_KEYS = ("DS", "SR", "RC", "IS", "efficiency", "comfort", "comfort_si", "abilities", "infractions_per_km",
+                "num_routes", "protocol", "split", "town_seeds", "policy")
 ABILITY_KEYS = tuple(ABILITIES) + ("Mean",)
 B2D_RECORD_KEYS = ("index", "route_id", "scenario_name", "weather_id", "save_name", "town_name", "status",
                    "num_infractions", "infractions", "scores", "meta")

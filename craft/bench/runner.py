@@ -44,6 +44,7 @@ class EvalConfig:
     max_steps: int | None = None  # tick cap in steps for every route; None: 2000 (200 s, Bench2Drive) or a route's own time_limit_s (long routes)
     seed: int = 0  # background traffic seed
     gif_worst: int = 0  # GIFs of this many lowest-DS routes
+    step_files: bool = True  # write metric_info/<save_name>/metric_info.json per route (~70 kB each)
     switches: tuple[str, ...] = ("wrong_direction", "blocked")  # Bench2Drive's scenario switches in effect:
     # wrong_direction: the TwoWays scenarios switch the wrong-direction test off while they run; blocked: a
     # scenario's own timeout suspends the blocked test while it runs (see craft.scenarios.base.scenario_windows)
@@ -399,20 +400,21 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
         logs_out.extend(logs)
     for proto, folder in also.items():
         if proto != cfg.protocol:
-            _score_and_write(logs, proto, Path(folder), split, seeds, driver.name, wall, world, instances)
+            _score_and_write(logs, proto, Path(folder), split, seeds, driver.name, wall, world, instances,
+                             cfg.step_files)
     summary, records = _score_and_write(logs, cfg.protocol, Path(out), split, seeds, driver.name, wall, world,
-                                        instances)
+                                        instances, cfg.step_files)
     if cfg.gif_worst:
         _worst_gifs(world, instances, records, driver, cfg, Path(out))
     return summary
 
 
 def _score_and_write(logs: list[RouteLog], protocol: str, out: Path, split: str, seeds: list[int], name: str,
-                     wall: float, world: World, instances: list) -> tuple[dict, list[dict]]:
+                     wall: float, world: World, instances: list, step_files: bool = True) -> tuple[dict, list[dict]]:
     """Score ``logs`` under ``protocol``; write into ``out``: routes.xml (Bench2Drive's routes file of these
     routes), metric_info/<save_name>/metric_info.json per route (the per-step file of Bench2Drive's comfort
-    tool: ``efficiency_smoothness_benchmark.py -f results.json -m metric_info``), summary.md, abilities.png
-    and, last, results.json."""
+    tool: ``efficiency_smoothness_benchmark.py -f results.json -m metric_info``; only with ``step_files``),
+    summary.md, abilities.png and, last, results.json."""
     from craft.bench.b2d_files import metric_info, routes_xml
     from craft.bench.metrics import protocol_log
 
@@ -422,7 +424,7 @@ def _score_and_write(logs: list[RouteLog], protocol: str, out: Path, split: str,
     summary["wall_time_s"] = wall
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "routes.xml", routes_xml(world, instances, records))
-    for log, rec in zip(logs, records):
+    for log, rec in zip(logs, records) if step_files else ():
         folder = out / "metric_info" / rec["save_name"]
         folder.mkdir(parents=True, exist_ok=True)
         _write_text(folder / "metric_info.json",

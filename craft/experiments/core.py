@@ -229,7 +229,7 @@ def _run_eval(policy, base: Path, es: EvalSet, protocols: tuple[str, ...]) -> No
     """One b2d rollout of ``policy`` on ``es``, scored under every protocol into ``base/<protocol>``."""
     from craft.bench.runner import EvalConfig, evaluate, make_driver
 
-    ecfg = EvalConfig(protocol="b2d", seed=es.seed, max_steps=es.max_steps)
+    ecfg = EvalConfig(protocol="b2d", seed=es.seed, max_steps=es.max_steps, step_files=False)
     evaluate(make_driver(str(policy)), es.split, base / "b2d", ecfg,
              town_seeds=list(es.town_seeds) if es.town_seeds else None, routes=es.routes,
              types=list(es.types) if es.types else None, also={p: base / p for p in protocols if p != "b2d"})

@@ -241,4 +241,5 @@ def load_split(split: str, town_seeds: list[int] | None = None, routes: int | No
     return instances, [cache[pool[m]] for m in used]
 
 
-__all__ = ["B2D_TYPES", "SPLITS", "route_number", "route_identity", "route_seed", "instance_seed", "split_specs", "load_split", "split_town_seeds", "missing_types"]
+__all__ = ["B2D_TYPES", "SPLITS", "route_number", "route_identity", "route_seed", "instance_seed", "split_specs",
+           "load_split", "split_town_seeds", "missing_types"]
