@@ -122,8 +122,6 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
     (out / "before_after.md").write_text(table + "\n")
     print(table)
     # one route before and after: the largest driving-score change
-    import json
-
     from craft.bench.metrics import load_results
 
     rb = load_results(out / "eval-before" / "results.json")["records"]
