@@ -71,23 +71,30 @@ def main() -> None:
     ap.add_argument("--old-metrics", help="a metrics.py of an earlier version to score the same rollouts with")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from craft.bench.runner import SWITCHES, EvalConfig, evaluate, make_driver
+    import inspect
+
+    from craft.bench import runner
+    from craft.bench.runner import EvalConfig, evaluate, make_driver
 
     out = Path(args.out)
     path = out / "summary.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    switches = tuple(SWITCHES if args.switches is None else args.switches)
+    # an earlier checkout (the "before" runs) has neither scenario switches nor logs_out
+    has_switches = hasattr(runner, "SWITCHES")
+    switches = tuple(runner.SWITCHES if args.switches is None else args.switches) if has_switches else ()
+    extra = {"switches": switches} if has_switches else {}
     for d in args.drivers:
         label = _label(d)
         t0 = time.time()
         logs: list = []
+        kw = {"logs_out": logs} if "logs_out" in inspect.signature(evaluate).parameters else {}
         evaluate(make_driver(d), args.split, out / label / "b2d",
-                 EvalConfig(protocol="b2d", batch_size=args.batch_size, switches=switches),
-                 also={"b2d-star": out / label / "b2d-star"}, logs_out=logs)
+                 EvalConfig(protocol="b2d", batch_size=args.batch_size, **extra),
+                 also={"b2d-star": out / label / "b2d-star"}, **kw)
         row = {"wall_s": round(time.time() - t0, 1), "switches": list(switches)}
         for proto in ("b2d", "b2d-star"):
             row[proto] = _figures(json.loads((out / label / proto / "results.json").read_text())["summary"])
-        if args.old_metrics:
+        if args.old_metrics and logs:
             row["old_metrics"] = _old_scores(args.old_metrics, logs)
         table[label] = row
         out.mkdir(parents=True, exist_ok=True)
