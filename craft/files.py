@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
@@ -93,7 +94,8 @@ def load_torch(path: str | os.PathLike, what: str, allow: Iterable[type] = ()) -
     if path.is_dir():
         raise CraftError(f"{what} '{path}' is a folder, not a file")
     try:
-        with torch.serialization.safe_globals(list(allow)):
+        with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error line says enough
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CraftError(f"'{path}' is not a readable {what} ({type(e).__name__}: {_first_line(e)})") from None

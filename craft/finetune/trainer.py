@@ -128,7 +128,6 @@ class FinetuneConfig:
         c, n = self.collector, "CollectorConfig."
         for f in ("worlds", "buffer_size", "replan_every"):
             check_range(n + f, getattr(c, f), 1, integer=True)
-        check_range(n + "min_live", c.min_live, 0, 1)
         if c.routes is not None:
             check_range(n + "routes", c.routes, 1, integer=True)
         check_seed(n + "seed", c.seed)
