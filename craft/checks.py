@@ -16,6 +16,11 @@ SEED_MAX = 2**31 - 1
 """Largest seed accepted (seeds are offset and combined, and must stay valid for numpy and torch)."""
 
 
+LR_MAX = 1.0
+"""Largest learning rate accepted: AdamW moves every weight by about the learning rate per step, so a rate
+above 1 only diverges (non-finite weights)."""
+
+
 def check_range(name: str, value, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
                 hi_open: bool = False, integer: bool = False) -> None:
     """``value`` must be a finite number (an integer if ``integer``) within ``lo`` / ``hi`` (open ends if
@@ -68,4 +73,4 @@ def _check_finite(name: str, v) -> None:
             _check_finite(f"{name}[{k!r}]", x)
 
 
-__all__ = ["SEED_MAX", "check_range", "check_seed", "check_finite_fields"]
+__all__ = ["LR_MAX", "SEED_MAX", "check_range", "check_seed", "check_finite_fields"]

@@ -13,7 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from craft.checks import SEED_MAX
+from craft.checks import LR_MAX, SEED_MAX
+
+INT_MAX = 2**31 - 1
+"""Largest count / step option accepted (counts become int64 tensor indices and step caps)."""
 from craft.errors import CraftError
 from craft.files import check_out_dir, check_out_file, write_json
 
@@ -32,8 +35,12 @@ def _positive_float(s: str) -> float:
     return _float(s, "a finite number > 0", lambda v: v > 0)
 
 
-def _nonneg_float(s: str) -> float:
-    return _float(s, "a finite number >= 0", lambda v: v >= 0)
+def _learning_rate(s: str) -> float:
+    return _float(s, f"a learning rate in (0, {LR_MAX:g}]", lambda v: 0 < v <= LR_MAX)
+
+
+def _final_learning_rate(s: str) -> float:
+    return _float(s, f"a learning rate in [0, {LR_MAX:g}]", lambda v: 0 <= v <= LR_MAX)
 
 
 def _probability(s: str) -> float:
@@ -55,8 +62,8 @@ def _nonneg_int(s: str) -> int:
         v = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{s}'") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    if not 0 <= v <= INT_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{INT_MAX}, got {v}")
     return v
 
 
@@ -65,8 +72,8 @@ def _positive_int(s: str) -> int:
         v = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got '{s}'") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    if not 0 < v <= INT_MAX:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (at most {INT_MAX}), got {v}")
     return v
 
 
@@ -287,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="demonstrations file from `craft collect`")
     t.add_argument("--steps", type=_positive_int, default=3000)
     t.add_argument("--batch-size", type=_positive_int, default=256)
-    t.add_argument("--lr", type=_positive_float, default=1e-3)
+    t.add_argument("--lr", type=_learning_rate, default=1e-3)
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--out", required=True, help="output folder (policy.pt, state.pt, metrics.csv, tb/)")
@@ -304,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--types", nargs="+", help="only these scenario types")
     f.add_argument("--worlds", type=_positive_int, default=128, help="routes driven in parallel")
     f.add_argument("--buffer", type=_positive_int, default=2048, help="transitions per iteration")
-    f.add_argument("--lr", type=_positive_float, help="learning rate (default: the paper's 1e-4)")
-    f.add_argument("--lr-end", type=_nonneg_float, help="final learning rate of the cosine decay (default 5e-6)")
+    f.add_argument("--lr", type=_learning_rate, help="learning rate (default: the paper's 1e-4)")
+    f.add_argument("--lr-end", type=_final_learning_rate, help="final learning rate of the cosine decay (default 5e-6)")
     f.add_argument("--epochs", type=_positive_int, help="passes over each buffer (default 2)")
     f.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 512)")
     f.add_argument("--no-proxy", action="store_true", help="ablation: CRAFT without the counterfactual proxy")
@@ -332,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--train-towns", type=_positive_int, default=20, help="train town seeds driven (default 20)")
     x.add_argument("--methods", nargs="+", default=["reinforcepp", "ppo", "grpo", "craft"],
                    choices=["reinforcepp", "ppo", "grpo", "craft"])
-    x.add_argument("--lr", type=_positive_float, help="fine-tuning learning rate (default 1e-3, see docs/results.md)")
-    x.add_argument("--lr-end", type=_nonneg_float, help="final learning rate (default 5e-5)")
+    x.add_argument("--lr", type=_learning_rate, help="fine-tuning learning rate (default 1e-3, see docs/results.md)")
+    x.add_argument("--lr-end", type=_final_learning_rate, help="final learning rate (default 5e-5)")
     x.add_argument("--epochs", type=_positive_int, help="passes over each buffer (default 4)")
     x.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 256)")
     x.add_argument("--split", default="test", help="evaluation split (default test)")

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from craft.checks import check_finite_fields, check_range, check_seed
+from craft.checks import LR_MAX, check_finite_fields, check_range, check_seed
 from craft.errors import CraftError
 from craft.files import check_out_dir, load_torch, write_text
 from craft.finetune.collector import Collector, CollectorConfig
@@ -114,8 +114,8 @@ class FinetuneConfig:
         for f in ("iters", "epochs", "minibatch", "max_nonfinite"):
             check_range(n + f, getattr(self, f), 1, integer=True)
         check_seed(n + "seed", self.seed)
-        check_range(n + "lr", self.lr, 0, lo_open=True)
-        check_range(n + "lr_end", self.lr_end, 0)
+        check_range(n + "lr", self.lr, 0, LR_MAX, lo_open=True)
+        check_range(n + "lr_end", self.lr_end, 0, LR_MAX)
         for f in ("weight_decay", "w_cp", "w_gr", "beta_reverse", "beta_forward", "value_coef"):
             check_range(n + f, getattr(self, f), 0)
         check_range(n + "grad_clip", self.grad_clip, 0, lo_open=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from craft.checks import check_finite_fields, check_range, check_seed
+from craft.checks import LR_MAX, check_finite_fields, check_range, check_seed
 from craft.errors import CraftError
 from craft.files import check_out_dir, load_torch, write_json, write_text
 from craft.policies.base import CandidatePolicy, atomic_save, build_policy, check_finite_weights, policy_from_checkpoint
@@ -62,7 +62,7 @@ class PretrainConfig:
         for f in ("steps", "batch_size", "ckpt_every", "log_every", "kmeans_iters"):
             check_range(n + f, getattr(self, f), 1, integer=True)
         check_range(n + "warmup", self.warmup, 0, integer=True)
-        check_range(n + "lr", self.lr, 0, lo_open=True)
+        check_range(n + "lr", self.lr, 0, LR_MAX, lo_open=True)
         check_range(n + "weight_decay", self.weight_decay, 0)
         check_range(n + "grad_clip", self.grad_clip, 0, lo_open=True)
         check_seed(n + "seed", self.seed)
@@ -163,7 +163,8 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
             policy.set_vocabulary(build_vocabulary(data["expert"][train_idx], policy.cfg.vocab_size,
                                                    iters=cfg.kmeans_iters, seed=cfg.seed))
         policy.train()
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -180,14 +181,20 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
         step = st["step"]
         if "policy" in st:
             atomic_save(st["policy"], policy_path)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(out / "tb"))
     csv_path = out / "metrics.csv"
     new_csv = not resume or not csv_path.exists()
     if not new_csv:  # drop rows logged after the record (they are logged again): no duplicates
         _truncate_csv(csv_path, step)
-    csv_f = open(csv_path, "w" if new_csv else "a", newline="")
-    log = csv.writer(csv_f)
+    sinks: dict = {}
+
+    def open_sinks() -> dict:  # at the first log row: a run that fails before it leaves --out untouched
+        if not sinks:
+            out.mkdir(parents=True, exist_ok=True)
+            sinks["writer"] = SummaryWriter(str(out / "tb"))
+            sinks["csv"] = open(csv_path, "w" if new_csv else "a", newline="")
+            sinks["log"] = csv.writer(sinks["csv"])
+        return sinks
+
     meta = {"data": str(data_path), "obs_config": data["obs_config"], "samples_train": int(len(train_idx)), "samples_val": int(len(val_idx)),
             "pretrain_config": dataclasses.asdict(cfg)}
 
@@ -208,37 +215,45 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
             obs, expert = demo_batch(data, pick)
             out_d = policy.imitation_loss(obs, expert)
             loss = sum(v for k, v in out_d.items() if k.startswith("loss_"))
+            if not bool(torch.isfinite(loss)):
+                raise CraftError(f"pre-training diverged: non-finite loss at step {step + 1} (lower --lr); the "
+                                 f"last record in '{out}' is intact")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
+            if not all(bool(torch.isfinite(p).all()) for p in trained):
+                raise CraftError(f"pre-training diverged: non-finite weights after step {step + 1} (lower --lr); "
+                                 f"the last record in '{out}' is intact")
             sched.step()
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 row = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
                        **{k: v.item() for k, v in out_d.items()}}
+                log = open_sinks()["log"]
                 if keys is None:
                     keys = list(row)
                     if new_csv:
                         log.writerow(keys)
                 log.writerow([row[k] for k in keys])
-                csv_f.flush()
+                sinks["csv"].flush()
                 for k, v in row.items():
                     if k != "step":
-                        writer.add_scalar(f"pretrain/{k}", v, step)
+                        sinks["writer"].add_scalar(f"pretrain/{k}", v, step)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('acc', 0.0):.2f}")
             if step % cfg.ckpt_every == 0 and step < cfg.steps:
                 save(step)
     finally:
         bar.close()
-        csv_f.close()
+        if sinks:
+            sinks["csv"].close()
     policy.eval()
     metrics = open_loop_metrics(policy, data, val_idx)
     metrics["train_seconds"] = time.time() - t0
     for k, v in metrics.items():
-        writer.add_scalar(f"openloop/{k}", v, step)
-    writer.close()
+        open_sinks()["writer"].add_scalar(f"openloop/{k}", v, step)
+    sinks["writer"].close()
     meta["openloop"] = metrics
     save(step)
     write_json(out / "openloop.json", metrics)  # last: the run's result
