@@ -71,7 +71,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     torch.manual_seed(0)
     build_policy("hier").save(root / "policy.pt")
-    collect(CollectConfig(split="val", routes=1, types=("HardBreakRoute", "PedestrianCrossing"), max_steps=120),
+    collect(CollectConfig(split="val", routes=1, types=("HardBreakRoute", "PedestrianCrossing"), max_steps=60),
             root / "demos.pt")
     code, lines = run_cli(["finetune", "--method", "craft", "--init", str(root / "policy.pt"), *TINY_FT,
                            "--out", str(root / "run")])
@@ -176,7 +176,7 @@ def test_fuzz_numeric_options(assets, case):
 
 
 @pytest.mark.slow
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(case=cli_cases())
 def test_fuzz_numeric_options_many(assets, case):
     check_number_case(assets, case)
@@ -287,14 +287,14 @@ def check_file_case(assets: Path, mutation) -> None:
         no_temp_files(d)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
 @given(mutation=mutations())
 def test_fuzz_damaged_files(assets, mutation):
     check_file_case(assets, mutation)
 
 
 @pytest.mark.slow
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(mutation=mutations())
 def test_fuzz_damaged_files_many(assets, mutation):
     check_file_case(assets, mutation)
