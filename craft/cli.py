@@ -188,10 +188,15 @@ def cmd_finetune(args) -> int:
                       use_distill=not args.no_distill)
     check_out_dir(args.out)
     hist = finetune(args.init, args.out, cfg, device=args.device, resume=args.resume)
-    last = hist[-1]
-    print(f"{args.method}: {last['iteration']} iterations -> {args.out}/policy.pt (last iteration "
-          f"{last['transitions']} transitions, collect {last['t_collect']:.1f} s, score {last['t_score']:.1f} s, "
-          f"update {last['t_update']:.1f} s)")
+    last = hist[-1] if hist and isinstance(hist[-1], dict) else {}
+
+    def sec(k: str) -> str:
+        v = last.get(k)
+        return f"{v:.1f}" if isinstance(v, (int, float)) else "?"
+
+    print(f"{args.method}: {last.get('iteration', '?')} iterations -> {args.out}/policy.pt (last iteration "
+          f"{last.get('transitions', '?')} transitions, collect {sec('t_collect')} s, score {sec('t_score')} s, "
+          f"update {sec('t_update')} s)")
     return 0
 
 

@@ -14,7 +14,6 @@ Each writes ``OUT/<name>/table.{md,json}`` (and plots) and returns its markdown.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import replace

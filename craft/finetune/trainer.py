@@ -286,10 +286,11 @@ class Trainer:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
             raise CraftError(f"--resume: '{path}' does not fit this run ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160] if str(e) else 'bad contents'}); start a new --out") from None
+                             f"{str(e).splitlines()[0][:160] if str(e) else 'bad contents'}); start a new --out"
+                             ) from None
         self.iteration = int(st["iteration"])
         self.history = list(st["history"])
-        if saved["iters"] != self.cfg.iters:  # --iters raised: the cosine schedule now ends at the new last iteration
+        if saved.get("iters") != self.cfg.iters:  # --iters raised: the cosine schedule ends at the new last one
             for g, base, lam in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
                 g["lr"] = base * lam(self.iteration)
             self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
@@ -472,7 +473,8 @@ def read_state(path: str | os.PathLike) -> dict:
     if not isinstance(st, dict) or any(k not in st for k in need):
         raise CraftError(f"'{path}' is not a complete fine-tuning state (trainer.pt); start a new --out")
     if st.get("format_version", 1) not in (1, STATE_VERSION) or not isinstance(st["config"], dict) \
-            or not isinstance(st["iteration"], int) or st["iteration"] < 0 or not isinstance(st["history"], list):
+            or not isinstance(st["iteration"], int) or st["iteration"] < 0 or not isinstance(st["history"], list) \
+            or not all(isinstance(h, dict) for h in st["history"]):
         raise CraftError(f"'{path}' is not a fine-tuning state this build reads (version "
                          f"{st.get('format_version', 1)}); start a new --out")
     return st

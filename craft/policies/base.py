@@ -251,5 +251,6 @@ def _one_line(e: BaseException) -> str:
     return (lines[0][:200] if lines else type(e).__name__)
 
 
-__all__ = ["CandidateSet", "CandidatePolicy", "register_family", "register_family_module", "build_policy", "families", "load_policy",
-           "read_checkpoint", "policy_from_checkpoint", "atomic_save", "check_finite_weights", "FORMAT_VERSION", "WAYPOINT_DT"]
+__all__ = ["CandidateSet", "CandidatePolicy", "register_family", "register_family_module", "build_policy",
+           "families", "load_policy", "read_checkpoint", "policy_from_checkpoint", "atomic_save",
+           "check_finite_weights", "FORMAT_VERSION", "WAYPOINT_DT"]
