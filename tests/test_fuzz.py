@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from craft.cli import main
@@ -171,12 +171,14 @@ def check_number_case(assets: Path, case) -> None:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
 @given(case=cli_cases())
+@example(case=("sim-bench", "--highway-env-seconds", "1e-300", SLOTS[14][3]))  # once a division by zero
 def test_fuzz_numeric_options(assets, case):
     check_number_case(assets, case)
 
 
 @pytest.mark.slow
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+          phases=(Phase.generate,))  # no shrinking: a failing case costs seconds, shrinking repeats it hundreds of times
 @given(case=cli_cases())
 def test_fuzz_numeric_options_many(assets, case):
     check_number_case(assets, case)
@@ -294,7 +296,8 @@ def test_fuzz_damaged_files(assets, mutation):
 
 
 @pytest.mark.slow
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+          phases=(Phase.generate,))  # no shrinking: a failing case costs seconds, shrinking repeats it hundreds of times
 @given(mutation=mutations())
 def test_fuzz_damaged_files_many(assets, mutation):
     check_file_case(assets, mutation)
