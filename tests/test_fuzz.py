@@ -185,11 +185,13 @@ def test_fuzz_numeric_options_many(assets, case):
 
 
 # ---------------------------------------------------------------------------------------------- files
+def _containers(kids: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.text(max_size=6), kids, max_size=3))
+
+
 JSON_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
                                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8)),
-                           lambda kids: st.one_of(st.lists(kids, max_size=3),
-                                                  st.dictionaries(st.text(max_size=6), kids, max_size=3)),
-                           max_leaves=6)
+                           _containers, max_leaves=6)
 TARGETS = ["policy", "trainer", "demos", "results", "table", "diagnostics"]
 
 
