@@ -1,18 +1,70 @@
 """The ``craft`` command line.
 
-Every sub-command validates its arguments; bad input prints one line ``craft: error: ...`` and exits
-with status 2, and nothing half-written is left on disk.
+Every sub-command validates its arguments (numbers finite and in range) and its output paths (creatable,
+writable, a folder or a file name as needed) before any work starts; bad input prints one line
+``craft: error: ...`` and exits with status 2, and nothing half-written is left on disk.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import sys
 from pathlib import Path
 
+from craft.checks import LR_MAX, SEED_MAX
+
+INT_MAX = 2**31 - 1
+"""Largest count / step option accepted (counts become int64 tensor indices and step caps)."""
 from craft.errors import CraftError
+from craft.files import check_out_dir, check_out_file, write_json
+
+
+def _float(s: str, what: str, ok) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got '{s}'") from None
+    if not math.isfinite(v) or not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    return _float(s, "a finite number > 0", lambda v: v > 0)
+
+
+def _learning_rate(s: str) -> float:
+    return _float(s, f"a learning rate in (0, {LR_MAX:g}]", lambda v: 0 < v <= LR_MAX)
+
+
+def _final_learning_rate(s: str) -> float:
+    return _float(s, f"a learning rate in [0, {LR_MAX:g}]", lambda v: 0 <= v <= LR_MAX)
+
+
+def _probability(s: str) -> float:
+    return _float(s, "a probability in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a seed (an integer in 0..{SEED_MAX}), got '{s}'") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected a seed (an integer in 0..{SEED_MAX}), got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{s}'") from None
+    if not 0 <= v <= INT_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{INT_MAX}, got {v}")
+    return v
 
 
 def _positive_int(s: str) -> int:
@@ -20,8 +72,8 @@ def _positive_int(s: str) -> int:
         v = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got '{s}'") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    if not 0 < v <= INT_MAX:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (at most {INT_MAX}), got {v}")
     return v
 
 
@@ -36,13 +88,8 @@ def _device(s: str) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write JSON to a temporary name in the same directory, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """Write JSON to a temporary name in the same directory, then rename (see :mod:`craft.files`)."""
+    write_json(path, obj)
 
 
 # ---------------------------------------------------------------------- sub-commands
@@ -50,6 +97,8 @@ def cmd_sim_bench(args) -> int:
     from craft.world.simbench import run_sim_bench
 
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs]
+    if args.json:
+        check_out_file(args.json, "--json")
     result = run_sim_bench(configs, steps=args.steps, device=args.device, highway_env=not args.no_highway_env,
                            seed=args.seed, threads=args.threads, highway_env_seconds=args.highway_env_seconds)
     if args.json:
@@ -62,6 +111,7 @@ def cmd_render(args) -> int:
     from craft.world.render import render_png
     from craft.world.towns import generate_town
 
+    check_out_file(args.out)
     town = generate_town(args.town_seed)
     render_png(town, args.out, title=f"town seed {args.town_seed}")
     print(f"wrote {args.out} ({town.num_lanes} lanes, {len(town.junction_kind)} junctions)")
@@ -74,6 +124,7 @@ def cmd_eval(args) -> int:
 
     if args.split not in SPLITS:
         raise CraftError(f"unknown split '{args.split}': use one of {', '.join(SPLITS)}")
+    check_out_dir(args.out)
     cfg = EvalConfig(protocol=args.protocol, gif_worst=args.gif, batch_size=args.batch_size, seed=args.seed,
                      max_steps=args.max_steps)
     driver = make_driver(args.policy, device=args.device)
@@ -96,6 +147,7 @@ def cmd_collect(args) -> int:
     cfg = CollectConfig(split=args.split, routes=args.routes,
                         town_seeds=tuple(args.town_seeds) if args.town_seeds else None,
                         types=tuple(args.types) if args.types else None, batch_size=args.batch_size, perturb_prob=args.perturb, seed=args.seed)
+    check_out_file(args.out)
     info = collect(cfg, args.out, device=args.device)
     print(f"collected {info['samples']} expert decisions on {info['routes']} {args.split} routes "
           f"({info['seconds']:.0f} s) -> {args.out}")
@@ -107,6 +159,7 @@ def cmd_pretrain(args) -> int:
 
     cfg = PretrainConfig(family=args.family, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed)
+    check_out_dir(args.out)
     m = pretrain(args.data, args.out, cfg, resume=args.resume)
     print(f"pretrained {args.family} -> {args.out}/policy.pt; held-out open loop: L2 1/2/3 s "
           f"{m['l2_1s']:.2f}/{m['l2_2s']:.2f}/{m['l2_3s']:.2f} m, accuracy {m['accuracy']:.3f} "
@@ -133,11 +186,17 @@ def cmd_finetune(args) -> int:
             raise CraftError("--no-proxy / --no-residual / --no-distill are ablations of --method craft")
         cfg = replace(cfg, use_proxy=not args.no_proxy, use_residual=not args.no_residual,
                       use_distill=not args.no_distill)
+    check_out_dir(args.out)
     hist = finetune(args.init, args.out, cfg, device=args.device, resume=args.resume)
-    last = hist[-1]
-    print(f"{args.method}: {last['iteration']} iterations -> {args.out}/policy.pt (last iteration "
-          f"{last['transitions']} transitions, collect {last['t_collect']:.1f} s, score {last['t_score']:.1f} s, "
-          f"update {last['t_update']:.1f} s)")
+    last = hist[-1] if hist and isinstance(hist[-1], dict) else {}
+
+    def sec(k: str) -> str:
+        v = last.get(k)
+        return f"{v:.1f}" if isinstance(v, (int, float)) else "?"
+
+    print(f"{args.method}: {last.get('iteration', '?')} iterations -> {args.out}/policy.pt (last iteration "
+          f"{last.get('transitions', '?')} transitions, collect {sec('t_collect')} s, score {sec('t_score')} s, "
+          f"update {sec('t_update')} s)")
     return 0
 
 
@@ -150,6 +209,14 @@ def cmd_experiment(args) -> int:
                            iters=args.iters, buffer=args.buffer, worlds=args.worlds, split=args.split,
                            routes=args.routes, methods=tuple(args.methods), train_towns=args.train_towns,
                            protocols=tuple(args.protocols), finetune={**SMALL_BUDGET, **overrides})
+    if args.name == "report":
+        if not Path(args.out).is_dir():
+            raise CraftError(f"experiment root '{args.out}' is not a folder of experiment results: nothing to "
+                             "report (run an experiment there first, or pass its --out)")
+    else:
+        check_out_dir(args.out)
+    if args.name in ("all", "report"):
+        check_out_file(args.doc, "--doc")
     text = run_experiment(args.name, cfg, args.out, families=tuple(args.families) if args.families else None,
                           doc=args.doc)
     print(text)
@@ -159,6 +226,7 @@ def cmd_experiment(args) -> int:
 def cmd_demo(args) -> int:
     from craft.demo import run_demo, run_world_demo
 
+    check_out_dir(args.out)
     if args.world_only:
         run_world_demo(args.out, seed=args.seed)
     else:
@@ -182,16 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WORLDSxAGENTS configurations (default: 256x64 1024x64 256x128)")
     b.add_argument("--steps", type=_positive_int, default=50, help="timed steps per configuration")
     b.add_argument("--device", type=_device, default="cpu")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_seed, default=0)
     b.add_argument("--threads", type=_positive_int, nargs="+", default=None,
                    help="torch thread counts to try per configuration (default: 1 and all cores; best reported)")
     b.add_argument("--no-highway-env", action="store_true", help="skip the highway-env comparison")
-    b.add_argument("--highway-env-seconds", type=float, default=5.0, help="how long to time highway-env")
+    b.add_argument("--highway-env-seconds", type=_positive_float, default=5.0, help="how long to time highway-env")
     b.add_argument("--json", help="write the figures to this JSON file")
     b.set_defaults(func=cmd_sim_bench)
 
     r = sub.add_parser("render", help="draw a procedural town as a PNG")
-    r.add_argument("--town-seed", type=int, default=0)
+    r.add_argument("--town-seed", type=_seed, default=0)
     r.add_argument("--out", required=True)
     r.set_defaults(func=cmd_render)
 
@@ -200,13 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="test, val, train or long")
     e.add_argument("--routes", type=_positive_int, help="routes per scenario type (default: the split's; --split long: "
                                                               "long routes in all, default 36)")
-    e.add_argument("--town-seeds", type=int, nargs="+", help="evaluate on these town seeds instead")
+    e.add_argument("--town-seeds", type=_seed, nargs="+", help="evaluate on these town seeds instead")
     e.add_argument("--types", nargs="+", help="only these scenario types")
     e.add_argument("--protocol", choices=["b2d", "b2d-star"], default="b2d")
     e.add_argument("--device", type=_device, default="cpu")
-    e.add_argument("--gif", type=int, default=0, metavar="K", help="GIFs of the K lowest-DS routes")
+    e.add_argument("--gif", type=_nonneg_int, default=0, metavar="K", help="GIFs of the K lowest-DS routes")
     e.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
-    e.add_argument("--seed", type=int, default=0, help="background traffic seed")
+    e.add_argument("--seed", type=_seed, default=0, help="background traffic seed")
     e.add_argument("--max-steps", type=_positive_int, default=None,
                    help="simulation steps cap per route (default: 2000 = 200 s; long routes: their own cap, "
                         "which grows with their length)")
@@ -216,12 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("collect", help="record expert demonstrations on a split for imitation pre-training")
     c.add_argument("--split", default="train", help="test, val, train or long")
     c.add_argument("--routes", type=_positive_int, help="routes per scenario type (default: the split's)")
-    c.add_argument("--town-seeds", type=int, nargs="+", help="collect on these town seeds instead")
+    c.add_argument("--town-seeds", type=_seed, nargs="+", help="collect on these town seeds instead")
     c.add_argument("--types", nargs="+", help="only these scenario types")
-    c.add_argument("--perturb", type=float, default=0.2,
+    c.add_argument("--perturb", type=_probability, default=0.2,
                    help="probability per decision of executing a perturbed expert plan (label stays clean)")
     c.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--device", type=_device, default="cpu")
     c.add_argument("--out", required=True, help="demonstrations file to write (e.g. out/data/train.pt)")
     c.set_defaults(func=cmd_collect)
@@ -231,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="demonstrations file from `craft collect`")
     t.add_argument("--steps", type=_positive_int, default=3000)
     t.add_argument("--batch-size", type=_positive_int, default=256)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lr", type=_learning_rate, default=1e-3)
+    t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--out", required=True, help="output folder (policy.pt, state.pt, metrics.csv, tb/)")
     t.set_defaults(func=cmd_pretrain)
@@ -244,18 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--iters", type=_positive_int, default=10)
     f.add_argument("--split", default="train", help="split whose routes are driven (default train)")
     f.add_argument("--routes", type=_positive_int, help="routes per scenario type")
-    f.add_argument("--town-seeds", type=int, nargs="+", help="drive on these town seeds instead")
+    f.add_argument("--town-seeds", type=_seed, nargs="+", help="drive on these town seeds instead")
     f.add_argument("--types", nargs="+", help="only these scenario types")
     f.add_argument("--worlds", type=_positive_int, default=128, help="routes driven in parallel")
     f.add_argument("--buffer", type=_positive_int, default=2048, help="transitions per iteration")
-    f.add_argument("--lr", type=float, help="learning rate (default: the paper's 1e-4)")
-    f.add_argument("--lr-end", type=float, help="final learning rate of the cosine decay (default 5e-6)")
+    f.add_argument("--lr", type=_learning_rate, help="learning rate (default: the paper's 1e-4)")
+    f.add_argument("--lr-end", type=_final_learning_rate, help="final learning rate of the cosine decay (default 5e-6)")
     f.add_argument("--epochs", type=_positive_int, help="passes over each buffer (default 2)")
     f.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 512)")
     f.add_argument("--no-proxy", action="store_true", help="ablation: CRAFT without the counterfactual proxy")
     f.add_argument("--no-residual", action="store_true", help="ablation: CRAFT without the grounded residual")
     f.add_argument("--no-distill", action="store_true", help="ablation: no teacher KL terms")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=_seed, default=0)
     f.add_argument("--device", type=_device, default="cpu")
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     f.add_argument("--out", required=True)
@@ -276,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--train-towns", type=_positive_int, default=20, help="train town seeds driven (default 20)")
     x.add_argument("--methods", nargs="+", default=["reinforcepp", "ppo", "grpo", "craft"],
                    choices=["reinforcepp", "ppo", "grpo", "craft"])
-    x.add_argument("--lr", type=float, help="fine-tuning learning rate (default 1e-3, see docs/results.md)")
-    x.add_argument("--lr-end", type=float, help="final learning rate (default 5e-5)")
+    x.add_argument("--lr", type=_learning_rate, help="fine-tuning learning rate (default 1e-3, see docs/results.md)")
+    x.add_argument("--lr-end", type=_final_learning_rate, help="final learning rate (default 5e-5)")
     x.add_argument("--epochs", type=_positive_int, help="passes over each buffer (default 4)")
     x.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 256)")
     x.add_argument("--split", default="test", help="evaluation split (default test)")
@@ -291,12 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the quick start: render a town, drive worlds in closed loop, write a GIF")
     d.add_argument("--out", default="out/demo")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--family", default="vocab", choices=["vocab", "hier", "vla"])
     d.add_argument("--iters", type=_positive_int, default=4, help="CRAFT fine-tuning iterations")
     d.add_argument("--world-only", action="store_true", help="only drive random worlds and write a GIF")
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split()) or "bad input"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,7 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CraftError as e:
-        print(f"craft: error: {e}", file=sys.stderr)
+        print(f"craft: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (disk full, permissions, ...): one line, not a traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"craft: error: {e.strerror or type(e).__name__}{where}; nothing was left half-written",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("craft: interrupted", file=sys.stderr)

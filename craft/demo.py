@@ -19,28 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from craft.files import check_out_dir, write_text
 from craft.world.autopilot import PlanExecutor, route_plan
-from craft.world.render import render_gif, render_png
+from craft.world.render import frame_of, render_gif, render_png
 from craft.world.towns import generate_town
 from craft.world.world import World, WorldConfig, random_specs
-
-
-def frame_of(world: World, state, b: int) -> dict:
-    """A renderer frame (numpy) of world ``b``."""
-    lights = world.lights(state)[b]
-    return {
-        "pos": state.pos[b].cpu().numpy(),
-        "yaw": state.yaw[b].cpu().numpy(),
-        "length": state.length[b].cpu().numpy(),
-        "width": state.width[b].cpu().numpy(),
-        "kind": state.kind[b].cpu().numpy(),
-        "valid": state.valid[b].cpu().numpy(),
-        "siren": state.siren[b].cpu().numpy(),
-        "speed": state.speed[b].cpu().numpy(),
-        "lights": lights.cpu().numpy(),
-        "route": state.route_pts[b][state.route_valid[b]].cpu().numpy(),
-        "time": float(state.step[b]) * world.cfg.dt,
-    }
 
 
 def run_world_demo(out: str | Path, seed: int = 0, worlds: int = 64, steps: int = 300) -> None:
@@ -90,7 +73,7 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
     from craft.finetune.trainer import FinetuneConfig, finetune
     from craft.scenarios.splits import load_split, split_town_seeds
 
-    out = Path(out)
+    out = check_out_dir(out)
     t0 = time.time()
     ckpt = Path(checkpoint or f"checkpoints/{family}.pt")
     if not ckpt.exists():
@@ -119,7 +102,6 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
                                                 for a in abl]
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
     table = "\n".join(lines)
-    (out / "before_after.md").write_text(table + "\n")
     print(table)
     # one route before and after: the largest driving-score change
     from craft.bench.metrics import load_results
@@ -137,5 +119,6 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
         render_gif(world.maps.maps[inst.spec.map_index], frames[0], path,
                    title=f"{inst.type} {name}: DS {rec['scores']['score_composed']:.1f}")
         print(f"GIF of {inst.type} {name} fine-tuning -> {path}")
+    write_text(out / "before_after.md", table + "\n")  # last: the demo's result
     print(f"demo finished in {time.time() - t0:.0f} s; outputs under {out}")
     return {"before": before, "after": after}

@@ -119,7 +119,14 @@ def test_ema_teacher_and_resume_identical(init_ckpt, tmp_path):
     part = Trainer(init_ckpt, tmp_path / "part", replace(TINY, iters=1), progress=False)
     part.run()
     with pytest.raises(CraftError, match="different configuration"):
-        Trainer(init_ckpt, tmp_path / "part", TINY, resume=True, progress=False)
+        Trainer(init_ckpt, tmp_path / "part", replace(TINY, lr=2e-4), resume=True, progress=False)
+    # --iters may be raised on resume: 1 -> 2 here gives the full run's schedule (lr at iteration 1 is lr_end
+    # under both), so the extended run ends identical to the 2-iteration one
+    ext = Trainer(init_ckpt, tmp_path / "part", TINY, resume=True, progress=False)
+    assert ext.iteration == 1
+    ext.run()
+    e = load_policy(tmp_path / "part" / "policy.pt").state_dict()
+    assert all(torch.equal(full.policy.state_dict()[k], e[k]) for k in e)
     # resuming needs the same configuration: continue a 2-iteration run that was stopped after iteration 1
     part2 = Trainer(init_ckpt, tmp_path / "p2", TINY, progress=False)
     part2.iterate()

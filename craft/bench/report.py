@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 
 from craft.bench.metrics import ABILITY_KEYS, INFRACTION_KEYS, is_success
+from craft.files import atomic_write
 
 __all__ = ["summary_markdown", "ability_bar_chart", "per_type_table"]
 
@@ -91,17 +90,7 @@ def ability_bar_chart(summary: dict, path: str) -> str:
                      f"SR {_fmt(summary.get('SR'))} ({summary.get('protocol')})")
         ax.tick_params(axis="x", labelsize=8)
         fig.tight_layout()
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".png", prefix=".tmp_", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
     return path

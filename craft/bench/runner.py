@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from craft.bench.metrics import RouteLog, aggregate, results_json, score_route
 from craft.bench.report import ability_bar_chart, per_type_table, summary_markdown
 from craft.errors import CraftError
+from craft.files import check_out_dir, staged_folder, write_text
 from craft.world.autopilot import PlanExecutor, route_plan
 from craft.world.kinds import AgentKind
 from craft.world.map import take
@@ -157,7 +159,7 @@ COMPACT_MIN_ROWS = 16
 def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, frames_for: set[int] = frozenset(),
               progress: tqdm | None = None):
     """Drive ``instances`` (ScenarioInstance) in one batch. Returns (route logs, frames by batch index)."""
-    from craft.demo import frame_of
+    from craft.world.render import frame_of
     from craft.scenarios.base import apply_windows, scenario_windows, start
     from craft.scenarios.script import apply
 
@@ -369,7 +371,8 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     ``also`` maps further protocols to folders: the same rollout is scored under each of them too (only from a
     ``b2d`` rollout, where b2d-star is the log cut at its first collision — the world is deterministic, so this
     equals a second rollout that ends there). Returns the summary of ``cfg.protocol``. Nothing is written
-    until every route has run (no partial results file). ``logs_out``: a list that receives the routes'
+    until every route has run; each folder is filled through a staging folder with
+    ``results.json`` moved in last (a failure leaves the folders untouched). ``logs_out``: a list that receives the routes'
     :class:`RouteLog` s (to score them again under other rules).
     """
     also = dict(also or {})
@@ -380,6 +383,9 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
             raise CraftError(f"only a b2d rollout can be re-scored under '{proto}' (this one is {cfg.protocol})")
     from craft.scenarios.splits import load_split, split_town_seeds
 
+    check_out_dir(out)
+    for folder in also.values():
+        check_out_dir(folder)
     seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
     t0 = time.time()
     instances, towns = load_split(split, town_seeds=seeds, routes=routes, types=types)
@@ -398,14 +404,16 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     wall = time.time() - t0
     if logs_out is not None:
         logs_out.extend(logs)
-    for proto, folder in also.items():
-        if proto != cfg.protocol:
-            _score_and_write(logs, proto, Path(folder), split, seeds, driver.name, wall, world, instances,
-                             cfg.step_files)
-    summary, records = _score_and_write(logs, cfg.protocol, Path(out), split, seeds, driver.name, wall, world,
-                                        instances, cfg.step_files)
-    if cfg.gif_worst:
-        _worst_gifs(world, instances, records, driver, cfg, Path(out))
+    with ExitStack() as stack:  # every folder staged; committed (results.json last) only if all succeed
+        for proto, folder in also.items():
+            if proto != cfg.protocol:
+                _score_and_write(logs, proto, stack.enter_context(staged_folder(folder)), split, seeds,
+                                 driver.name, wall, world, instances, cfg.step_files)
+        stage = stack.enter_context(staged_folder(out))
+        summary, records = _score_and_write(logs, cfg.protocol, stage, split, seeds, driver.name, wall, world,
+                                            instances, cfg.step_files)
+        if cfg.gif_worst:
+            _worst_gifs(world, instances, records, driver, cfg, stage)
     return summary
 
 
@@ -423,16 +431,16 @@ def _score_and_write(logs: list[RouteLog], protocol: str, out: Path, split: str,
                         policy=name)
     summary["wall_time_s"] = wall
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "routes.xml", routes_xml(world, instances, records))
+    write_text(out / "routes.xml", routes_xml(world, instances, records))
     for log, rec in zip(logs, records) if step_files else ():
         folder = out / "metric_info" / rec["save_name"]
         folder.mkdir(parents=True, exist_ok=True)
-        _write_text(folder / "metric_info.json",
-                    json.dumps(metric_info(protocol_log(log, protocol)), separators=(",", ":")))
+        write_text(folder / "metric_info.json",
+                   json.dumps(metric_info(protocol_log(log, protocol)), separators=(",", ":")))
     per_type = per_type_table(records)
-    _write_text(out / "summary.md", summary_markdown(summary, per_type))
+    write_text(out / "summary.md", summary_markdown(summary, per_type))
     ability_bar_chart(summary, str(out / "abilities.png"))
-    _write_text(out / "results.json", json.dumps(results_json(summary, records), indent=2))  # last: the marker
+    write_text(out / "results.json", json.dumps(results_json(summary, records), indent=2))  # moved in last
     return summary, records
 
 
@@ -448,8 +456,3 @@ def _worst_gifs(world, instances, records, driver, cfg, out: Path) -> None:
         render_gif(world.maps.maps[inst.spec.map_index], frames[k], str(path),
                    title=f"{inst.type} DS {records[i]['scores']['score_composed']:.1f}")
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -7,13 +7,13 @@ experiment for the given families and then writes ``docs/results.md``; ``report`
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from craft.errors import CraftError
+from craft.files import write_json
 from craft.experiments.core import SMALL_BUDGET, ExperimentConfig, main_table, summarise, table_markdown
 
 NAMES = ("main", "ablation", "transfer", "scaling", "stability", "fidelity", "all", "report")
@@ -59,8 +59,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | os.PathLike,
     tables.stability(cfg, out, fams)
     fidelity_experiment(cfg, out, families=fams)
     wall = time.time() - t0
-    (out / "all.json").write_text(json.dumps({"wall_s": wall}))
-    return write_results(out, doc, all_wall_s=wall)
+    text = write_results(out, doc, all_wall_s=wall)
+    write_json(out / "all.json", {"wall_s": wall})
+    return text
 
 
 def fidelity_experiment(cfg: ExperimentConfig, out: str | os.PathLike, fidelity_cfg=None,
@@ -68,7 +69,7 @@ def fidelity_experiment(cfg: ExperimentConfig, out: str | os.PathLike, fidelity_
     """The proxy-fidelity oracle on each family's pre-trained policy and on CRAFT fine-tuned from it (the first
     seed of the family's main table, or of ``cfg``); ``fidelity_cfg``: a
     :class:`~craft.experiments.fidelity.FidelityConfig` (default: its defaults)."""
-    from craft.experiments.core import finetune_run, write_json, write_text
+    from craft.experiments.core import finetune_run, write_text
     from craft.experiments.fidelity import FidelityConfig, fidelity
     from craft.experiments.tables import main_config
 
@@ -84,8 +85,8 @@ def fidelity_experiment(cfg: ExperimentConfig, out: str | os.PathLike, fidelity_
     folder = out / "fidelity"
     res = fidelity(policies, folder, fidelity_cfg or FidelityConfig())
     md = (folder / "fidelity.md").read_text()
-    write_json(folder / "table.json", {"result": res, "wall_s": time.time() - t0, "runs": runs})
     write_text(folder / "table.md", md)
+    write_json(folder / "table.json", {"result": res, "wall_s": time.time() - t0, "runs": runs})
     return md
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from craft.errors import CraftError
+from craft.files import read_json, write_bytes, write_json, write_text  # noqa: F401  (re-exported)
 
 ABILITIES = ("Merging", "Overtaking", "Emergency_Brake", "Give_Way", "Traffic_Signs", "Mean")
 COLUMNS = ("DS", "SR", "RC", "IS") + ABILITIES
@@ -72,6 +73,22 @@ class ExperimentConfig:
             raise CraftError("an experiment needs at least one seed")
         if self.iters < 1 or self.buffer < 1 or self.worlds < 1 or self.train_towns < 1:
             raise CraftError("ExperimentConfig: iters, buffer, worlds and train_towns must be >= 1")
+        from craft.checks import check_finite_fields, check_range, check_seed
+
+        check_finite_fields(self)
+        for s in self.seeds + (self.eval_seed,) + tuple(self.noise_seeds):
+            check_seed("ExperimentConfig seeds", s)
+        for f in ("routes", "eval_max_steps"):
+            if getattr(self, f) is not None:
+                check_range(f"ExperimentConfig.{f}", getattr(self, f), 1, integer=True)
+        # the fine-tuning overrides fail now (naming the field), not after the first evaluation
+        from craft.finetune.trainer import FinetuneConfig
+
+        for over in [self.finetune] + list(self.extra.values()):
+            try:
+                FinetuneConfig(**over)
+            except TypeError as e:
+                raise CraftError(f"ExperimentConfig: unknown fine-tuning setting ({e})") from None
 
     @property
     def init_path(self) -> str:
@@ -122,9 +139,7 @@ def run_dir(root: str | os.PathLike, cfg: ExperimentConfig, label: str, fc) -> P
 def finetune_run(root: str | os.PathLike, cfg: ExperimentConfig, method: str, seed: int, label: str | None = None,
                  collector: dict | None = None, **overrides) -> Path:
     """Fine-tune (or reuse / resume) one run of the pool; returns its folder (``policy.pt`` inside)."""
-    import torch
-
-    from craft.finetune.trainer import finetune
+    from craft.finetune.trainer import finetune, saved_iteration
 
     label = label or method
     fc = finetune_config(cfg, method, seed, label, collector, **overrides)
@@ -132,7 +147,7 @@ def finetune_run(root: str | os.PathLike, cfg: ExperimentConfig, method: str, se
     state = d / "trainer.pt"
     with locked(d):  # two experiments started side by side wait for each other's run instead of repeating it
         if state.exists():
-            if torch.load(state, map_location="cpu", weights_only=False)["iteration"] < fc.iters:
+            if saved_iteration(d) < fc.iters:
                 finetune(cfg.init_path, d, fc, resume=True)
         else:
             finetune(cfg.init_path, d, fc)
@@ -177,9 +192,18 @@ def read_diagnostics(run: Path) -> list[dict]:
     path = Path(run) / "diagnostics.csv"
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()}
-                for row in csv.DictReader(f)]
+    try:
+        with open(path, newline="") as f:
+            rows = [{k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()}
+                    for row in csv.DictReader(f)]
+    except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as e:
+        raise CraftError(f"'{path}' is not a readable diagnostics file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else 'malformed'}); delete the run folder to "
+                         "have it run again") from None
+    if rows and any(None in r or "t_total" not in r for r in rows):
+        raise CraftError(f"'{path}' is not a complete diagnostics file (rows without a t_total column or with "
+                         "extra cells); delete the run folder to have it run again")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------- evaluations
@@ -220,9 +244,15 @@ def evaluate_policy(policy: str | os.PathLike, folder: str | os.PathLike, es: Ev
     with locked(Path(folder)):
         if not all(f.exists() for f in files.values()):
             _run_eval(policy, base, es, protocols)
+    return {p: read_summary(f) for p, f in files.items()}
+
+
+def read_summary(path: Path) -> dict:
+    """The ``summary`` of an evaluation's ``results.json``; one CraftError line naming the missing field if it
+    is damaged or of another layout."""
     from craft.bench.metrics import load_results
 
-    return {p: load_results(f)["summary"] for p, f in files.items()}
+    return load_results(path)["summary"]
 
 
 def _run_eval(policy, base: Path, es: EvalSet, protocols: tuple[str, ...]) -> None:
@@ -237,10 +267,14 @@ def _run_eval(policy, base: Path, es: EvalSet, protocols: tuple[str, ...]) -> No
 
 def eval_wall_s(folder: Path) -> float:
     """Seconds the evaluation in ``folder`` (``<run>/eval-<set>``) took: its one rollout."""
-    from craft.bench.metrics import load_results
-
     f = Path(folder) / "b2d" / "results.json"
-    return float(load_results(f)["summary"].get("wall_time_s", 0.0)) if f.exists() else 0.0
+    if not f.exists():
+        return 0.0
+    wall = read_summary(f).get("wall_time_s", 0.0)
+    if isinstance(wall, bool) or not isinstance(wall, (int, float)):
+        raise CraftError(f"evaluation results '{f}' have a non-numeric wall_time_s; delete the file to have it "
+                         "evaluated again")
+    return float(wall)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -303,26 +337,7 @@ def config_dict(cfg: ExperimentConfig) -> dict:
     return asdict(cfg)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` atomically (temp name, then rename; no half-written file on failure)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` atomically (see :func:`write_bytes`)."""
-    write_bytes(path, text.encode())
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=str))
-
+# atomic writers (temp name, then rename; the usual file mode; no temp file left on failure): craft.files
 
 # ------------------------------------------------------------------------------------------------ main
 def main_table(cfg: ExperimentConfig, out: str | os.PathLike) -> dict:
@@ -351,11 +366,12 @@ def main_table(cfg: ExperimentConfig, out: str | os.PathLike) -> dict:
                 results[row][proto].append(s)
     table = summarise(results)
     folder = Path(out) / f"main-{cfg.family}"
+    write_text(folder / "table.md", table_markdown(table, cfg))
     write_json(folder / "table.json", {"config": config_dict(cfg), "table": table, "runs": run_names(used),
                                         "evals": evals})
-    write_text(folder / "table.md", table_markdown(table, cfg))
     return table
 
 
 __all__ = ["ExperimentConfig", "EvalSet", "SMALL_BUDGET", "evaluate_policy", "finetune_run", "main_table",
-           "summarise", "table_markdown", "markdown_table", "read_diagnostics", "write_json", "write_text"]
+           "summarise", "table_markdown", "markdown_table", "read_diagnostics", "read_summary", "write_bytes",
+           "write_json", "write_text"]

@@ -611,7 +611,7 @@ def fidelity(policies: dict[str, str], out: str | os.PathLike, cfg: FidelityConf
         plots[label] = plot
     res = _clean(res)
     out = Path(out)
-    write_bytes(out / "fidelity.json", (json.dumps(res, indent=2) + "\n").encode())
     write_bytes(out / "fidelity.md", _markdown(res).encode())
     write_bytes(out / "fidelity.png", _plot(res, plots, cfg.scatter_states))
+    write_bytes(out / "fidelity.json", (json.dumps(res, indent=2) + "\n").encode())  # last: the result
     return res

@@ -14,12 +14,12 @@ Each writes ``OUT/<name>/table.{md,json}`` (and plots) and returns its markdown.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import replace
 from pathlib import Path
 
+from craft.errors import CraftError
 from craft.experiments.core import (
     METHOD_NAMES, ExperimentConfig, EvalSet, budget_line, config_dict, default_eval_set, evaluate_policy,
     finetune_run, markdown_table, pretrained_dir, read_diagnostics, run_names, stats, summarise, write_bytes,
@@ -65,9 +65,9 @@ def ablation(cfg: ExperimentConfig, out: str | os.PathLike) -> str:
         lines += [f"## Protocol `{p}`", ""] + markdown_table(rows, ("DS", "RC", "IS", "SR")) + [""]
     md = "\n".join(lines)
     folder = Path(out) / f"ablation-{cfg.family}"
+    write_text(folder / "table.md", md)
     write_json(folder / "table.json", {"config": config_dict(cfg), "table": table, "runs": run_names(used),
                                         "evals": evals})
-    write_text(folder / "table.md", md)
     return md
 
 
@@ -117,9 +117,9 @@ def transfer(cfg: ExperimentConfig, out: str | os.PathLike, fresh_towns: tuple[i
                     f"the same train towns.", "",
                     *markdown_table(rows, cols, head="fine-tuned on → evaluated on"), ""])
     folder = Path(out) / f"transfer-{cfg.family}"
+    write_text(folder / "table.md", md)
     write_json(folder / "table.json", {"config": config_dict(cfg), "rows": rows, "raw": raw,
                                         "runs": run_names(used), "evals": evals})
-    write_text(folder / "table.md", md)
     return md
 
 
@@ -183,9 +183,9 @@ def scaling(cfg: ExperimentConfig, out: str | os.PathLike, hard_type: str = HARD
         f"`{cfg.split}` routes of that type.", "",
         *markdown_table(hard, ("DS", "SR"), head="method"), "",
         "![scaling](scaling.png)", ""])
+    write_text(folder / "table.md", md)
     write_json(folder / "table.json", {"config": config_dict(cfg), "rows": rows, "hard_type": hard_type,
                                         "hard": hard, "curves": curves, "runs": run_names(used), "evals": evals})
-    write_text(folder / "table.md", md)
     return md
 
 
@@ -283,9 +283,9 @@ def stability(cfg: ExperimentConfig, out: str | os.PathLike,
         "advantage over the candidate set; PPO / REINFORCE++'s clipped surrogate of the sampled candidate.", "",
         *markdown_table(rows, ("CV KL_rev", "CV KL_fwd", "CV E[A]"), digits=3, head="family / method"), "",
         "![stability](stability.png)", ""])
+    write_text(folder / "table.md", md)
     write_json(folder / "table.json", {"config": config_dict(cfg), "families": list(families), "rows": rows,
                                                         "runs": run_names(used)})
-    write_text(folder / "table.md", md)
     return md
 
 
@@ -294,9 +294,18 @@ def main_config(out: str | os.PathLike, family: str) -> ExperimentConfig | None:
     path = Path(out) / f"main-{family}" / "table.json"
     if not path.exists():
         return None
-    d = json.loads(path.read_text())["config"]
-    return ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
-                               if k in ExperimentConfig.__dataclass_fields__})
+    from craft.files import read_json
+
+    d = read_json(path, "experiment table")
+    d = d.get("config") if isinstance(d, dict) else None
+    if not isinstance(d, dict):
+        raise CraftError(f"experiment table '{path}' has no config; delete it and run the main experiment again")
+    try:
+        return ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+                                   if k in ExperimentConfig.__dataclass_fields__})
+    except (TypeError, ValueError) as e:
+        raise CraftError(f"experiment table '{path}' has a config this build cannot use ({type(e).__name__}); "
+                         "delete it and run the main experiment again") from None
 
 
 def _stability_plot(rows: dict, families: tuple[str, ...], methods: tuple[str, ...], path: Path) -> None:

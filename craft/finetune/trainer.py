@@ -17,16 +17,21 @@ iteration); PPO: GAE lambda 0.95, value clip 0.2, SmoothL1 value loss weight 0.5
 summary with the policy's optimiser; the decision-level discount is gamma^k with gamma = 0.98 per 0.1 s step
 and k = 5 steps per decision (the same time scale as the proxy).
 
-Outputs in ``DIR``: ``policy.pt`` (policy checkpoint), ``trainer.pt`` (teacher, optimiser, scheduler, method
-modules, collector state, RNG states, iteration, history), ``diagnostics.csv`` and TensorBoard logs under
-``tb/``; written atomically after every iteration, so ``--resume DIR`` continues where an interrupted run
-stopped and ends identical to an uninterrupted run (CPU).
+Outputs in ``DIR``: ``trainer.pt`` (the run's one resume record: policy checkpoint, teacher, optimiser,
+scheduler, method modules, collector state, RNG states, iteration, history), ``policy.pt`` (the policy
+checkpoint, an export of the record), ``diagnostics.csv`` and TensorBoard logs under ``tb/``. After every
+iteration the record is written first (atomically), then the exports, so ``--resume DIR`` reads one file and
+cannot mix iterations: a ``policy.pt`` left behind by a crash between the writes is rewritten from the record,
+one that is ahead of it or from another run is refused. A resumed run ends identical to an uninterrupted run
+(CPU); ``--iters`` may be raised on resume (the cosine schedule then runs to the new end from the iteration
+reached). Nothing is written into ``DIR`` before the first iteration has finished.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
 import time
@@ -36,13 +41,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from craft.checks import LR_MAX, check_finite_fields, check_range, check_seed
 from craft.errors import CraftError
+from craft.files import check_out_dir, load_torch, write_text
 from craft.finetune.collector import Collector, CollectorConfig
 from craft.finetune.losses import coefficient_of_variation, kl_terms, masked_log_softmax
 from craft.finetune.methods import METHODS, IterationData, make_method
 from craft.finetune.proxy import CounterfactualWorld, ProxyConfig
 from craft.finetune.rewards import RewardConfig, dense_reward_from_events, grounded_step_reward
-from craft.policies.base import CandidatePolicy, atomic_save, load_policy
+from craft.policies.base import (CandidatePolicy, atomic_save, check_finite_weights, load_policy,
+                                 policy_from_checkpoint, read_checkpoint)
 from craft.world.tracker import TrackerState
 
 
@@ -96,10 +104,40 @@ class FinetuneConfig:
             object.__setattr__(self, "proxy", ProxyConfig(**p))
         if self.method not in METHODS:
             raise CraftError(f"unknown fine-tuning method '{self.method}' (one of {', '.join(METHODS)})")
-        if self.iters < 1 or self.epochs < 1 or self.minibatch < 1:
-            raise CraftError("FinetuneConfig: iters, epochs and minibatch must be >= 1")
-        if not 0 <= self.ema < 1:
-            raise CraftError(f"FinetuneConfig.ema must be in [0, 1), got {self.ema}")
+        self._validate()
+
+    def _validate(self) -> None:
+        """Every number finite and in range (collector, proxy and reward fields included); one line naming
+        the field otherwise."""
+        check_finite_fields(self)
+        n = "FinetuneConfig."
+        for f in ("iters", "epochs", "minibatch", "max_nonfinite"):
+            check_range(n + f, getattr(self, f), 1, integer=True)
+        check_seed(n + "seed", self.seed)
+        check_range(n + "lr", self.lr, 0, LR_MAX, lo_open=True)
+        check_range(n + "lr_end", self.lr_end, 0, LR_MAX)
+        for f in ("weight_decay", "w_cp", "w_gr", "beta_reverse", "beta_forward", "value_coef"):
+            check_range(n + f, getattr(self, f), 0)
+        check_range(n + "grad_clip", self.grad_clip, 0, lo_open=True)
+        check_range(n + "ema", self.ema, 0, 1, hi_open=True)
+        check_range(n + "clip_eps", self.clip_eps, 0, 1, lo_open=True, hi_open=True)
+        check_range(n + "dual_clip", self.dual_clip, 1, lo_open=True)
+        check_range(n + "gae_lambda", self.gae_lambda, 0, 1)
+        check_range(n + "value_clip", self.value_clip, 0, lo_open=True)
+        check_range(n + "step_gamma", self.step_gamma, 0, 1, lo_open=True)
+        c, n = self.collector, "CollectorConfig."
+        for f in ("worlds", "buffer_size", "replan_every"):
+            check_range(n + f, getattr(c, f), 1, integer=True)
+        if c.routes is not None:
+            check_range(n + "routes", c.routes, 1, integer=True)
+        check_seed(n + "seed", c.seed)
+        for s in c.town_seeds or ():
+            check_seed(n + "town_seeds", s)
+        p, n = self.proxy, "ProxyConfig."
+        check_range(n + "horizon", p.horizon, 1, integer=True)
+        check_range(n + "dt", p.dt, 0, lo_open=True)
+        check_range(n + "chunk_states", p.chunk_states, 1, integer=True)
+        check_range("RewardConfig.gamma", p.reward.gamma, 0, 1, lo_open=True)
 
     @property
     def reward(self) -> RewardConfig:
@@ -186,40 +224,107 @@ class Trainer:
 
     # -------------------------------------------------------------- checkpoints
     def _save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Write this iteration's record ``trainer.pt`` (everything, the policy included), then the exports
+        ``policy.pt`` and ``diagnostics.csv`` (both derived from the record, so rewritten on resume)."""
         meta = {"finetune": {"method": self.cfg.method, "iteration": self.iteration, "init": self.init_path}}
+        policy_ck = self.policy.checkpoint(meta={**getattr(self.policy, "meta", {}), **meta})
+        check_finite_weights(policy_ck["state_dict"], f"iteration {self.iteration}: refusing to save the policy")
         trainable = set(self.policy.trainable_parameters())
         state = {
+            "format": STATE_FORMAT, "format_version": STATE_VERSION,
             "config": dataclasses.asdict(self.cfg), "iteration": self.iteration, "history": self.history,
+            "policy": policy_ck,
             "teacher": {k: v for k, v in self.teacher.state_dict().items() if k in trainable},
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "method": {k: m.state_dict() for k, m in self.method.modules().items()},
             "collector": self.collector.state_dict(), "mb_gen": self.mb_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
-        atomic_save(state, self.out / "trainer.pt")  # trainer first: policy.pt marks a finished iteration
-        self.policy.save(self.out / "policy.pt", meta={**getattr(self.policy, "meta", {}), **meta})
+        atomic_save(state, self.out / "trainer.pt")  # the record first: it alone is read on resume
+        self._export(policy_ck)
+
+    def _export(self, policy_ck: dict) -> None:
+        atomic_save(policy_ck, self.out / "policy.pt")
+        _write_csv(self.out / "diagnostics.csv", self.history)
 
     def _load(self) -> None:
         path = self.out / "trainer.pt"
         if not path.exists():
             raise CraftError(f"--resume: '{self.out}' has no trainer.pt to resume from")
-        st = torch.load(path, map_location="cpu", weights_only=False)
-        if st["config"] != dataclasses.asdict(self.cfg):
-            raise CraftError(f"--resume: '{self.out}' was started with a different configuration; use the same "
-                             "arguments")
-        self.policy.load_state_dict(load_policy(self.out / "policy.pt").state_dict())
-        self.policy.freeze_for_finetuning()
-        self.teacher.load_state_dict(st["teacher"], strict=False)
-        self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
-        for k, m in self.method.modules().items():
-            m.load_state_dict(st["method"][k])
-        self.collector.load_state_dict(st["collector"])
-        self.mb_gen.set_state(st["mb_gen"])
-        torch.set_rng_state(st["torch_rng"])
-        self.iteration = st["iteration"]
-        self.history = st["history"]
+        st = read_state(path)
+        saved = dict(st["config"])
+        now = dataclasses.asdict(self.cfg)
+        if {k: v for k, v in saved.items() if k != "iters"} != {k: v for k, v in now.items() if k != "iters"}:
+            diff = sorted(k for k in set(saved) | set(now) if k != "iters" and saved.get(k) != now.get(k))
+            raise CraftError(f"--resume: '{self.out}' was started with a different configuration "
+                             f"({', '.join(diff)} differ); use the same arguments (only --iters may change)")
+        if st["iteration"] > self.cfg.iters:
+            raise CraftError(f"--resume: '{self.out}' has already done {st['iteration']} iterations, more than "
+                             f"--iters {self.cfg.iters}; pass --iters {st['iteration']} or more")
+        where = f"{path} (its policy)"
+        try:
+            if "policy" in st:
+                ck = st["policy"]
+                self.policy.load_state_dict(policy_from_checkpoint(ck, family=self.policy.family,
+                                                                   where=where).state_dict())
+                self._check_pair(ck, st["iteration"])
+            else:  # a record of an older version: its policy is policy.pt, which must be of the same iteration
+                ck = read_checkpoint(self.out / "policy.pt")
+                self._check_pair(ck, st["iteration"], legacy=True)
+                self.policy.load_state_dict(policy_from_checkpoint(ck, family=self.policy.family,
+                                                                   where=str(self.out / "policy.pt")).state_dict())
+            self.policy.freeze_for_finetuning()
+            self.teacher.load_state_dict(st["teacher"], strict=False)
+            self.opt.load_state_dict(st["optimizer"])
+            self.sched.load_state_dict(st["scheduler"])
+            for k, m in self.method.modules().items():
+                m.load_state_dict(st["method"][k])
+            self.collector.load_state_dict(st["collector"])
+            self.mb_gen.set_state(st["mb_gen"])
+            torch.set_rng_state(st["torch_rng"])
+        except CraftError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            raise CraftError(f"--resume: '{path}' does not fit this run ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else 'bad contents'}); start a new --out"
+                             ) from None
+        self.iteration = int(st["iteration"])
+        self.history = list(st["history"])
+        if saved.get("iters") != self.cfg.iters:  # --iters raised: the cosine schedule ends at the new last one
+            for g, base, lam in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
+                g["lr"] = base * lam(self.iteration)
+            self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+        if "policy" in st:
+            self._export(st["policy"])  # policy.pt / diagnostics.csv of exactly this record
+
+    def _check_pair(self, record_ck: dict, iteration: int, legacy: bool = False) -> None:
+        """Refuse a ``policy.pt`` that cannot belong with the record of ``iteration``; one that is behind the
+        record (a crash between the writes) is fine: it is rewritten from the record."""
+        path = self.out / "policy.pt"
+        if legacy:
+            it = (record_ck.get("meta") or {}).get("finetune", {}).get("iteration")
+            if it != iteration:
+                raise CraftError(f"--resume: '{path}' is at iteration {it} but trainer.pt at {iteration}: the pair "
+                                 "is inconsistent (an interrupted write of an older version); start a new --out")
+            return
+        if not path.exists():
+            return
+        try:
+            ck = read_checkpoint(path)
+        except CraftError as e:
+            raise CraftError(f"--resume: {e}; delete it to have it rewritten from trainer.pt") from None
+        it = (ck.get("meta") or {}).get("finetune", {}).get("iteration")
+        if not isinstance(it, int):
+            raise CraftError(f"--resume: '{path}' is not a checkpoint of this fine-tuning run (no iteration in "
+                             "its meta); delete it to have it rewritten from trainer.pt")
+        if it > iteration:
+            raise CraftError(f"--resume: '{path}' is at iteration {it}, ahead of trainer.pt at iteration "
+                             f"{iteration}: the files are from different runs or iterations; start a new --out")
+        if it == iteration:
+            a, b = ck["state_dict"], record_ck["state_dict"]
+            if set(a) != set(b) or not all(torch.equal(a[k], b[k]) for k in a):
+                raise CraftError(f"--resume: '{path}' and trainer.pt are both at iteration {iteration} but hold "
+                                 "different weights (files from different runs); start a new --out")
 
     # -------------------------------------------------------------- one iteration
     def iterate(self) -> dict:
@@ -314,16 +419,15 @@ class Trainer:
     def run(self) -> list[dict]:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(self.out / "tb"))
-        csv_path = self.out / "diagnostics.csv"
+        writer = None  # made after the first save: a run that fails in its first iteration leaves --out untouched
         bar = tqdm(total=self.cfg.iters, initial=self.iteration, desc=f"finetune {self.cfg.method}", unit="iter",
                    disable=not self.progress)
         try:
             while self.iteration < self.cfg.iters:
                 row = self.iterate()
                 self._save()
-                _write_csv(csv_path, self.history)
+                if writer is None:
+                    writer = SummaryWriter(str(self.out / "tb"))
                 for k, v in row.items():
                     if k != "iteration" and isinstance(v, (int, float)):
                         writer.add_scalar(k if "/" in k else f"train/{k}", v, self.iteration)
@@ -331,7 +435,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{row.get('loss', 0):.3f}", s=f"{row['t_total']:.0f}")
         finally:
             bar.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
         return self.history
 
 
@@ -339,22 +444,56 @@ def _write_csv(path: Path, history: list[dict]) -> None:
     keys: list[str] = []
     for h in history:
         keys += [k for k in h if k not in keys]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    write_text(path, buf.getvalue())
+
+
+STATE_FORMAT = "craft-finetune-state"
+STATE_VERSION = 2
+"""2: the record holds the policy checkpoint (1, unversioned: policy.pt beside it was the policy)."""
+
+
+def _state_classes() -> list[type]:
+    """Project data classes a ``trainer.pt`` may hold (the collector's running wave); plain tensors otherwise."""
+    from craft.scenarios.script import ScriptTable
+    from craft.world.state import WorldState
+
+    return [WorldState, ScriptTable, TrackerState]
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """A fine-tuning record ``trainer.pt`` read safely (weights_only, the project's state classes allowed) and
+    checked for its keys; one-line CraftError otherwise."""
+    st = load_torch(path, "fine-tuning state (trainer.pt)", allow=_state_classes())
+    need = ("config", "iteration", "history", "teacher", "optimizer", "scheduler", "method", "collector",
+            "mb_gen", "torch_rng")
+    if not isinstance(st, dict) or any(k not in st for k in need):
+        raise CraftError(f"'{path}' is not a complete fine-tuning state (trainer.pt); start a new --out")
+    if st.get("format_version", 1) not in (1, STATE_VERSION) or not isinstance(st["config"], dict) \
+            or not isinstance(st["iteration"], int) or st["iteration"] < 0 or not isinstance(st["history"], list) \
+            or not all(isinstance(h, dict) for h in st["history"]):
+        raise CraftError(f"'{path}' is not a fine-tuning state this build reads (version "
+                         f"{st.get('format_version', 1)}); start a new --out")
+    return st
+
+
+def saved_iteration(out: str | os.PathLike) -> int | None:
+    """Iterations done by the run in ``out`` (None: no run there)."""
+    path = Path(out) / "trainer.pt"
+    return int(read_state(path)["iteration"]) if path.exists() else None
 
 
 def finetune(init: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(),
              device: str = "cpu", resume: bool = False, progress: bool = True) -> list[dict]:
     """Fine-tune the policy checkpoint ``init`` into ``out``; returns the per-iteration diagnostics."""
-    out = Path(out)
+    out = check_out_dir(out)
     if not resume and (out / "trainer.pt").exists():
         raise CraftError(f"'{out}' already holds a fine-tuning run: pass --resume to continue it or choose "
                          "another --out")
     return Trainer(init, out, cfg, device=device, resume=resume, progress=progress).run()
 
 
-__all__ = ["FinetuneConfig", "Trainer", "finetune", "decision_rewards"]
+__all__ = ["FinetuneConfig", "Trainer", "finetune", "decision_rewards", "read_state", "saved_iteration"]

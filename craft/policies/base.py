@@ -12,14 +12,19 @@ Checkpoints are one ``torch.save`` file written atomically (temp name, then rena
      "config": dict of the family's config dataclass, "state_dict": the module's weights and buffers
      (vocabulary, normalisation statistics), "meta": free-form (data, training run, ...)}
 
-:func:`load_policy` checks each of these and fails with one line naming the problem.
+:func:`load_policy` checks each of these and fails with one line naming the problem. Files are read with
+``torch.load(weights_only=True)`` (:func:`craft.files.load_torch`): a crafted file cannot run code. Weights that
+are not finite (NaN / inf) are refused on load and never saved.
+
+The family registry ``_FAMILIES`` is filled by the family modules themselves (:func:`register_family`); the
+package ``craft.policies`` imports the light ones and names the heavy ``vla`` module with
+:func:`register_family_module` (imported on first use), so this module never imports a family (no cycle).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from craft.errors import CraftError
+from craft.files import load_torch, save_torch
 from craft.world.observe import Observation
 
 FORMAT = "craft-policy"
@@ -36,6 +42,8 @@ WAYPOINT_DT = 0.5
 """Time between candidate waypoints, s (the tracker's plan format)."""
 
 _FAMILIES: dict[str, type["CandidatePolicy"]] = {}
+_FAMILY_MODULES: dict[str, str] = {}
+"""Families whose module is imported on first use (family name -> module), registered by the package."""
 
 
 @dataclass
@@ -119,8 +127,11 @@ class CandidatePolicy(nn.Module):
                 "config": dataclasses.asdict(self.cfg), "state_dict": self.state_dict(), "meta": dict(meta or {})}
 
     def save(self, path: str | os.PathLike, meta: dict | None = None) -> None:
-        """Write a checkpoint atomically (temp file in the same folder, then rename)."""
-        atomic_save(self.checkpoint(meta), path)
+        """Write a checkpoint atomically (temp file in the same folder, then rename); non-finite weights are
+        refused (CraftError) and nothing is written."""
+        ck = self.checkpoint(meta)
+        check_finite_weights(ck["state_dict"], f"refusing to save '{path}'")
+        atomic_save(ck, path)
 
 
 def register_family(cls: type[CandidatePolicy]) -> type[CandidatePolicy]:
@@ -128,42 +139,48 @@ def register_family(cls: type[CandidatePolicy]) -> type[CandidatePolicy]:
     return cls
 
 
+def register_family_module(family: str, module: str) -> None:
+    """Declare that importing ``module`` registers ``family`` (imported when the family is first needed)."""
+    _FAMILY_MODULES.setdefault(family, module)
+
+
+def _family_class(family: str) -> type[CandidatePolicy] | None:
+    """The registered class of ``family`` (importing its module if it is registered lazily), or None."""
+    if family not in _FAMILIES and isinstance(family, str) and family in _FAMILY_MODULES:
+        import importlib
+
+        try:
+            importlib.import_module(_FAMILY_MODULES[family])
+        except ImportError:  # e.g. transformers / peft / tokenizers missing: the vla family is unavailable
+            return None
+    return _FAMILIES.get(family) if isinstance(family, str) else None
+
+
 def families() -> list[str]:
-    _load_families()
-    return sorted(_FAMILIES)
+    """The families this build can use (lazily registered ones are imported to find out)."""
+    return sorted(f for f in set(_FAMILIES) | set(_FAMILY_MODULES) if _family_class(f) is not None)
 
 
-def _load_families() -> None:
-    import craft.policies.hier  # noqa: F401
-    import craft.policies.vocab  # noqa: F401
-
-    try:
-        import craft.policies.vla  # noqa: F401
-    except ImportError:  # transformers / peft / tokenizers missing: the vla family is unavailable
-        pass
+def check_finite_weights(state_dict: dict, where: str) -> None:
+    """CraftError naming the first floating-point tensor of ``state_dict`` with a NaN or inf."""
+    for k, v in state_dict.items():
+        if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CraftError(f"{where}: weight '{k}' holds non-finite values (NaN or inf); the policy is "
+                             "unusable (a diverged run? lower the learning rate)")
 
 
 def build_policy(family: str, cfg: Any = None) -> CandidatePolicy:
     """A freshly initialised policy of ``family`` (config defaults unless ``cfg`` is given)."""
-    _load_families()
-    if family not in _FAMILIES:
-        raise CraftError(f"unknown policy family '{family}' (one of {', '.join(sorted(_FAMILIES))})")
-    cls = _FAMILIES[family]
+    cls = _family_class(family)
+    if cls is None:
+        raise CraftError(f"unknown policy family '{family}' (one of {', '.join(families())})")
     return cls(cfg if cfg is not None else cls.Config())
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file beside ``path``, then rename over it (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` to a temp file beside ``path``, then rename over it (never half-written; the usual file
+    mode; see :func:`craft.files.atomic_write`)."""
+    save_torch(obj, path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -175,20 +192,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         path = path / "policy.pt"
         if not path.exists():
             raise CraftError(f"'{path.parent}' is a folder without policy.pt: not a CRAFT policy checkpoint")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # corrupt / truncated / not a torch file
-        raise CraftError(f"'{path}' is not a readable CRAFT policy checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    ck = load_torch(path, "CRAFT policy checkpoint")  # weights_only: a crafted file cannot run code
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CraftError(f"'{path}' is not a CRAFT policy checkpoint (no '{FORMAT}' format tag)")
     if ck.get("format_version") != FORMAT_VERSION:
         raise CraftError(f"'{path}' has checkpoint format version {ck.get('format_version')}, this build reads "
                          f"version {FORMAT_VERSION}; re-create it with `craft pretrain`")
-    _load_families()
-    if ck.get("family") not in _FAMILIES:
+    if _family_class(ck.get("family")) is None:
         raise CraftError(f"'{path}' holds a policy of unknown family '{ck.get('family')}' "
-                         f"(this build knows {', '.join(sorted(_FAMILIES))})")
+                         f"(this build knows {', '.join(families())})")
     return ck
 
 
@@ -205,23 +217,40 @@ def load_policy(path: str | os.PathLike, family: str | None = None, device: str 
 def policy_from_checkpoint(ck: dict, family: str | None = None, device: str | torch.device = "cpu",
                            where: str = "checkpoint") -> CandidatePolicy:
     fam = ck["family"]
+    if not isinstance(ck.get("config"), dict) or not isinstance(ck.get("state_dict"), dict):
+        raise CraftError(f"'{where}' is not a complete CRAFT policy checkpoint (config or weights missing)")
+    check_finite_weights(ck["state_dict"], f"'{where}'")
     if family is not None and fam != family:
         raise CraftError(f"'{where}' holds a '{fam}' policy, expected family '{family}'")
-    cls = _FAMILIES[fam]
+    cls = _family_class(fam)
+    if cls is None:
+        raise CraftError(f"'{where}' holds a policy of unknown family '{fam}' (this build knows "
+                         f"{', '.join(families())})")
     try:
         cfg = cls.Config(**ck["config"])
-    except TypeError as e:
-        raise CraftError(f"'{where}': its {fam} config does not match this build ({e})") from None
-    policy = cls(cfg)
+    except (TypeError, ValueError, CraftError) as e:
+        raise CraftError(f"'{where}': its {fam} config does not match this build ({_one_line(e)})") from None
+    try:
+        policy = cls(cfg)
+    except CraftError:
+        raise
+    except Exception as e:  # a config that builds no module (e.g. a tampered file)
+        raise CraftError(f"'{where}': its {fam} config cannot build a policy ({_one_line(e)})") from None
     try:
         policy.load_state_dict(ck["state_dict"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as e:
+        first = _one_line(e)
         raise CraftError(f"'{where}': weights do not match the {fam} architecture of its config "
                          f"(mismatched vocabulary or layers?): {first}") from None
     policy.meta = ck.get("meta", {})
     return policy.to(device).eval()
 
 
-__all__ = ["CandidateSet", "CandidatePolicy", "register_family", "build_policy", "families", "load_policy",
-           "read_checkpoint", "policy_from_checkpoint", "atomic_save", "FORMAT_VERSION", "WAYPOINT_DT"]
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0][:200] if lines else type(e).__name__)
+
+
+__all__ = ["CandidateSet", "CandidatePolicy", "register_family", "register_family_module", "build_policy",
+           "families", "load_policy", "read_checkpoint", "policy_from_checkpoint", "atomic_save",
+           "check_finite_weights", "FORMAT_VERSION", "WAYPOINT_DT"]

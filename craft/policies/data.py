@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from craft.checks import check_finite_fields, check_range, check_seed
 from craft.errors import CraftError
+from craft.files import check_out_file, load_torch
 from craft.policies.base import atomic_save
 from craft.world.observe import Observation, ObsConfig, observe
 
@@ -60,6 +62,13 @@ class CollectConfig:
     """Simulation steps cap per route."""
 
     def __post_init__(self):
+        check_finite_fields(self)
+        n = "CollectConfig."
+        for f in ("batch_size", "max_steps") + (("routes",) if self.routes is not None else ()):
+            check_range(n + f, getattr(self, f), 1, integer=True)
+        check_seed(n + "seed", self.seed)
+        for t in self.town_seeds or ():
+            check_seed(n + "town_seeds", t)
         if not 0 <= self.perturb_prob <= 1:
             raise CraftError(f"CollectConfig.perturb_prob must be in [0, 1], got {self.perturb_prob}")
         if self.perturb_std < 0 or not 0 <= self.perturb_speed < 1:
@@ -121,6 +130,7 @@ def collect(cfg: CollectConfig, out: str | Path, device: str = "cpu", obs_cfg: O
     from craft.scenarios.splits import load_split
     from craft.world.world import World
 
+    check_out_file(out)
     obs_cfg = obs_cfg or ObsConfig()
     instances, towns = load_split(cfg.split, town_seeds=list(cfg.town_seeds) if cfg.town_seeds else None,
                                   routes=cfg.routes, types=list(cfg.types) if cfg.types else None)
@@ -157,15 +167,22 @@ def load_demos(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise CraftError(f"demonstrations file '{path}' does not exist (make it with `craft collect`)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CraftError(f"'{path}' is not a readable demonstrations file ({type(e).__name__})") from None
+    data = load_torch(path, "demonstrations file")  # weights_only: a crafted file cannot run code
     if not isinstance(data, dict) or data.get("format") != DATA_FORMAT:
         raise CraftError(f"'{path}' is not a CRAFT demonstrations file (make it with `craft collect`)")
     if data.get("format_version") != DATA_VERSION:
         raise CraftError(f"'{path}' has demonstrations format {data.get('format_version')}, this build reads "
                          f"{DATA_VERSION}; collect it again")
+    obs, expert, route = data.get("obs"), data.get("expert"), data.get("route")
+    ok = (isinstance(obs, dict) and obs and all(isinstance(v, torch.Tensor) for v in obs.values())
+          and isinstance(expert, torch.Tensor) and expert.dim() == 3 and expert.shape[-1] == 3
+          and isinstance(route, torch.Tensor) and route.dim() == 1 and not route.is_floating_point()
+          and isinstance(data.get("obs_config"), dict) and isinstance(data.get("routes"), list))
+    n = int(expert.shape[0]) if ok else -1
+    if not ok or n < 1 or len(route) != n or any(v.shape[:1] != (n,) for v in obs.values()) \
+            or int(route.min()) < 0 or not bool(torch.isfinite(expert).all()):
+        raise CraftError(f"'{path}' is a damaged demonstrations file (missing, mismatched or non-finite "
+                         "arrays); collect it again")
     return data
 
 

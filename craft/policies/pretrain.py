@@ -8,17 +8,19 @@ vocabulary by k-means over the training demonstrations' expert trajectories.
 Demonstrations are split by route: a deterministic ``val_fraction`` of the routes is held out for the
 open-loop metrics (top-1 L2 to the expert at 1 / 2 / 3 s and candidate classification accuracy).
 
-The output folder holds ``policy.pt`` (the policy checkpoint, see :mod:`craft.policies.base`), ``state.pt``
-(optimizer, scheduler, step, RNG states: ``--resume`` continues from it), ``metrics.csv``, ``openloop.json``
-and TensorBoard logs under ``tb/``. Both ``.pt`` files are written atomically every ``ckpt_every`` steps
-and at the end.
+The output folder holds ``state.pt`` (the one resume record: the policy checkpoint, optimizer, scheduler,
+step, RNG states), ``policy.pt`` (the policy checkpoint, exported from the record), ``metrics.csv``,
+``openloop.json`` (written last) and TensorBoard logs under ``tb/``. Every ``ckpt_every`` steps and at the end
+the record is written atomically, then ``policy.pt``. ``--resume`` reads the record alone (so the pair cannot
+mix steps), rewrites ``policy.pt`` from it, drops the ``metrics.csv`` rows logged after it (no duplicates) and
+may raise ``--steps``.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import io
 import math
 import os
 import time
@@ -28,8 +30,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from craft.checks import LR_MAX, check_finite_fields, check_range, check_seed
 from craft.errors import CraftError
-from craft.policies.base import CandidatePolicy, atomic_save, build_policy, load_policy
+from craft.files import check_out_dir, load_torch, write_json, write_text
+from craft.policies.base import CandidatePolicy, atomic_save, build_policy, check_finite_weights, policy_from_checkpoint
 from craft.policies.data import demo_batch, load_demos
 
 
@@ -53,10 +57,16 @@ class PretrainConfig:
     """Lloyd iterations of the vocabulary k-means (vocab family)."""
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise CraftError("PretrainConfig: steps and batch_size must be >= 1")
-        if not 0 < self.val_fraction < 1:
-            raise CraftError(f"PretrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+        check_finite_fields(self)
+        n = "PretrainConfig."
+        for f in ("steps", "batch_size", "ckpt_every", "log_every", "kmeans_iters"):
+            check_range(n + f, getattr(self, f), 1, integer=True)
+        check_range(n + "warmup", self.warmup, 0, integer=True)
+        check_range(n + "lr", self.lr, 0, LR_MAX, lo_open=True)
+        check_range(n + "weight_decay", self.weight_decay, 0)
+        check_range(n + "grad_clip", self.grad_clip, 0, lo_open=True)
+        check_seed(n + "seed", self.seed)
+        check_range(n + "val_fraction", self.val_fraction, 0, 1, lo_open=True, hi_open=True)
 
 
 def split_routes(data: dict, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +123,7 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    out = Path(out)
+    out = check_out_dir(out)
     data = load_demos(data_path)
     train_idx, val_idx = split_routes(data, cfg.val_fraction, cfg.seed)
     if len(train_idx) < cfg.batch_size:
@@ -124,11 +134,27 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
     if resume:
         if not state_path.exists():
             raise CraftError(f"--resume: '{out}' has no state.pt to resume from")
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        if st["config"] != dataclasses.asdict(cfg):
-            raise CraftError(f"--resume: '{out}' was trained with a different configuration "
-                             f"({st['config']}); use the same arguments")
-        policy = load_policy(policy_path, family=cfg.family).train()
+        st = load_torch(state_path, "pre-training state (state.pt)")
+        if not isinstance(st, dict) or any(k not in st for k in ("config", "optimizer", "scheduler", "generator",
+                                                                   "torch_rng", "step")) \
+                or not isinstance(st["config"], dict) or not isinstance(st["step"], int):
+            raise CraftError(f"'{state_path}' is not a complete pre-training state; start a new --out")
+        saved, now = dict(st["config"]), dataclasses.asdict(cfg)
+        if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in now.items() if k != "steps"}:
+            diff = sorted(k for k in set(saved) | set(now) if k != "steps" and saved.get(k) != now.get(k))
+            raise CraftError(f"--resume: '{out}' was trained with a different configuration ({', '.join(diff)} "
+                             "differ); use the same arguments (only --steps may change)")
+        if st["step"] > cfg.steps:
+            raise CraftError(f"--resume: '{out}' has already done {st['step']} steps, more than --steps "
+                             f"{cfg.steps}; pass --steps {st['step']} or more")
+        if "policy" in st:  # the record holds its policy: policy.pt cannot be of another step
+            policy = policy_from_checkpoint(st["policy"], family=cfg.family, where=f"{state_path} (its policy)")
+        else:  # an older record: policy.pt beside it must be of the same step
+            policy = load_policy(policy_path, family=cfg.family)
+            if (getattr(policy, "meta", {}) or {}).get("step") != st["step"]:
+                raise CraftError(f"--resume: '{policy_path}' is at step {policy.meta.get('step')} but state.pt at "
+                                 f"{st['step']}: the pair is inconsistent; start a new --out")
+        policy.train()
     else:
         policy = build_policy(cfg.family, policy_cfg)
         if cfg.family == "vocab":
@@ -137,31 +163,48 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
             policy.set_vocabulary(build_vocabulary(data["expert"][train_idx], policy.cfg.vocab_size,
                                                    iters=cfg.kmeans_iters, seed=cfg.seed))
         policy.train()
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     if resume:
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        gen.set_state(st["generator"])
-        torch.set_rng_state(st["torch_rng"])
+        try:
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            gen.set_state(st["generator"])
+            torch.set_rng_state(st["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CraftError(f"--resume: '{state_path}' does not fit this run ({type(e).__name__}); start a new "
+                             "--out") from None
         step = st["step"]
-    out.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(out / "tb"))
+        if "policy" in st:
+            atomic_save(st["policy"], policy_path)
     csv_path = out / "metrics.csv"
     new_csv = not resume or not csv_path.exists()
-    csv_f = open(csv_path, "w" if new_csv else "a", newline="")
-    log = csv.writer(csv_f)
+    if not new_csv:  # drop rows logged after the record (they are logged again): no duplicates
+        _truncate_csv(csv_path, step)
+    sinks: dict = {}
+
+    def open_sinks() -> dict:  # at the first log row: a run that fails before it leaves --out untouched
+        if not sinks:
+            out.mkdir(parents=True, exist_ok=True)
+            sinks["writer"] = SummaryWriter(str(out / "tb"))
+            sinks["csv"] = open(csv_path, "w" if new_csv else "a", newline="")
+            sinks["log"] = csv.writer(sinks["csv"])
+        return sinks
+
     meta = {"data": str(data_path), "obs_config": data["obs_config"], "samples_train": int(len(train_idx)), "samples_val": int(len(val_idx)),
             "pretrain_config": dataclasses.asdict(cfg)}
 
     def save(step: int) -> None:
-        policy.save(policy_path, meta={**meta, "step": step})
+        ck = policy.checkpoint(meta={**meta, "step": step})
+        check_finite_weights(ck["state_dict"], f"step {step}: refusing to save the policy")
         atomic_save({"config": dataclasses.asdict(cfg), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                     "torch_rng": torch.get_rng_state(), "step": step}, state_path)
+                     "torch_rng": torch.get_rng_state(), "step": step, "policy": ck}, state_path)  # the record
+        atomic_save(ck, policy_path)
 
     t0 = time.time()
     keys = None
@@ -172,43 +215,67 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
             obs, expert = demo_batch(data, pick)
             out_d = policy.imitation_loss(obs, expert)
             loss = sum(v for k, v in out_d.items() if k.startswith("loss_"))
+            if not bool(torch.isfinite(loss)):
+                raise CraftError(f"pre-training diverged: non-finite loss at step {step + 1} (lower --lr); the "
+                                 f"last record in '{out}' is intact")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
+            if not all(bool(torch.isfinite(p).all()) for p in trained):
+                raise CraftError(f"pre-training diverged: non-finite weights after step {step + 1} (lower --lr); "
+                                 f"the last record in '{out}' is intact")
             sched.step()
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 row = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
                        **{k: v.item() for k, v in out_d.items()}}
+                log = open_sinks()["log"]
                 if keys is None:
                     keys = list(row)
                     if new_csv:
                         log.writerow(keys)
                 log.writerow([row[k] for k in keys])
-                csv_f.flush()
+                sinks["csv"].flush()
                 for k, v in row.items():
                     if k != "step":
-                        writer.add_scalar(f"pretrain/{k}", v, step)
+                        sinks["writer"].add_scalar(f"pretrain/{k}", v, step)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('acc', 0.0):.2f}")
             if step % cfg.ckpt_every == 0 and step < cfg.steps:
                 save(step)
     finally:
         bar.close()
-        csv_f.close()
+        if sinks:
+            sinks["csv"].close()
     policy.eval()
     metrics = open_loop_metrics(policy, data, val_idx)
     metrics["train_seconds"] = time.time() - t0
     for k, v in metrics.items():
-        writer.add_scalar(f"openloop/{k}", v, step)
-    writer.close()
+        open_sinks()["writer"].add_scalar(f"openloop/{k}", v, step)
+    sinks["writer"].close()
     meta["openloop"] = metrics
     save(step)
-    tmp = out / ".openloop.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "openloop.json")
+    write_json(out / "openloop.json", metrics)  # last: the run's result
     return metrics
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Keep the header and the rows of ``metrics.csv`` up to ``step`` (rewritten atomically)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or not rows[0] or rows[0][0] != "step":
+        raise CraftError(f"'{path}' is not a pre-training metrics file; move it away to resume")
+    keep = [rows[0]]
+    for r in rows[1:]:
+        try:
+            if r and int(float(r[0])) <= step:
+                keep.append(r)
+        except ValueError:
+            break
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows(keep)
+    write_text(path, buf.getvalue())
 
 
 __all__ = ["PretrainConfig", "pretrain", "open_loop_metrics", "split_routes"]

@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import peft  # an ImportError of these three makes the family unavailable (base._load_families)
+import peft  # an ImportError of these three makes the family unavailable (the package craft.policies skips it)
 import tokenizers
 import torch
 import transformers

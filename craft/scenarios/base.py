@@ -9,7 +9,8 @@ the same town and the same rng seed give the same scenario. A builder that finds
 :class:`~craft.errors.CraftError` saying why the town cannot host the type.
 
 Scenario types register with :func:`register`; :data:`SCENARIOS` maps a type name to ``(ability, builder)``.
-The types themselves live in :mod:`craft.scenarios.library`.
+The types themselves live in :mod:`craft.scenarios.library`, which the package ``craft.scenarios`` imports (this
+module never imports it: the library depends on the base, not the other way).
 
 Running scenarios::
 
@@ -113,12 +114,7 @@ def register(name: str, ability: str, traffic_signs: bool = False):
 
 
 def implemented_types() -> list[str]:
-    _load()
     return sorted(SCENARIOS)
-
-
-def _load():
-    import craft.scenarios.library  # noqa: F401  (registers the types)
 
 
 def town_seed_of(town: RoadMap) -> int:
@@ -128,7 +124,6 @@ def town_seed_of(town: RoadMap) -> int:
 def build_scenario(type: str, town: RoadMap, rng: np.random.Generator, map_index: int = 0,
                    attempts: int = 40) -> ScenarioInstance:
     """Build a scenario of ``type`` on ``town``; raises CraftError if the town cannot host it."""
-    _load()
     if type not in SCENARIOS:
         raise CraftError(f"unknown or not yet implemented scenario type '{type}'; implemented: "
                          f"{', '.join(sorted(SCENARIOS))}")

@@ -16,7 +16,8 @@ Public API
 - :func:`draw_agents` draws (or updates) a frame's agents, route and trajectories on that axes;
 - :func:`render_png` writes a whole-town or cropped still;
 - :func:`render_gif` writes an animation that follows the ego;
-- :func:`new_figure` and :func:`frame_to_rgb` are the small helpers the two writers share.
+- :func:`new_figure` and :func:`frame_to_rgb` are the small helpers the two writers share;
+- :func:`frame_of` makes a frame from a world's state (the benchmark runner's GIFs and the demo use it).
 
 Speed comes from doing the geometry once per map: lane polygons, markings, zebra stripes and stop
 lines are turned into matplotlib paths the first time a map is drawn and cached (keyed by the map
@@ -29,7 +30,6 @@ which is how :func:`render_gif` reuses a single figure for every frame.
 from __future__ import annotations
 
 import os
-import uuid
 import weakref
 from dataclasses import dataclass
 
@@ -59,6 +59,7 @@ __all__ = [
     "render_gif",
     "new_figure",
     "frame_to_rgb",
+    "frame_of",
 ]
 
 # ---------------------------------------------------------------------------------------------- style
@@ -939,21 +940,10 @@ def frame_to_rgb(fig) -> np.ndarray:
 
 def _atomic_write(path: str | os.PathLike, write) -> str:
     """Call ``write(file_object)`` on a temporary file next to ``path``, then move it into place."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # not tempfile.mkstemp: its files are private (0600); this one gets the usual umask-based mode
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from craft.files import atomic_write
+
+    atomic_write(path, write)
+    return os.fspath(path)
 
 
 def _marker(marker: str, face: str, edge: str, label: str, size: float = 7.0) -> Line2D:
@@ -1003,6 +993,24 @@ def _ego_pos(frame: dict | None):
     if frame is None or frame.get("pos") is None or len(np.asarray(frame["pos"])) == 0:
         raise CraftError("center='ego' / follow_ego needs a frame with at least one agent in frame['pos']")
     return np.asarray(frame["pos"], np.float64).reshape(-1, 2)[0]
+
+
+def frame_of(world, state, b: int) -> dict:
+    """The frame (numpy) of world ``b`` of a batched ``state`` of ``world`` (a :class:`~craft.world.world.World`)."""
+    lights = world.lights(state)[b]
+    return {
+        "pos": state.pos[b].cpu().numpy(),
+        "yaw": state.yaw[b].cpu().numpy(),
+        "length": state.length[b].cpu().numpy(),
+        "width": state.width[b].cpu().numpy(),
+        "kind": state.kind[b].cpu().numpy(),
+        "valid": state.valid[b].cpu().numpy(),
+        "siren": state.siren[b].cpu().numpy(),
+        "speed": state.speed[b].cpu().numpy(),
+        "lights": lights.cpu().numpy(),
+        "route": state.route_pts[b][state.route_valid[b]].cpu().numpy(),
+        "time": float(state.step[b]) * world.cfg.dt,
+    }
 
 
 def render_png(
