@@ -98,6 +98,18 @@ class ExpertDriver:
         return self.expert.plan(world, state)
 
 
+def make_driver_from(policy: str, checkpoint: dict | None, device: str = "cpu") -> Driver:
+    """A driver from ``expert`` / ``lane-follow``, or from a policy checkpoint dict (what Ray workers get,
+    since a path of the driver's machine may not exist on theirs); ``policy`` is then its label."""
+    if checkpoint is None:
+        return make_driver(policy, device=device)
+    from craft.policies.base import policy_from_checkpoint
+    from craft.policies.driver import PolicyDriver
+
+    pol = policy_from_checkpoint(checkpoint, device=device, where=policy)
+    return PolicyDriver(pol, name=f"{pol.family}:{policy}")
+
+
 def make_driver(policy: str, device: str = "cpu") -> Driver:
     """``expert``, ``lane-follow`` or a policy checkpoint path (a ``policy.pt`` file or a folder holding one)."""
     if policy == "expert":
@@ -125,13 +137,14 @@ COMPACT_MIN_ROWS = 16
 
 
 def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, frames_for: set[int] = frozenset(),
-              progress: tqdm | None = None):
-    """Drive ``instances`` (ScenarioInstance) in one batch. Returns (route logs, frames by batch index)."""
+              progress: tqdm | None = None, keys: list[int] | None = None):
+    """Drive ``instances`` (ScenarioInstance) in one batch. Returns (route logs, frames by batch index).
+    keys: the worlds' seed keys (:meth:`World.reset`; default the batch row)."""
     from craft.demo import frame_of
     from craft.scenarios.base import start
     from craft.scenarios.script import apply
 
-    state, table = start(world, instances, cfg.seed)
+    state, table = start(world, instances, cfg.seed, keys=keys)
     B = state.batch_size
     caps = torch.tensor(route_step_caps(instances, cfg, world.cfg.dt), device=state.device)
     own_caps = bool((caps != caps[0]).any()) or any(getattr(i, "time_limit_s", None) is not None for i in instances)
@@ -305,27 +318,12 @@ def chain_breakdown(chain: list[dict], infractions: dict[str, list[dict]], progr
 
 
 # ---------------------------------------------------------------------- whole split
-def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig = EvalConfig(),
-             town_seeds: list[int] | None = None, routes: int | None = None, device: str = "cpu",
-             types: list[str] | None = None, also: dict[str, str | os.PathLike] | None = None) -> dict:
-    """Evaluate ``driver`` on ``split``; writes results.json, summary.md, abilities.png and GIFs into ``out``.
+def eval_world(split: str, town_seeds: list[int], routes: int | None, types: list[str] | None, cfg: EvalConfig,
+               device: str = "cpu") -> tuple[list, World]:
+    """The split's scenario instances (with their ``route_id``) and the world they run in."""
+    from craft.scenarios.splits import load_split
 
-    ``also`` maps further protocols to folders: the same rollout is scored under each of them too (only from a
-    ``b2d`` rollout, where b2d-star is the log cut at its first collision — the world is deterministic, so this
-    equals a second rollout that ends there). Returns the summary of ``cfg.protocol``. Nothing is written
-    until every route has run (no partial results file).
-    """
-    also = dict(also or {})
-    for proto in also:
-        if proto not in PROTOCOLS:
-            raise CraftError(f"unknown protocol '{proto}': use one of {', '.join(PROTOCOLS)}")
-        if cfg.protocol != "b2d" and proto != cfg.protocol:
-            raise CraftError(f"only a b2d rollout can be re-scored under '{proto}' (this one is {cfg.protocol})")
-    from craft.scenarios.splits import load_split, split_town_seeds
-
-    seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
-    t0 = time.time()
-    instances, towns = load_split(split, town_seeds=seeds, routes=routes, types=types)
+    instances, towns = load_split(split, town_seeds=list(town_seeds), routes=routes, types=types)
     wcfg = WorldConfig(end_on_collision=cfg.protocol == "b2d-star")
     limits = [inst.time_limit_s for inst in instances if inst.time_limit_s is not None]
     if limits:  # routes with their own (longer) tick cap: the runner enforces each, the world the longest
@@ -333,13 +331,67 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     world = World(towns, wcfg, device=device)
     for i, inst in enumerate(instances):
         inst.meta["route_id"] = f"RouteScenario_{i}_{inst.type}_{inst.meta.get('route_id', 0)}"
+    return instances, world
+
+
+def route_logs(world: World, instances: list, driver: Driver, cfg: EvalConfig, indices: list[int] | None = None,
+               progress: bool = False, name: str = "") -> list[RouteLog]:
+    """Route logs of ``instances[indices]`` (default: all), in batches of ``cfg.batch_size``.
+
+    Each route's world is seeded with its key in the whole evaluation's batching (route ``i`` is row
+    ``i % batch_size`` of its batch), so any subset of the routes drives exactly as in the full run."""
+    idx = list(range(len(instances))) if indices is None else list(indices)
     logs: list[RouteLog] = []
-    for i in range(0, len(instances), cfg.batch_size):
-        batch = instances[i:i + cfg.batch_size]
-        desc = f"eval {driver.name} on {split} routes {i + 1}-{i + len(batch)}/{len(instances)}"
-        with tqdm(total=max(route_step_caps(batch, cfg, world.cfg.dt)), desc=desc, unit="step") as bar:
-            batch_logs, _ = run_batch(world, batch, driver, cfg, progress=bar)
+    for i in range(0, len(idx), cfg.batch_size):
+        part = idx[i:i + cfg.batch_size]
+        batch = [instances[j] for j in part]
+        desc = f"eval {name} routes {i + 1}-{i + len(batch)}/{len(idx)}"
+        with tqdm(total=max(route_step_caps(batch, cfg, world.cfg.dt)), desc=desc, unit="step",
+                  disable=not progress) as bar:
+            batch_logs, _ = run_batch(world, batch, driver, cfg, progress=bar,
+                                      keys=[j % cfg.batch_size for j in part])
         logs += batch_logs
+    return logs
+
+
+def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig = EvalConfig(),
+             town_seeds: list[int] | None = None, routes: int | None = None, device: str = "cpu",
+             types: list[str] | None = None, also: dict[str, str | os.PathLike] | None = None,
+             workers: int = 1, address: str | None = None) -> dict:
+    """Evaluate ``driver`` on ``split``; writes results.json, summary.md, abilities.png and GIFs into ``out``.
+
+    ``also`` maps further protocols to folders: the same rollout is scored under each of them too (only from a
+    ``b2d`` rollout, where b2d-star is the log cut at its first collision — the world is deterministic, so this
+    equals a second rollout that ends there). Returns the summary of ``cfg.protocol``. Nothing is written
+    until every route has run (no partial results file). ``workers > 1`` or an ``address``: the routes run on
+    Ray workers (:func:`craft.finetune.distributed.evaluate_sharded`) with the same records; the driver must be
+    ``expert``, ``lane-follow`` or a top-1 :class:`~craft.policies.driver.PolicyDriver`.
+    """
+    also = dict(also or {})
+    for proto in also:
+        if proto not in PROTOCOLS:
+            raise CraftError(f"unknown protocol '{proto}': use one of {', '.join(PROTOCOLS)}")
+        if cfg.protocol != "b2d" and proto != cfg.protocol:
+            raise CraftError(f"only a b2d rollout can be re-scored under '{proto}' (this one is {cfg.protocol})")
+    from craft.scenarios.splits import split_town_seeds
+
+    seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
+    t0 = time.time()
+    if workers > 1 or address is not None:  # routes dealt to Ray tasks; the same records (tested)
+        from craft.finetune.distributed import evaluate_sharded
+
+        if getattr(driver, "sample", False) or not (hasattr(driver, "policy") or driver.name in ("expert",
+                                                                                             "lane-follow")):
+            raise CraftError(f"--workers: driver '{driver.name}' cannot be sent to Ray workers (expert, lane-follow "
+                             "or a policy checkpoint evaluated top-1)")
+        ck = driver.policy.checkpoint() if hasattr(driver, "policy") else None
+        label = driver.name.split(":", 1)[1] if ck is not None else driver.name
+        instances, world = eval_world(split, seeds, routes, types, cfg, device)  # the count; GIFs
+        n = len(instances)
+        logs = evaluate_sharded(label, ck, split, seeds, routes, types, cfg, device, n, workers, address)
+    else:
+        instances, world = eval_world(split, seeds, routes, types, cfg, device)
+        logs = route_logs(world, instances, driver, cfg, progress=True, name=f"{driver.name} on {split}")
     wall = time.time() - t0
     for proto, folder in also.items():
         if proto != cfg.protocol:

@@ -153,7 +153,10 @@ class Trainer:
     """Holds policy, teacher, optimiser, method, collector and proxy; :meth:`run` trains ``cfg.iters``."""
 
     def __init__(self, init: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(),
-                 device: str = "cpu", resume: bool = False, progress: bool = True):
+                 device: str = "cpu", resume: bool = False, progress: bool = True, workers: int = 1,
+                 address: str | None = None):
+        """workers > 1 (or an ``address``): collection and proxy scoring on Ray actors
+        (:mod:`craft.finetune.distributed`); 1: in this process."""
         self.cfg = cfg
         self.out = Path(out)
         self.device = device
@@ -175,8 +178,14 @@ class Trainer:
             return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_at)
-        self.collector = Collector(cfg.collector, device=device)
-        self.proxy = CounterfactualWorld(self.collector.world.maps, cfg.proxy)
+        if workers > 1 or address is not None:  # the collector is a set of Ray actors (same interface)
+            from craft.finetune.distributed import RayCollector
+
+            self.collector = RayCollector(self.policy, cfg, workers, device=device, address=address)
+            self.proxy = None
+        else:
+            self.collector = Collector(cfg.collector, device=device)
+            self.proxy = CounterfactualWorld(self.collector.world.maps, cfg.proxy)
         self.mb_gen = torch.Generator().manual_seed(cfg.seed + 3)
         self.iteration = 0
         self.history: list[dict] = []
@@ -225,12 +234,7 @@ class Trainer:
     def iterate(self) -> dict:
         cfg = self.cfg
         t0 = time.time()
-        buf = self.collector.collect(self.policy)
-        t1 = time.time()
-        scores = None
-        if self.method.uses_proxy:
-            trk = TrackerState(buf.tracker["integral"], buf.tracker["prev_error"], buf.tracker["has_prev"])
-            scores = self.proxy.score(buf.snapshot, buf.candidates.trajectories, buf.candidates.valid, trk)
+        buf, scores, t_split = self.collect_and_score()
         t2 = time.time()
         grounded, dense, counts = decision_rewards(buf, cfg)
         obs, valid = buf.obs, buf.candidates.valid
@@ -285,7 +289,7 @@ class Trainer:
         t3 = time.time()
         self.iteration += 1
         row = {"iteration": self.iteration, "transitions": N, "lr": self.opt.param_groups[0]["lr"],
-               "t_collect": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2, "t_total": t3 - t0,
+               **t_split, "t_update": t3 - t2, "t_total": t3 - t0,
                **{k: sum(v) / len(v) for k, v in sums.items()}, **counts,
                "grounded_return_mean": float(grounded.sum() / max(1, N)),
                "dense_reward_mean": float(dense.sum() / max(1, N)),
@@ -303,6 +307,28 @@ class Trainer:
             if len(series):
                 row[f"cv_{key}"] = coefficient_of_variation(series)
         return row
+
+    def collect_and_score(self):
+        """The next on-policy buffer and, when the method uses the proxy, its counterfactual scores.
+
+        Returns ``(buffer, scores or None, timings)``; timings hold ``t_collect`` and ``t_score`` (seconds)
+        and, with Ray workers, their ``workers/*`` diagnostics (:class:`~craft.finetune.distributed.RayCollector`
+        collects and scores on every worker at once)."""
+        if self.proxy is None:
+            return self.collector.collect_and_score(self.policy, self.method.uses_proxy)
+        t0 = time.time()
+        buf = self.collector.collect(self.policy)
+        t1 = time.time()
+        scores = None
+        if self.method.uses_proxy:
+            trk = TrackerState(buf.tracker["integral"], buf.tracker["prev_error"], buf.tracker["has_prev"])
+            scores = self.proxy.score(buf.snapshot, buf.candidates.trajectories, buf.candidates.valid, trk)
+        return buf, scores, {"t_collect": t1 - t0, "t_score": time.time() - t1}
+
+    def close(self) -> None:
+        """Stop the Ray workers, if any (and the local Ray instance this trainer started)."""
+        if hasattr(self.collector, "close"):
+            self.collector.close()
 
     @torch.no_grad()
     def _ema(self) -> None:
@@ -332,6 +358,7 @@ class Trainer:
         finally:
             bar.close()
             writer.close()
+            self.close()
         return self.history
 
 
@@ -348,13 +375,16 @@ def _write_csv(path: Path, history: list[dict]) -> None:
 
 
 def finetune(init: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(),
-             device: str = "cpu", resume: bool = False, progress: bool = True) -> list[dict]:
-    """Fine-tune the policy checkpoint ``init`` into ``out``; returns the per-iteration diagnostics."""
+             device: str = "cpu", resume: bool = False, progress: bool = True, workers: int = 1,
+             address: str | None = None) -> list[dict]:
+    """Fine-tune the policy checkpoint ``init`` into ``out``; returns the per-iteration diagnostics.
+    ``workers`` / ``address``: Ray collection (see :class:`Trainer`)."""
     out = Path(out)
     if not resume and (out / "trainer.pt").exists():
         raise CraftError(f"'{out}' already holds a fine-tuning run: pass --resume to continue it or choose "
                          "another --out")
-    return Trainer(init, out, cfg, device=device, resume=resume, progress=progress).run()
+    return Trainer(init, out, cfg, device=device, resume=resume, progress=progress, workers=workers,
+                   address=address).run()
 
 
 __all__ = ["FinetuneConfig", "Trainer", "finetune", "decision_rewards"]

@@ -204,6 +204,7 @@ def load_policy(path: str | os.PathLike, family: str | None = None, device: str 
 
 def policy_from_checkpoint(ck: dict, family: str | None = None, device: str | torch.device = "cpu",
                            where: str = "checkpoint") -> CandidatePolicy:
+    _load_families()
     fam = ck["family"]
     if family is not None and fam != family:
         raise CraftError(f"'{where}' holds a '{fam}' policy, expected family '{family}'")
