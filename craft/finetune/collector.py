@@ -145,6 +145,9 @@ class Collector:
     def load_state_dict(self, d: dict) -> None:
         from craft.world.autopilot import PlanExecutor
 
+        if "workers" in d:  # saved by craft.finetune.distributed.RayCollector
+            raise CraftError(f"--resume: the run was collected with --workers {d['workers']}; resume it with the "
+                             "same --workers")
         if d["config"] != dataclasses.asdict(self.cfg):
             raise CraftError("collector state was saved with a different collector configuration")
         self.wave = int(d["wave"])

@@ -212,11 +212,12 @@ class RayCollector:
 
     policy: the driver's policy (its checkpoint dict builds each worker's copy); cfg: the
     :class:`~craft.finetune.trainer.FinetuneConfig`; address: None (a local Ray with at least ``workers``
-    CPUs), ``auto`` or ``HOST:PORT``; max_restarts: per worker, over the run.
+    CPUs), ``auto`` or ``HOST:PORT``; max_restarts: per worker, over the run; restart_timeout: seconds to wait
+    for a restarted worker before the run stops with an error.
     """
 
     def __init__(self, policy, cfg, workers: int, device: str = "cpu", address: str | None = None,
-                 max_restarts: int = 3):
+                 max_restarts: int = 3, restart_timeout: float = 300.0):
         import ray
 
         if workers < 1:
@@ -224,6 +225,7 @@ class RayCollector:
         t0 = time.time()
         self.cfg = cfg
         self.n = workers
+        self.restart_timeout = restart_timeout
         self.started_ray = init_ray(address, workers)
         try:
             self._ck = ray.put(policy.checkpoint())  # kept alive: a restarted actor is rebuilt from it
@@ -262,12 +264,18 @@ class RayCollector:
         import ray
 
         self.restarts += 1
-        try:
-            self.info[i] = ray.get(self.workers[i].ready.remote())
-            if self.states[i] is not None:
-                ray.get(self.workers[i].load_state.remote(self.states[i]))
-        except ray.exceptions.RayActorError:
-            raise CraftError(f"Ray worker {i} died and could not be restarted (max_restarts reached)") from None
+        deadline = time.time() + self.restart_timeout
+        while True:  # calls fail while Ray restarts the actor (no task retries): ask until it answers
+            try:
+                self.info[i] = ray.get(self.workers[i].ready.remote())
+                if self.states[i] is not None:
+                    ray.get(self.workers[i].load_state.remote(self.states[i]))
+                return
+            except ray.exceptions.RayActorError:
+                if time.time() > deadline:
+                    raise CraftError(f"Ray worker {i} died and was not restarted within {self.restart_timeout:.0f} s "
+                                     "(max_restarts reached, or no CPU free for it)") from None
+                time.sleep(0.5)
 
     def collect_and_score(self, policy, score: bool):
         """One iteration's buffer from every worker (see :meth:`Trainer.collect_and_score`)."""
