@@ -56,6 +56,8 @@ def init_ray(address: str | None, cpus: int) -> bool:
     if ray.is_initialized():
         return False
     kw = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address not in (None, "auto"):
+        _check_reachable(address)
     try:
         if address is None:
             ray.init(num_cpus=max(cpus, os.cpu_count() or 1), **kw)
@@ -66,6 +68,19 @@ def init_ray(address: str | None, cpus: int) -> bool:
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (start one with "
                          "`ray start --head`, or leave out --address for a local one)") from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A one-line error, in seconds rather than Ray's minutes of retries, when nothing listens at HOST:PORT."""
+    addr = address.split("://", 1)[-1]
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise CraftError(f"--address must be auto or HOST:PORT, got '{address}'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise CraftError(f"no Ray cluster answers at {address} ({e.strerror or e}); start its head with "
+                         "`ray start --head` and pass the address it prints") from None
 
 
 def _share(total: int, i: int, n: int) -> int:
@@ -103,7 +118,10 @@ class CollectWorker:
         self.index = index
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "index": self.index}
+        import ray
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "index": self.index,
+                "node": ray.get_runtime_context().get_node_id()}
 
     def load_state(self, state: dict) -> None:
         self.collector.load_state_dict(state)
