@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-steps", type=_positive_int, default=None,
                    help="simulation steps cap per route (default: 2000 = 200 s; long routes: their own cap, "
                         "which grows with their length)")
-    _ray_args(e, "routes split over N Ray workers (same records as 1)")
+    _ray_args(e, "the evaluation's batches (--batch-size routes each) dealt to N Ray workers; the records equal "
+                 "a one-process run with the same --batch-size (use --batch-size <= routes / N)")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_eval)
 

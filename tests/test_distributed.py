@@ -1,6 +1,6 @@
 """Ray workers: merged buffers against the in-process rewards, shards of the route order, repeatable
 2-worker fine-tuning with an exact resume, a worker killed mid-iteration, sharded evaluation identical to
-the single-process one. One local Ray instance for the module (shut down at its end)."""
+the single-process one (same --batch-size). One local Ray instance for the module (shut down at its end)."""
 
 from __future__ import annotations
 
@@ -82,20 +82,6 @@ def test_merged_buffer_keeps_each_workers_rewards(init_ckpt):
     assert not m.notdone[Ta - 1].any()  # no return looks from one worker into the next
 
 
-def test_world_seed_keys_make_a_world_independent_of_its_batch():
-    from craft.world.map import MapBatch
-    from craft.world.towns import generate_town
-    from craft.world.world import World, random_specs
-
-    world = World(MapBatch([generate_town(0)]))
-    specs = random_specs(world.maps, batch=3, seed=1)
-    full = world.reset(specs, seed=5)
-    alone = world.reset([specs[2]], seed=5, keys=[2])
-    n = int(alone.valid.shape[1])
-    assert torch.equal(full.pos[2, :n], alone.pos[0]) and torch.equal(full.seed[2:], alone.seed)
-    assert not torch.equal(world.reset([specs[2]], seed=5).seed, alone.seed)
-
-
 # ---------------------------------------------------------------------- Ray
 def _weights(tr):
     return {k: v.detach().clone() for k, v in tr.policy.state_dict().items()}
@@ -156,11 +142,14 @@ def test_worker_killed_mid_iteration_is_restarted(init_ckpt, tmp_path, ray_local
 
 def test_sharded_evaluation_equals_single_process(init_ckpt, tmp_path, ray_local):
     from craft.bench.runner import EvalConfig, evaluate, make_driver
+    from craft.scenarios.splits import split_town_seeds
 
     cfg = EvalConfig(max_steps=80, batch_size=3)
     types = ["HardBreakRoute", "Accident", "ParkingCutIn", "StaticCutIn"]
-    one = evaluate(make_driver(str(init_ckpt)), "val", tmp_path / "one", cfg, types=types, routes=2)
-    two = evaluate(make_driver(str(init_ckpt)), "val", tmp_path / "two", cfg, types=types, routes=2, workers=2)
+    towns = split_town_seeds("val")[:2]
+    one = evaluate(make_driver(str(init_ckpt)), "val", tmp_path / "one", cfg, types=types, routes=2, town_seeds=towns)
+    two = evaluate(make_driver(str(init_ckpt)), "val", tmp_path / "two", cfg, types=types, routes=2, town_seeds=towns,
+                   workers=2)
     ra = json.loads((tmp_path / "one" / "results.json").read_text())
     rb = json.loads((tmp_path / "two" / "results.json").read_text())
     recs = ra["_checkpoint"]["records"]

@@ -137,14 +137,13 @@ COMPACT_MIN_ROWS = 16
 
 
 def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, frames_for: set[int] = frozenset(),
-              progress: tqdm | None = None, keys: list[int] | None = None):
-    """Drive ``instances`` (ScenarioInstance) in one batch. Returns (route logs, frames by batch index).
-    keys: the worlds' seed keys (:meth:`World.reset`; default the batch row)."""
+              progress: tqdm | None = None):
+    """Drive ``instances`` (ScenarioInstance) in one batch. Returns (route logs, frames by batch index)."""
     from craft.demo import frame_of
     from craft.scenarios.base import start
     from craft.scenarios.script import apply
 
-    state, table = start(world, instances, cfg.seed, keys=keys)
+    state, table = start(world, instances, cfg.seed)
     B = state.batch_size
     caps = torch.tensor(route_step_caps(instances, cfg, world.cfg.dt), device=state.device)
     own_caps = bool((caps != caps[0]).any()) or any(getattr(i, "time_limit_s", None) is not None for i in instances)
@@ -334,22 +333,24 @@ def eval_world(split: str, town_seeds: list[int], routes: int | None, types: lis
     return instances, world
 
 
-def route_logs(world: World, instances: list, driver: Driver, cfg: EvalConfig, indices: list[int] | None = None,
-               progress: bool = False, name: str = "") -> list[RouteLog]:
-    """Route logs of ``instances[indices]`` (default: all), in batches of ``cfg.batch_size``.
+def eval_batches(num_routes: int, cfg: EvalConfig) -> list[range]:
+    """The evaluation's batches: consecutive runs of ``cfg.batch_size`` routes (route indices)."""
+    return [range(i, min(num_routes, i + cfg.batch_size)) for i in range(0, num_routes, cfg.batch_size)]
 
-    Each route's world is seeded with its key in the whole evaluation's batching (route ``i`` is row
-    ``i % batch_size`` of its batch), so any subset of the routes drives exactly as in the full run."""
-    idx = list(range(len(instances))) if indices is None else list(indices)
+
+def route_logs(world: World, instances: list, driver: Driver, cfg: EvalConfig, batches: list[int] | None = None,
+               progress: bool = False, name: str = "") -> list[RouteLog]:
+    """Route logs of the evaluation's batches ``batches`` (indices into :func:`eval_batches`; default all), in
+    order. A batch always holds the same routes in the same rows, so it drives the same wherever it runs."""
+    all_batches = eval_batches(len(instances), cfg)
     logs: list[RouteLog] = []
-    for i in range(0, len(idx), cfg.batch_size):
-        part = idx[i:i + cfg.batch_size]
-        batch = [instances[j] for j in part]
-        desc = f"eval {name} routes {i + 1}-{i + len(batch)}/{len(idx)}"
+    for k in range(len(all_batches)) if batches is None else batches:
+        rows = all_batches[k]
+        batch = [instances[j] for j in rows]
+        desc = f"eval {name} routes {rows.start + 1}-{rows.stop}/{len(instances)}"
         with tqdm(total=max(route_step_caps(batch, cfg, world.cfg.dt)), desc=desc, unit="step",
                   disable=not progress) as bar:
-            batch_logs, _ = run_batch(world, batch, driver, cfg, progress=bar,
-                                      keys=[j % cfg.batch_size for j in part])
+            batch_logs, _ = run_batch(world, batch, driver, cfg, progress=bar)
         logs += batch_logs
     return logs
 

@@ -4,7 +4,8 @@ For each worker count the same fine-tuning run (same routes, seed, method) is bu
 loading, and for Ray workers Ray's own start-up and the actors' -- and ``iters`` iterations are timed.
 Reported per count: start-up seconds, seconds per iteration and its split (collect / score / update, as the
 trainer's diagnostics define them), seconds per iteration with the start-up spread over the timed iterations,
-and the driver's peak RSS plus (Ray) the workers' RSS after the run. The proxy figure is candidate-steps/s
+and the driver's peak RSS plus (Ray) the largest total RSS of the Ray processes (raylet, GCS, workers)
+sampled after each iteration. The proxy figure is candidate-steps/s
 of :class:`~craft.finetune.proxy.CounterfactualWorld` at the policy's G and the config's H on ``proxy_states``
 snapshots collected on the same routes (one torch thread, best of two).
 """
@@ -66,7 +67,9 @@ def _ray_rss_mb() -> float | None:
     for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
-            if "ray" in (p.info["name"] or "") or "ray::" in cmd or "/ray/" in cmd:
+            name = p.info["name"] or ""
+            if name.startswith(("raylet", "gcs_server", "ray::")) or cmd.startswith("ray::") or \
+                    "site-packages/ray/" in cmd:
                 total += p.info["memory_info"].rss
         except Exception:  # gone meanwhile
             continue
@@ -94,11 +97,12 @@ def finetune_bench(cfg: BenchConfig) -> dict:
             try:
                 for _ in range(cfg.iters):
                     r = tr.iterate()
+                    if w > 1 or cfg.address is not None:  # the Ray processes' memory, at its largest
+                        now = _ray_rss_mb()
+                        ray_rss = now if ray_rss is None or (now or 0) > ray_rss else ray_rss
                     rows.append({k: v for k, v in r.items() if k in ("iteration", "transitions", "t_collect", "t_score",
                                                                   "t_update", "t_total") or k.startswith("workers/")})
-                if w > 1 or cfg.address is not None:
-                    ray_rss = _ray_rss_mb()
-                elif cfg.proxy_states > 0 and proxy is None:
+                if w == 1 and cfg.address is None and cfg.proxy_states > 0 and proxy is None:
                     proxy = _proxy_figure(tr, cfg.proxy_states)
             finally:
                 t1 = time.perf_counter()
@@ -110,7 +114,7 @@ def finetune_bench(cfg: BenchConfig) -> dict:
                      "collect_s": mean("t_collect"), "score_s": mean("t_score"), "update_s": mean("t_update"),
                      "s_per_iter_with_startup": (it + startup + shutdown) / len(rows),
                      "transitions_per_iter": mean("transitions"), "driver_peak_rss_mb": _rss_mb(),
-                     "ray_rss_mb_after": ray_rss, "iterations": rows})
+                     "ray_rss_mb_max": ray_rss, "iterations": rows})
     res = {"config": dataclasses.asdict(cfg), "runs": runs, "torch_threads_driver": cfg.threads,
            "cpu_count": __import__("os").cpu_count(), "loadavg_1min": __import__("os").getloadavg()[0]}
     one = [r for r in runs if r["workers"] == 1]

@@ -21,10 +21,15 @@ last completed iteration, and the iteration completes with the other workers' da
 died, is collected again). The ``workers/restarts`` diagnostic counts restarts over the run,
 ``workers/lost`` the workers whose data an iteration lost.
 
-Evaluation (:func:`evaluate_sharded`): the routes are dealt round-robin to ``n`` Ray tasks; each runs its
-routes in batches and returns their :class:`~craft.bench.metrics.RouteLog` s, which the driver puts back
-in route order and scores. Every route's world depends only on the route and the evaluation seed (its
-row key in the single-process batching is passed along), so the records equal the single-process ones.
+Evaluation (:func:`evaluate_sharded`): the evaluation's batches (``--batch-size`` consecutive routes, as
+in one process) are dealt round-robin to ``n`` Ray tasks; each runs its batches and returns their
+:class:`~craft.bench.metrics.RouteLog` s, which the driver puts back in route order and scores. A batch
+drives exactly as in one process, so the records are the same bit for bit; the parallelism is the number
+of batches (``--batch-size 110`` for 220 routes on 2 workers). Routes are not dealt one by one, because a
+route's drive is not independent of the other routes in its batch at the last bit: on CPU the
+vectorised transcendental kernels (sin, atan2, ...) round the tail of a tensor differently from its body,
+and where a world's agents fall in the flattened ``(B, N)`` tensors depends on the batch (padding of N,
+pair lists). Per-route seeding alone does not remove that.
 
 Ray is imported lazily: ``import craft`` does not pay for it.
 """
@@ -367,41 +372,51 @@ class RayCollector:
 
 
 # ---------------------------------------------------------------------- evaluation
-def _eval_shard(spec: dict, indices: list[int]) -> list:
-    """A Ray task: the routes ``indices`` of the evaluation described by ``spec`` (see
-    :func:`evaluate_sharded`); returns their route logs in the order of ``indices``."""
+def _eval_shard(spec: dict, batches: list[int]) -> list:
+    """A Ray task: the batches ``batches`` of the evaluation described by ``spec`` (see
+    :func:`evaluate_sharded`); returns their route logs in route order."""
     torch.set_num_threads(1)
     from craft.bench.runner import eval_world, make_driver_from, route_logs
 
     instances, world = eval_world(spec["split"], spec["town_seeds"], spec["routes"], spec["types"], spec["cfg"],
                                   spec["device"])
     driver = make_driver_from(spec["policy"], spec["checkpoint"], device=spec["device"])
-    return route_logs(world, instances, driver, spec["cfg"], indices=indices, progress=False)
+    return route_logs(world, instances, driver, spec["cfg"], batches=batches, progress=False)
 
 
 def evaluate_sharded(policy: str, checkpoint: dict | None, split: str, town_seeds: list[int], routes, types,
                      cfg, device: str, num_routes: int, workers: int, address: str | None = None) -> list:
-    """Route logs of every route of an evaluation, computed by ``workers`` Ray tasks (round-robin shards),
-    in route order. policy: ``expert``, ``lane-follow`` or a label; checkpoint: the policy checkpoint dict
-    (None for the built-in drivers); the rest as :func:`craft.bench.runner.evaluate`."""
+    """Route logs of every route of an evaluation, in route order, computed by Ray tasks.
+
+    The evaluation's batches (``cfg.batch_size`` consecutive routes each, as in one process) are dealt
+    round-robin to ``min(workers, batches)`` tasks; a batch runs exactly as it does in one process, so the
+    logs are the same (bit for bit). policy: ``expert``, ``lane-follow`` or a label; checkpoint: the policy
+    checkpoint dict (None for the built-in drivers); the rest as :func:`craft.bench.runner.evaluate`."""
     import ray
 
+    from craft.bench.runner import eval_batches
+
+    nb = len(eval_batches(num_routes, cfg))
     started = init_ray(address, workers)
     try:
         spec = {"policy": policy, "checkpoint": checkpoint, "split": split, "town_seeds": town_seeds,
                 "routes": routes, "types": types, "cfg": cfg, "device": device}
         ref = ray.put(spec)
         task = ray.remote(num_cpus=1, max_retries=3, **_gpu_options(device, workers))(_eval_shard)
-        shards = [list(range(i, num_routes, workers)) for i in range(min(workers, num_routes))]
+        shards = [list(range(i, nb, workers)) for i in range(min(workers, nb))]
         parts = RayCollector._get([task.remote(ref, s) for s in shards], "evaluation")
     finally:
         if started:
             ray.shutdown()
-    logs: list = [None] * num_routes
+    per_batch: dict[int, list] = {}
+    size = cfg.batch_size
     for s, part in zip(shards, parts):
-        for i, log in zip(s, part):
-            logs[i] = log
-    return logs
+        pos = 0
+        for k in s:
+            n = min(num_routes, (k + 1) * size) - k * size
+            per_batch[k] = part[pos:pos + n]
+            pos += n
+    return [log for k in range(nb) for log in per_batch[k]]
 
 
 __all__ = ["RayCollector", "CollectWorker", "merge_buffers", "merge_scores", "evaluate_sharded", "init_ray"]

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from craft.policies.base import CandidatePolicy, CandidateSet
+from craft.policies.base import CandidatePolicy
 from craft.world.observe import observe
-
-
-MIN_ROWS = 4
-"""The policy's forward runs on at least this many rows: on CPU, batches of one or two rows take other matrix
-kernels whose rounding differs (about 1e-5 in the logits), so without the padding a route's drive would
-depend on how many routes share its batch (and a sharded evaluation would not equal the single-process one)."""
 
 
 class PolicyDriver:
@@ -33,12 +27,7 @@ class PolicyDriver:
     def plan(self, world, state) -> torch.Tensor:
         dev = next(self.policy.parameters()).device
         obs = observe(world.maps, state, world.lights(state), self.obs_cfg).to(dev)
-        B = obs.batch_size
-        if B < MIN_ROWS:  # pad with copies of the last row: see MIN_ROWS
-            obs = obs.index(torch.arange(MIN_ROWS, device=dev).clamp(max=B - 1))
         cs = self.policy(obs)
-        if B < MIN_ROWS:
-            cs = CandidateSet(cs.trajectories[:B], cs.valid[:B], cs.logits[:B])
         idx = cs.sample(self.generator) if self.sample else cs.top1()
         return cs.select(idx).to(state.device)
 

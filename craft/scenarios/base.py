@@ -462,16 +462,15 @@ class Ctx:
                                 route_end_m=self.route_length())
 
 
-def start(world, instances: list[ScenarioInstance], seed: int, keys: list[int] | None = None):
+def start(world, instances: list[ScenarioInstance], seed: int):
     """Reset ``world`` with the instances' specs, pin the scripted agents' queues and pack the scripts.
-    keys: the worlds' seed keys (:meth:`World.reset`; default the row index).
 
     Returns ``(state, table)``; then per step: ``state, table = script.apply(state, table, maps=world.maps)``
     before ``world.step`` (adding ``table.ego_perturbation`` to the ego control).
     """
     from craft.scenarios.script import pack, set_queues
 
-    state = world.reset([inst.spec for inst in instances], seed, keys=keys)
+    state = world.reset([inst.spec for inst in instances], seed)
     state = set_queues(state, [inst.queues for inst in instances])
     ends = [inst.route_end_m if inst.route_end_m is not None else math.inf for inst in instances]
     state = cut_routes(state, torch.tensor(ends, dtype=torch.float32, device=state.device))

@@ -109,17 +109,11 @@ class World:
         self._limits = lim.to(self.device)
 
     # ------------------------------------------------------------------ reset
-    def reset(self, specs: list[WorldSpec], seed: int, keys: list[int] | None = None) -> WorldState:
-        """Build B worlds from specs; background traffic is drawn from ``seed`` (same seed, same worlds).
-
-        keys: (B,) the per-world seed key (default: the row index ``0 .. B-1``); world ``b`` depends only on
-        ``(spec[b], seed, keys[b])``, so a world rebuilt in another batch with its key is the same world."""
+    def reset(self, specs: list[WorldSpec], seed: int) -> WorldState:
+        """Build B worlds from specs; background traffic is drawn from ``seed`` (same seed, same worlds)."""
         if not specs:
             raise CraftError("reset needs at least one WorldSpec")
-        keys = list(range(len(specs))) if keys is None else [int(k) for k in keys]
-        if len(keys) != len(specs):
-            raise CraftError(f"reset: {len(keys)} seed keys for {len(specs)} specs")
-        rows = [self._layout(i, spec, seed, key=k) for i, (spec, k) in enumerate(zip(specs, keys))]
+        rows = [self._layout(i, spec, seed) for i, spec in enumerate(specs)]
         B = len(rows)
         N = max(len(r["agents"]) for r in rows)
         K = self.maps.light_lane.shape[1]
@@ -130,7 +124,7 @@ class World:
         t = st.tensors()
         for b, r in enumerate(rows):
             t["map_id"][b] = r["map"]
-            t["seed"][b] = (seed * 1000003 + keys[b] * 7919) % (2**31 - 1)
+            t["seed"][b] = (seed * 1000003 + b * 7919) % (2**31 - 1)
             for n, a in enumerate(r["agents"]):
                 for k, v in a.items():
                     if k == "queue":
@@ -153,7 +147,7 @@ class World:
         st = st.replace(queue=refill_queue(self.maps, st, st.lane, st.queue, salt=0))
         return self._sync_ego(st)
 
-    def _layout(self, b: int, spec: WorldSpec, seed: int, key: int | None = None) -> dict:
+    def _layout(self, b: int, spec: WorldSpec, seed: int) -> dict:
         """Place the ego and every agent of one world (numpy; not a hot path)."""
         if not 0 <= spec.map_index < self.maps.num_maps:
             raise CraftError(f"world {b}: map_index {spec.map_index} does not exist ({self.maps.num_maps} maps)")
@@ -168,7 +162,7 @@ class World:
                 raise CraftError(f"world {b}: route is disconnected: lane {c} does not follow lane {a}")
         if not np.isfinite(spec.ego_s) or not 0 <= spec.ego_s <= float(m.lane_length[route[0]]):
             raise CraftError(f"world {b}: ego_s {spec.ego_s} is outside lane {route[0]}")
-        rng = np.random.default_rng([seed, b if key is None else key])
+        rng = np.random.default_rng([seed, b])
         agents = []
         ego_pos, ego_yaw = _pose(m, route[0], spec.ego_s)
         L, W, WB = DEFAULT_SIZE[AgentKind.EGO]
