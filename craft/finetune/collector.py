@@ -191,7 +191,7 @@ class Collector:
             cand_l.append(CandidateSet(cs.trajectories[li], cs.valid[li], cs.logits[li]))
             snap_l.append(st.index(li).clone())
             trk_l.append({k: getattr(self.ex.tracker, k)[li].clone() if getattr(self.ex.tracker, k) is not None
-                          else torch.ones(len(li), dtype=torch.bool)
+                          else torch.ones(len(li), dtype=torch.bool, device=li.device)
                           for k in ("integral", "prev_error", "has_prev")})
             self.ex.set_plan(st, cs.select(idx))
             evs = {k: [] for k in EVENT_FIELDS}

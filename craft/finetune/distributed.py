@@ -151,21 +151,22 @@ class CollectWorker:
         c = buf.candidates
         lean = dataclasses.replace(buf, snapshot=None, tracker=None, candidates=CandidateSet(
             c.trajectories.new_empty(c.trajectories.shape[0], c.trajectories.shape[1], 0, 3), c.valid, c.logits))
-        lean = _to_cpu(lean)
-        return {"buffer": lean, "scores": _to_cpu(scores), "t_collect": t1 - t0, "t_score": t2 - t1,
+        lean = _to(lean)
+        return {"buffer": lean, "scores": _to(scores), "t_collect": t1 - t0, "t_score": t2 - t1,
                 "state": self.collector.state_dict()}
 
 
-def _to_cpu(x):
-    """Tensors of a (nested) dataclass / dict / list on the CPU (what crosses between Ray processes)."""
+def _to(x, device="cpu"):
+    """Tensors of a (nested) dataclass / dict / list on ``device`` (the CPU: what crosses between Ray
+    processes; the driver's device: what its update reads)."""
     if isinstance(x, Tensor):
-        return x.cpu()
+        return x.to(device)
     if isinstance(x, dict):
-        return {k: _to_cpu(v) for k, v in x.items()}
+        return {k: _to(v, device) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_cpu(v) for v in x)
+        return type(x)(_to(v, device) for v in x)
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return dataclasses.replace(x, **{f.name: _to_cpu(getattr(x, f.name)) for f in dataclasses.fields(x)
+        return dataclasses.replace(x, **{f.name: _to(getattr(x, f.name), device) for f in dataclasses.fields(x)
                                          if f.init})
     return x
 
@@ -249,6 +250,7 @@ class RayCollector:
         self.cfg = cfg
         self.n = workers
         self.restart_timeout = restart_timeout
+        self.device = device
         self.started_ray = init_ray(address, workers)
         try:
             self._ck = ray.put(policy.checkpoint())  # kept alive: a restarted actor is rebuilt from it
@@ -328,10 +330,11 @@ class RayCollector:
             if r is not None:
                 self.states[i] = r["state"]
         t1 = time.time()
-        buf = merge_buffers([r["buffer"] for r in ok])
+        buf = _to(merge_buffers([r["buffer"] for r in ok]), self.device)
         scores = None
         if score:
-            scores = merge_scores([r["scores"] for r in ok], buf.candidates.valid, self.cfg.proxy.reward.group_std_floor)
+            scores = merge_scores([_to(r["scores"], self.device) for r in ok], buf.candidates.valid,
+                                  self.cfg.proxy.reward.group_std_floor)
         wall = time.time() - t0
         t_col = max(r["t_collect"] for r in ok)
         times = {"t_collect": t_col, "t_score": wall - t_col,

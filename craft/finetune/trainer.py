@@ -124,12 +124,13 @@ def decision_rewards(buf, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tens
     g, g_terms = grounded_step_reward({n: v.flatten() for n, v in steps.items()}, cfg.reward)
     g = g.view(T, k, W).sum(1)
     live_step = buf.live[:, None, :].expand(T, k, W).reshape(T * k, W)
-    start = torch.zeros(T * k, W, dtype=torch.bool)  # first step of an episode in this buffer
-    prev_nd = torch.cat([torch.zeros(1, W, dtype=torch.bool), buf.notdone[:-1]])
+    dev = buf.live.device
+    start = torch.zeros(T * k, W, dtype=torch.bool, device=dev)  # first step of an episode in this buffer
+    prev_nd = torch.cat([torch.zeros(1, W, dtype=torch.bool, device=dev), buf.notdone[:-1]])
     start[::k] = ~prev_nd
-    dense = torch.zeros(T * k, W)
+    dense = torch.zeros(T * k, W, device=dev)
     prev = None
-    collided = torch.zeros(W, dtype=torch.bool)
+    collided = torch.zeros(W, dtype=torch.bool, device=dev)
     for j in range(T * k):  # loop over time only
         cur = {n: v[j] for n, v in steps.items()}
         if prev is not None:
@@ -142,7 +143,7 @@ def decision_rewards(buf, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tens
             - cfg.reward.stop_sign_penalty * cur["stop_infraction"].float()
         dense[j] = torch.where(live_step[j], r, torch.zeros_like(r))
         prev = cur
-    disc = cfg.step_gamma ** torch.arange(k, dtype=torch.float32)
+    disc = cfg.step_gamma ** torch.arange(k, dtype=torch.float32, device=dev)
     dense = (dense.view(T, k, W) * disc[None, :, None]).sum(1)
     counts = {f"events/{n}": float((v.view(T, k, W).sum(1) != 0)[buf.live].float().sum()) for n, v in g_terms.items()}
     return g * buf.live, dense * buf.live, counts

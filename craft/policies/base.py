@@ -67,6 +67,8 @@ class CandidateSet:
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """(B,) candidate indices drawn from pi (explicit generator for determinism)."""
         p = self.log_probs().exp()
+        if generator is not None and generator.device != p.device:  # a CPU generator drives CUDA policies too
+            return torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
         return torch.multinomial(p, 1, generator=generator).squeeze(1)
 
     def select(self, idx: Tensor) -> Tensor:
