@@ -192,7 +192,11 @@ class Trainer:
         self.history: list[dict] = []
         self.nonfinite_run = 0
         if resume:
-            self._load()
+            try:
+                self._load()
+            except BaseException:
+                self.close()  # no Ray workers left behind
+                raise
 
     # -------------------------------------------------------------- checkpoints
     def _save(self) -> None:
