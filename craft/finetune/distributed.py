@@ -400,6 +400,11 @@ def evaluate_sharded(policy: str, checkpoint: dict | None, split: str, town_seed
     from craft.bench.runner import eval_batches
 
     nb = len(eval_batches(num_routes, cfg))
+    if nb < workers:
+        import sys
+
+        print(f"craft: note: {num_routes} routes in batches of {cfg.batch_size} make {nb} batch(es) for {workers} "
+              f"workers; --batch-size {math.ceil(num_routes / workers)} would use them all", file=sys.stderr)
     started = init_ray(address, workers)
     try:
         spec = {"policy": policy, "checkpoint": checkpoint, "split": split, "town_seeds": town_seeds,
