@@ -129,7 +129,7 @@ def cmd_eval(args) -> int:
                      max_steps=args.max_steps)
     driver = make_driver(args.policy, device=args.device)
     summary = evaluate(driver, args.split, args.out, cfg, town_seeds=args.town_seeds, routes=args.routes,
-                       device=args.device, types=args.types)
+                       device=args.device, types=args.types, workers=args.workers, address=args.address)
     ab = summary["abilities"]
     print(f"{driver.name} on {args.split} ({summary['num_routes']} routes, {args.protocol}): "
           f"DS {summary['DS']:.2f}  SR {summary['SR']:.2f}  RC {summary['RC']:.2f}  IS {summary['IS']:.3f}  "
@@ -187,7 +187,8 @@ def cmd_finetune(args) -> int:
         cfg = replace(cfg, use_proxy=not args.no_proxy, use_residual=not args.no_residual,
                       use_distill=not args.no_distill)
     check_out_dir(args.out)
-    hist = finetune(args.init, args.out, cfg, device=args.device, resume=args.resume)
+    hist = finetune(args.init, args.out, cfg, device=args.device, resume=args.resume, workers=args.workers,
+                    address=args.address)
     last = hist[-1] if hist and isinstance(hist[-1], dict) else {}
 
     def sec(k: str) -> str:
@@ -197,6 +198,33 @@ def cmd_finetune(args) -> int:
     print(f"{args.method}: {last.get('iteration', '?')} iterations -> {args.out}/policy.pt (last iteration "
           f"{last.get('transitions', '?')} transitions, collect {sec('t_collect')} s, score {sec('t_score')} s, "
           f"update {sec('t_update')} s)")
+    return 0
+
+
+def cmd_finetune_bench(args) -> int:
+    from craft.finetune.bench import BenchConfig, finetune_bench
+
+    cfg = BenchConfig(init=args.init, method=args.method, workers=tuple(args.workers), iters=args.iters,
+                      worlds=args.worlds, buffer=args.buffer, split=args.split,
+                      town_seeds=tuple(args.town_seeds) if args.town_seeds else None, routes=args.routes,
+                      seed=args.seed, device=args.device, address=args.address, proxy_states=args.proxy_states)
+    if args.json:
+        check_out_file(args.json, "--json")
+    res = finetune_bench(cfg)
+    for r in res["runs"]:
+        print(f"workers {r['workers']}: start-up {r['startup_s']:.1f} s, {r['s_per_iter']:.1f} s/iteration "
+              f"(collect {r['collect_s']:.1f} / score {r['score_s']:.1f} / update {r['update_s']:.1f}), "
+              f"{r['s_per_iter_with_startup']:.1f} s/iteration with start-up")
+    if "speedup" in res:
+        print(f"time of {res['speedup']['workers']} workers / 1 worker: {res['speedup']['ratio']:.2f} "
+              f"({res['speedup']['ratio_with_startup']:.2f} with start-up)")
+    px = res.get("proxy")
+    if px:
+        print(f"proxy: {px['candidate_steps_per_s'] / 1e6:.2f}M candidate-steps/s (B={px['states']}, G={px['G']}, "
+              f"H={px['H']}, 1 thread)")
+    if args.json:
+        write_json_atomic(args.json, res)
+        print(f"-> {args.json}")
     return 0
 
 
@@ -241,6 +269,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
 
 
+def _ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--workers", type=_positive_int, default=1, help=what)
+    p.add_argument("--address", help="join an existing Ray cluster: auto (the one `ray start` made here) or "
+                                     "HOST:PORT of its head; default: a local Ray when --workers > 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="craft", description="Closed-loop reinforcement fine-tuning of driving policies.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -278,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-steps", type=_positive_int, default=None,
                    help="simulation steps cap per route (default: 2000 = 200 s; long routes: their own cap, "
                         "which grows with their length)")
+    _ray_args(e, "the evaluation's batches (--batch-size routes each) dealt to N Ray workers; the records equal "
+                 "a one-process run with the same --batch-size (use --batch-size <= routes / N)")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_eval)
 
@@ -326,8 +362,28 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=_seed, default=0)
     f.add_argument("--device", type=_device, default="cpu")
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    _ray_args(f, "collect and score on N Ray workers (1: in this process)")
     f.add_argument("--out", required=True)
     f.set_defaults(func=cmd_finetune)
+
+    fb = sub.add_parser("finetune-bench", help="seconds per fine-tuning iteration per worker count, and the proxy's "
+                                               "candidate-steps/s")
+    fb.add_argument("--init", default="checkpoints/vocab.pt", help="policy checkpoint (default checkpoints/vocab.pt)")
+    fb.add_argument("--method", default="craft", choices=["craft", "grpo", "ppo", "reinforcepp"])
+    fb.add_argument("--workers", type=_positive_int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
+    fb.add_argument("--iters", type=_positive_int, default=3, help="timed iterations per worker count (default 3)")
+    fb.add_argument("--worlds", type=_positive_int, default=128)
+    fb.add_argument("--buffer", type=_positive_int, default=2048)
+    fb.add_argument("--split", default="train")
+    fb.add_argument("--town-seeds", type=_seed, nargs="+", help="drive on these town seeds (default: 20 train towns)")
+    fb.add_argument("--routes", type=_positive_int, help="routes per scenario type")
+    fb.add_argument("--proxy-states", type=int, default=64,
+                    help="snapshots for the proxy throughput figure at G = 512, H = 20 (0: skip)")
+    fb.add_argument("--seed", type=_seed, default=0)
+    fb.add_argument("--device", type=_device, default="cpu")
+    fb.add_argument("--address", help="join this Ray cluster (auto or HOST:PORT) instead of a local Ray")
+    fb.add_argument("--json", help="write the figures to this JSON file")
+    fb.set_defaults(func=cmd_finetune_bench)
 
     x = sub.add_parser("experiment", help="the paper's experiments on this benchmark (resumable)")
     x.add_argument("name", choices=["main", "ablation", "transfer", "scaling", "stability", "fidelity", "all",

@@ -108,6 +108,18 @@ class ExpertDriver:
         return self.expert.plan(world, state)
 
 
+def make_driver_from(policy: str, checkpoint: dict | None, device: str = "cpu") -> Driver:
+    """A driver from ``expert`` / ``lane-follow``, or from a policy checkpoint dict (what Ray workers get,
+    since a path of the driver's machine may not exist on theirs); ``policy`` is then its label."""
+    if checkpoint is None:
+        return make_driver(policy, device=device)
+    from craft.policies.base import policy_from_checkpoint
+    from craft.policies.driver import PolicyDriver
+
+    pol = policy_from_checkpoint(checkpoint, device=device, where=policy)
+    return PolicyDriver(pol, name=f"{pol.family}:{policy}")
+
+
 def make_driver(policy: str, device: str = "cpu") -> Driver:
     """``expert``, ``lane-follow`` or a policy checkpoint path (a ``policy.pt`` file or a folder holding one)."""
     if policy == "expert":
@@ -362,18 +374,56 @@ def chain_breakdown(chain: list[dict], infractions: dict[str, list[dict]], progr
 
 
 # ---------------------------------------------------------------------- whole split
+def eval_world(split: str, town_seeds: list[int], routes: int | None, types: list[str] | None, cfg: EvalConfig,
+               device: str = "cpu") -> tuple[list, World]:
+    """The split's scenario instances (with their ``route_id``) and the world they run in."""
+    from craft.scenarios.splits import load_split
+
+    instances, towns = load_split(split, town_seeds=list(town_seeds), routes=routes, types=types)
+    wcfg = WorldConfig(end_on_collision=cfg.protocol == "b2d-star")
+    limits = [inst.time_limit_s for inst in instances if inst.time_limit_s is not None]
+    if limits:  # routes with their own (longer) tick cap: the runner enforces each, the world the longest
+        wcfg = replace(wcfg, events=replace(wcfg.events, tick_cap=max(wcfg.events.tick_cap, max(limits))))
+    world = World(towns, wcfg, device=device)
+    return instances, world
+
+
+def eval_batches(num_routes: int, cfg: EvalConfig) -> list[range]:
+    """The evaluation's batches: consecutive runs of ``cfg.batch_size`` routes (route indices)."""
+    return [range(i, min(num_routes, i + cfg.batch_size)) for i in range(0, num_routes, cfg.batch_size)]
+
+
+def route_logs(world: World, instances: list, driver: Driver, cfg: EvalConfig, batches: list[int] | None = None,
+               progress: bool = False, name: str = "") -> list[RouteLog]:
+    """Route logs of the evaluation's batches ``batches`` (indices into :func:`eval_batches`; default all), in
+    order. A batch always holds the same routes in the same rows, so it drives the same wherever it runs."""
+    all_batches = eval_batches(len(instances), cfg)
+    logs: list[RouteLog] = []
+    for k in range(len(all_batches)) if batches is None else batches:
+        rows = all_batches[k]
+        batch = [instances[j] for j in rows]
+        desc = f"eval {name} routes {rows.start + 1}-{rows.stop}/{len(instances)}"
+        with tqdm(total=max(route_step_caps(batch, cfg, world.cfg.dt)), desc=desc, unit="step",
+                  disable=not progress) as bar:
+            batch_logs, _ = run_batch(world, batch, driver, cfg, progress=bar)
+        logs += batch_logs
+    return logs
+
+
 def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig = EvalConfig(),
              town_seeds: list[int] | None = None, routes: int | None = None, device: str = "cpu",
              types: list[str] | None = None, also: dict[str, str | os.PathLike] | None = None,
-             logs_out: list | None = None) -> dict:
+             workers: int = 1, address: str | None = None, logs_out: list | None = None) -> dict:
     """Evaluate ``driver`` on ``split``; writes results.json, summary.md, abilities.png and GIFs into ``out``.
 
     ``also`` maps further protocols to folders: the same rollout is scored under each of them too (only from a
     ``b2d`` rollout, where b2d-star is the log cut at its first collision — the world is deterministic, so this
     equals a second rollout that ends there). Returns the summary of ``cfg.protocol``. Nothing is written
-    until every route has run; each folder is filled through a staging folder with
-    ``results.json`` moved in last (a failure leaves the folders untouched). ``logs_out``: a list that receives the routes'
-    :class:`RouteLog` s (to score them again under other rules).
+    until every route has run; each folder is filled through a staging folder with ``results.json`` moved in
+    last (a failure leaves the folders untouched). ``logs_out``: a list that receives the routes'
+    :class:`RouteLog` s (to score them again under other rules). ``workers > 1`` or an ``address``: the routes run on
+    Ray workers (:func:`craft.finetune.distributed.evaluate_sharded`) with the same records; the driver must be
+    ``expert``, ``lane-follow`` or a top-1 :class:`~craft.policies.driver.PolicyDriver`.
     """
     also = dict(also or {})
     for proto in also:
@@ -381,26 +431,28 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
             raise CraftError(f"unknown protocol '{proto}': use one of {', '.join(PROTOCOLS)}")
         if cfg.protocol != "b2d" and proto != cfg.protocol:
             raise CraftError(f"only a b2d rollout can be re-scored under '{proto}' (this one is {cfg.protocol})")
-    from craft.scenarios.splits import load_split, split_town_seeds
+    from craft.scenarios.splits import split_town_seeds
 
     check_out_dir(out)
     for folder in also.values():
         check_out_dir(folder)
     seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
     t0 = time.time()
-    instances, towns = load_split(split, town_seeds=seeds, routes=routes, types=types)
-    wcfg = WorldConfig(end_on_collision=cfg.protocol == "b2d-star")
-    limits = [inst.time_limit_s for inst in instances if inst.time_limit_s is not None]
-    if limits:  # routes with their own (longer) tick cap: the runner enforces each, the world the longest
-        wcfg = replace(wcfg, events=replace(wcfg.events, tick_cap=max(wcfg.events.tick_cap, max(limits))))
-    world = World(towns, wcfg, device=device)
-    logs: list[RouteLog] = []
-    for i in range(0, len(instances), cfg.batch_size):
-        batch = instances[i:i + cfg.batch_size]
-        desc = f"eval {driver.name} on {split} routes {i + 1}-{i + len(batch)}/{len(instances)}"
-        with tqdm(total=max(route_step_caps(batch, cfg, world.cfg.dt)), desc=desc, unit="step") as bar:
-            batch_logs, _ = run_batch(world, batch, driver, cfg, progress=bar)
-        logs += batch_logs
+    if workers > 1 or address is not None:  # routes dealt to Ray tasks; the same records (tested)
+        from craft.finetune.distributed import evaluate_sharded
+
+        if getattr(driver, "sample", False) or not (hasattr(driver, "policy") or driver.name in ("expert",
+                                                                                             "lane-follow")):
+            raise CraftError(f"--workers: driver '{driver.name}' cannot be sent to Ray workers (expert, lane-follow "
+                             "or a policy checkpoint evaluated top-1)")
+        ck = driver.policy.checkpoint() if hasattr(driver, "policy") else None
+        label = driver.name.split(":", 1)[1] if ck is not None else driver.name
+        instances, world = eval_world(split, seeds, routes, types, cfg, device)  # the count; GIFs
+        n = len(instances)
+        logs = evaluate_sharded(label, ck, split, seeds, routes, types, cfg, device, n, workers, address)
+    else:
+        instances, world = eval_world(split, seeds, routes, types, cfg, device)
+        logs = route_logs(world, instances, driver, cfg, progress=True, name=f"{driver.name} on {split}")
     wall = time.time() - t0
     if logs_out is not None:
         logs_out.extend(logs)

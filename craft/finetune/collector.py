@@ -95,7 +95,10 @@ class Buffer:
 class Collector:
     """Keeps routes running between calls; ``collect(policy)`` returns the next :class:`Buffer`."""
 
-    def __init__(self, cfg: CollectorConfig = CollectorConfig(), device: str = "cpu"):
+    def __init__(self, cfg: CollectorConfig = CollectorConfig(), device: str = "cpu",
+                 shard: tuple[int, int] = (0, 1)):
+        """shard ``(i, n)``: drive only every n-th route of the seeded order starting at i, with a sampling
+        stream of its own (one of n collectors feeding one learner; ``(0, 1)``: every route, as before)."""
         from craft.scenarios.splits import load_split
         from craft.world.world import World
 
@@ -106,8 +109,13 @@ class Collector:
         self.world = World(towns, device=device)
         g = torch.Generator().manual_seed(cfg.seed)
         self.order = torch.randperm(len(self.instances), generator=g).tolist()
+        i, n = shard
+        if not (0 <= i < n):
+            raise CraftError(f"Collector: shard {shard} must be (i, n) with 0 <= i < n")
+        if n > 1:
+            self.order = self.order[i::n] or self.order[i % len(self.order)::len(self.order)]
         self.wave = 0
-        self.sample_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed + 1 + (1_000_003 * (i + 1) if n > 1 else 0))
         self._state = None
 
     # ------------------------------------------------------------------ waves
@@ -137,6 +145,9 @@ class Collector:
     def load_state_dict(self, d: dict) -> None:
         from craft.world.autopilot import PlanExecutor
 
+        if "workers" in d:  # saved by craft.finetune.distributed.RayCollector
+            raise CraftError(f"--resume: the run was collected with --workers {d['workers']}; resume it with the "
+                             "same --workers")
         if d["config"] != dataclasses.asdict(self.cfg):
             raise CraftError("collector state was saved with a different collector configuration")
         self.wave = int(d["wave"])
@@ -180,7 +191,7 @@ class Collector:
             cand_l.append(CandidateSet(cs.trajectories[li], cs.valid[li], cs.logits[li]))
             snap_l.append(st.index(li).clone())
             trk_l.append({k: getattr(self.ex.tracker, k)[li].clone() if getattr(self.ex.tracker, k) is not None
-                          else torch.ones(len(li), dtype=torch.bool)
+                          else torch.ones(len(li), dtype=torch.bool, device=li.device)
                           for k in ("integral", "prev_error", "has_prev")})
             self.ex.set_plan(st, cs.select(idx))
             evs = {k: [] for k in EVENT_FIELDS}

@@ -612,8 +612,10 @@ class CounterfactualWorld:
             sl = slice(b0, min(B, b0 + self.cfg.chunk_states))
             tr = tracker.index(sl) if tracker is not None else None
             parts.append(self._score_chunk(snapshot.index(sl), traj[sl], tr, tuple(x[sl] for x in others)))
-        terms = {k: torch.cat([p[0][k] for p in parts]) if parts else torch.zeros(B, G) for k in TERMS}
-        collided = torch.cat([p[1] for p in parts]) if parts else torch.zeros(B, G, dtype=torch.bool)
+        terms = {k: torch.cat([p[0][k] for p in parts]) if parts else torch.zeros(B, G, device=valid.device)
+                 for k in TERMS}
+        collided = torch.cat([p[1] for p in parts]) if parts else torch.zeros(B, G, dtype=torch.bool,
+                                                                             device=valid.device)
         zero = torch.zeros((), device=valid.device)
         terms = {k: torch.where(valid, v, zero) for k, v in terms.items()}
         returns = torch.zeros(B, G, device=valid.device)

@@ -162,12 +162,13 @@ def decision_rewards(buf, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tens
     g, g_terms = grounded_step_reward({n: v.flatten() for n, v in steps.items()}, cfg.reward)
     g = g.view(T, k, W).sum(1)
     live_step = buf.live[:, None, :].expand(T, k, W).reshape(T * k, W)
-    start = torch.zeros(T * k, W, dtype=torch.bool)  # first step of an episode in this buffer
-    prev_nd = torch.cat([torch.zeros(1, W, dtype=torch.bool), buf.notdone[:-1]])
+    dev = buf.live.device
+    start = torch.zeros(T * k, W, dtype=torch.bool, device=dev)  # first step of an episode in this buffer
+    prev_nd = torch.cat([torch.zeros(1, W, dtype=torch.bool, device=dev), buf.notdone[:-1]])
     start[::k] = ~prev_nd
-    dense = torch.zeros(T * k, W)
+    dense = torch.zeros(T * k, W, device=dev)
     prev = None
-    collided = torch.zeros(W, dtype=torch.bool)
+    collided = torch.zeros(W, dtype=torch.bool, device=dev)
     for j in range(T * k):  # loop over time only
         cur = {n: v[j] for n, v in steps.items()}
         if prev is not None:
@@ -180,7 +181,7 @@ def decision_rewards(buf, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tens
             - cfg.reward.stop_sign_penalty * cur["stop_infraction"].float()
         dense[j] = torch.where(live_step[j], r, torch.zeros_like(r))
         prev = cur
-    disc = cfg.step_gamma ** torch.arange(k, dtype=torch.float32)
+    disc = cfg.step_gamma ** torch.arange(k, dtype=torch.float32, device=dev)
     dense = (dense.view(T, k, W) * disc[None, :, None]).sum(1)
     counts = {f"events/{n}": float((v.view(T, k, W).sum(1) != 0)[buf.live].float().sum()) for n, v in g_terms.items()}
     return g * buf.live, dense * buf.live, counts
@@ -191,7 +192,10 @@ class Trainer:
     """Holds policy, teacher, optimiser, method, collector and proxy; :meth:`run` trains ``cfg.iters``."""
 
     def __init__(self, init: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(),
-                 device: str = "cpu", resume: bool = False, progress: bool = True):
+                 device: str = "cpu", resume: bool = False, progress: bool = True, workers: int = 1,
+                 address: str | None = None):
+        """workers > 1 (or an ``address``): collection and proxy scoring on Ray actors
+        (:mod:`craft.finetune.distributed`); 1: in this process."""
         self.cfg = cfg
         self.out = Path(out)
         self.device = device
@@ -213,14 +217,24 @@ class Trainer:
             return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_at)
-        self.collector = Collector(cfg.collector, device=device)
-        self.proxy = CounterfactualWorld(self.collector.world.maps, cfg.proxy)
+        if workers > 1 or address is not None:  # the collector is a set of Ray actors (same interface)
+            from craft.finetune.distributed import RayCollector
+
+            self.collector = RayCollector(self.policy, cfg, workers, device=device, address=address)
+            self.proxy = None
+        else:
+            self.collector = Collector(cfg.collector, device=device)
+            self.proxy = CounterfactualWorld(self.collector.world.maps, cfg.proxy)
         self.mb_gen = torch.Generator().manual_seed(cfg.seed + 3)
         self.iteration = 0
         self.history: list[dict] = []
         self.nonfinite_run = 0
         if resume:
-            self._load()
+            try:
+                self._load()
+            except BaseException:
+                self.close()  # no Ray workers left behind
+                raise
 
     # -------------------------------------------------------------- checkpoints
     def _save(self) -> None:
@@ -330,12 +344,7 @@ class Trainer:
     def iterate(self) -> dict:
         cfg = self.cfg
         t0 = time.time()
-        buf = self.collector.collect(self.policy)
-        t1 = time.time()
-        scores = None
-        if self.method.uses_proxy:
-            trk = TrackerState(buf.tracker["integral"], buf.tracker["prev_error"], buf.tracker["has_prev"])
-            scores = self.proxy.score(buf.snapshot, buf.candidates.trajectories, buf.candidates.valid, trk)
+        buf, scores, t_split = self.collect_and_score()
         t2 = time.time()
         grounded, dense, counts = decision_rewards(buf, cfg)
         obs, valid = buf.obs, buf.candidates.valid
@@ -390,7 +399,7 @@ class Trainer:
         t3 = time.time()
         self.iteration += 1
         row = {"iteration": self.iteration, "transitions": N, "lr": self.opt.param_groups[0]["lr"],
-               "t_collect": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2, "t_total": t3 - t0,
+               **t_split, "t_update": t3 - t2, "t_total": t3 - t0,
                **{k: sum(v) / len(v) for k, v in sums.items()}, **counts,
                "grounded_return_mean": float(grounded.sum() / max(1, N)),
                "dense_reward_mean": float(dense.sum() / max(1, N)),
@@ -408,6 +417,28 @@ class Trainer:
             if len(series):
                 row[f"cv_{key}"] = coefficient_of_variation(series)
         return row
+
+    def collect_and_score(self):
+        """The next on-policy buffer and, when the method uses the proxy, its counterfactual scores.
+
+        Returns ``(buffer, scores or None, timings)``; timings hold ``t_collect`` and ``t_score`` (seconds)
+        and, with Ray workers, their ``workers/*`` diagnostics (:class:`~craft.finetune.distributed.RayCollector`
+        collects and scores on every worker at once)."""
+        if self.proxy is None:
+            return self.collector.collect_and_score(self.policy, self.method.uses_proxy)
+        t0 = time.time()
+        buf = self.collector.collect(self.policy)
+        t1 = time.time()
+        scores = None
+        if self.method.uses_proxy:
+            trk = TrackerState(buf.tracker["integral"], buf.tracker["prev_error"], buf.tracker["has_prev"])
+            scores = self.proxy.score(buf.snapshot, buf.candidates.trajectories, buf.candidates.valid, trk)
+        return buf, scores, {"t_collect": t1 - t0, "t_score": time.time() - t1}
+
+    def close(self) -> None:
+        """Stop the Ray workers, if any (and the local Ray instance this trainer started)."""
+        if hasattr(self.collector, "close"):
+            self.collector.close()
 
     @torch.no_grad()
     def _ema(self) -> None:
@@ -437,6 +468,7 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
+            self.close()
         return self.history
 
 
@@ -487,13 +519,16 @@ def saved_iteration(out: str | os.PathLike) -> int | None:
 
 
 def finetune(init: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(),
-             device: str = "cpu", resume: bool = False, progress: bool = True) -> list[dict]:
-    """Fine-tune the policy checkpoint ``init`` into ``out``; returns the per-iteration diagnostics."""
+             device: str = "cpu", resume: bool = False, progress: bool = True, workers: int = 1,
+             address: str | None = None) -> list[dict]:
+    """Fine-tune the policy checkpoint ``init`` into ``out``; returns the per-iteration diagnostics.
+    ``workers`` / ``address``: Ray collection (see :class:`Trainer`)."""
     out = check_out_dir(out)
     if not resume and (out / "trainer.pt").exists():
         raise CraftError(f"'{out}' already holds a fine-tuning run: pass --resume to continue it or choose "
                          "another --out")
-    return Trainer(init, out, cfg, device=device, resume=resume, progress=progress).run()
+    return Trainer(init, out, cfg, device=device, resume=resume, progress=progress, workers=workers,
+                   address=address).run()
 
 
 __all__ = ["FinetuneConfig", "Trainer", "finetune", "decision_rewards", "read_state", "saved_iteration"]

@@ -75,6 +75,8 @@ class CandidateSet:
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """(B,) candidate indices drawn from pi (explicit generator for determinism)."""
         p = self.log_probs().exp()
+        if generator is not None and generator.device != p.device:  # a CPU generator drives CUDA policies too
+            return torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
         return torch.multinomial(p, 1, generator=generator).squeeze(1)
 
     def select(self, idx: Tensor) -> Tensor:
@@ -216,6 +218,7 @@ def load_policy(path: str | os.PathLike, family: str | None = None, device: str 
 
 def policy_from_checkpoint(ck: dict, family: str | None = None, device: str | torch.device = "cpu",
                            where: str = "checkpoint") -> CandidatePolicy:
+    _load_families()
     fam = ck["family"]
     if not isinstance(ck.get("config"), dict) or not isinstance(ck.get("state_dict"), dict):
         raise CraftError(f"'{where}' is not a complete CRAFT policy checkpoint (config or weights missing)")

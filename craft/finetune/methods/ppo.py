@@ -28,7 +28,7 @@ class Ppo(FineTuneMethod):
         buf = data.buf
         T, W = buf.live.shape
         with torch.no_grad():
-            v = torch.zeros(T, W)
+            v = torch.zeros(T, W, device=buf.live.device)
             v[buf.live] = self.critic(data.features).squeeze(-1)
         gamma = self.cfg.decision_gamma
         adv, ret = gae(data.dense, v, buf.notdone, gamma, self.cfg.gae_lambda)
