@@ -48,7 +48,7 @@ def _table_json(path: Path) -> dict:
                                             or not isinstance(data["wall_s"], (int, float))))
         bad = bad or ("config" in data and not (isinstance(data["config"], dict)
                                                 and isinstance(data["config"].get("seeds", []), list)))
-        names = data.get("runs", []) + data.get("evals", [])
+        names = [] if bad else data.get("runs", []) + data.get("evals", [])
         bad = bad or any(".." in Path(x).parts or Path(x).is_absolute() for x in names)
     if bad:
         raise CraftError(f"experiment table '{path}' is malformed (runs / evals / wall_s / config); delete it and "
