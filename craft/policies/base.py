@@ -218,7 +218,6 @@ def load_policy(path: str | os.PathLike, family: str | None = None, device: str 
 
 def policy_from_checkpoint(ck: dict, family: str | None = None, device: str | torch.device = "cpu",
                            where: str = "checkpoint") -> CandidatePolicy:
-    _load_families()
     fam = ck["family"]
     if not isinstance(ck.get("config"), dict) or not isinstance(ck.get("state_dict"), dict):
         raise CraftError(f"'{where}' is not a complete CRAFT policy checkpoint (config or weights missing)")
