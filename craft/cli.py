@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 256)")
     x.add_argument("--split", default="test", help="evaluation split (default test)")
     x.add_argument("--routes", type=_positive_int, help="evaluation routes per scenario type")
-    x.add_argument("--protocols", nargs="+", default=["b2d", "b2d-star"], choices=["b2d", "b2d-star"])
+    x.add_argument("--protocols", nargs="+", default=["b2d-star", "b2d"], choices=["b2d", "b2d-star"])
     x.add_argument("--doc", default="docs/results.md", help="all / report: the results document to write")
     x.add_argument("--out", default="out/experiments",
                    help="experiment root: runs pool under OUT/runs, tables under OUT/<experiment> (default "

@@ -200,3 +200,54 @@ def test_nonfinite_losses_are_skipped_then_stop(init_ckpt, tmp_path):
 def test_family_mismatch_is_an_error(init_ckpt, tmp_path):
     with pytest.raises(CraftError, match="expected family 'vocab'"):
         Trainer(init_ckpt, tmp_path / "f", replace(TINY, family="vocab"), progress=False)
+
+
+class _Rusher(torch.nn.Module):
+    """The pre-trained vocabulary policy re-ranked to prefer its farthest-reaching valid candidate (it drives
+    into what is ahead)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.cfg = base, base.cfg
+
+    def forward(self, obs):
+        from craft.policies.base import CandidateSet
+
+        cs = self.base(obs)
+        reach = cs.trajectories[:, :, -1, 0]
+        return CandidateSet(cs.trajectories, cs.valid, torch.where(cs.valid, 5.0 * reach, torch.full_like(reach, -1e9)))
+
+
+def _counted(buf):
+    ev = buf.events
+    return (ev["collision_vehicle"] | ev["collision_pedestrian"] | ev["collision_layout"]).any(1) & buf.live
+
+
+def test_collector_ends_episodes_at_the_first_collision():
+    from craft.finetune.collector import Collector
+
+    policy = _Rusher(load_policy("checkpoints/vocab.pt"))
+    cfg = CollectorConfig(split="val", worlds=8, buffer_size=300, routes=2, cohorts=2, stagger=2,
+                          types=("Accident", "HardBreakRoute", "ParkingCutIn", "ConstructionObstacle"))
+    assert cfg.end_on_collision  # the paper's protocol is the default
+    buf = Collector(cfg).collect(policy, sample=False)
+    hit = _counted(buf)
+    assert int(hit.sum()) >= 3
+    assert not (hit & buf.notdone).any()  # every decision with a counted collision ends its episode
+    free = Collector(replace(cfg, end_on_collision=False)).collect(policy, sample=False)
+    assert (_counted(free) & free.notdone).any()  # plain b2d drives on after a collision
+
+
+def test_collector_staggers_groups():
+    from craft.finetune.collector import Collector
+
+    cfg = CollectorConfig(split="val", worlds=6, buffer_size=30, routes=1, cohorts=3, stagger=2,
+                          types=("Accident", "HardBreakRoute", "ParkingCutIn", "ConstructionObstacle",
+                                 "YieldToEmergencyVehicle", "SignalizedJunctionLeftTurn"))
+    col = Collector(cfg)
+    buf = col.collect(load_policy("checkpoints/vocab.pt"))
+    live = buf.live.int()
+    # group c (columns 2c, 2c+1) starts its first wave 2c decisions after group 0
+    assert live[:, 0:2].all() and not live[:2, 2:].any() and live[2:4, 2:4].all() and not live[:4, 4:].any()
+    assert live[4, 4:].all()
+    assert (buf.route[:2, 2:] == -1).all() and (buf.route[4:, :] >= 0).all()

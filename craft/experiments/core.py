@@ -52,7 +52,8 @@ class ExperimentConfig:
     """Evaluation routes per scenario type (default: the split's)."""
     types: tuple[str, ...] | None = None
     """Evaluate on these scenario types only (default: all)."""
-    protocols: tuple[str, ...] = ("b2d", "b2d-star")
+    protocols: tuple[str, ...] = ("b2d-star", "b2d")
+    """Evaluation protocols, the primary first: ``b2d-star`` (a collision ends the route), the paper's protocol."""
     eval_seed: int = 0
     """Background-traffic seed of every evaluation: the spread over ``seeds`` is the fine-tuning's alone."""
     noise_seeds: tuple[int, ...] = (1, 2)
@@ -206,7 +207,7 @@ def default_eval_set(cfg: ExperimentConfig) -> EvalSet:
 
 
 def evaluate_policy(policy: str | os.PathLike, folder: str | os.PathLike, es: EvalSet,
-                    protocols: tuple[str, ...] = ("b2d", "b2d-star"), ledger: list | None = None) -> dict[str, dict]:
+                    protocols: tuple[str, ...] = ("b2d-star", "b2d"), ledger: list | None = None) -> dict[str, dict]:
     """Closed-loop metrics of ``policy`` on ``es`` under each protocol: ``{protocol: summary}``.
 
     Results live in ``folder/eval-<set>/<protocol>/results.json`` and are reused; one b2d rollout gives every
