@@ -41,7 +41,7 @@ from craft.finetune.collector import Collector, CollectorConfig
 from craft.finetune.losses import coefficient_of_variation, kl_terms, masked_log_softmax
 from craft.finetune.methods import METHODS, IterationData, make_method
 from craft.finetune.proxy import CounterfactualWorld, ProxyConfig
-from craft.finetune.rewards import RewardConfig, dense_reward_from_events, grounded_step_reward
+from craft.finetune.rewards import GROUNDED_TERMS, RewardConfig, dense_reward_from_events, grounded_decision_reward
 from craft.policies.base import CandidatePolicy, atomic_save, load_policy
 from craft.world.tracker import TrackerState
 
@@ -114,15 +114,20 @@ class FinetuneConfig:
 def decision_rewards(buf, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Grounded and dense rewards per decision (T, W) from the executed steps' events ((T, k, W) per field).
 
-    The grounded reward sums its steps; the dense reward discounts them within the decision by the step
-    discount. Only the first counted collision of an episode is penalised in the dense reward; red-light and
-    stop-sign infractions cost the proxy's flag penalties (40) at the step they happen.
+    The grounded reward is one indicator per event and decision (:func:`grounded_decision_reward`: an event in
+    any executed step of the decision counts once; steps after the episode ended within the decision do not
+    count). The dense reward discounts the steps within the decision by the step discount. Only the first
+    counted collision of an episode is penalised in the dense reward; red-light and stop-sign infractions cost
+    the proxy's flag penalties (40) at the step they happen. ``counts``: ``events/<term>`` the number of live
+    decisions with that grounded event, ``grounded_mass/<term>`` its share of the total grounded penalty.
     """
     ev = buf.events
     T, k, W = ev["speed"].shape
     steps = {n: v.reshape(T * k, W) for n, v in ev.items()}
-    g, g_terms = grounded_step_reward({n: v.flatten() for n, v in steps.items()}, cfg.reward)
-    g = g.view(T, k, W).sum(1)
+    done = ev["done"].bool()
+    ended_before = (done.long().cumsum(1) - done.long()) > 0  # (T, k, W): the episode ended at an earlier step
+    g, g_terms = grounded_decision_reward({n: v.transpose(0, 1) for n, v in ev.items()}, cfg.reward,
+                                          step_valid=~ended_before.transpose(0, 1))
     live_step = buf.live[:, None, :].expand(T, k, W).reshape(T * k, W)
     start = torch.zeros(T * k, W, dtype=torch.bool)  # first step of an episode in this buffer
     prev_nd = torch.cat([torch.zeros(1, W, dtype=torch.bool), buf.notdone[:-1]])
@@ -144,7 +149,10 @@ def decision_rewards(buf, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tens
         prev = cur
     disc = cfg.step_gamma ** torch.arange(k, dtype=torch.float32)
     dense = (dense.view(T, k, W) * disc[None, :, None]).sum(1)
-    counts = {f"events/{n}": float((v.view(T, k, W).sum(1) != 0)[buf.live].float().sum()) for n, v in g_terms.items()}
+    counts = {f"events/{n}": float((v != 0)[buf.live].float().sum()) for n, v in g_terms.items()}
+    total = float(-g[buf.live].sum())
+    counts.update({f"grounded_mass/{n}": float(-g_terms[n][buf.live].sum()) / total if total > 0 else 0.0
+                   for n in GROUNDED_TERMS})
     return g * buf.live, dense * buf.live, counts
 
 
