@@ -34,6 +34,7 @@ def report(name: str, g, terms, buf, reward: RewardConfig) -> None:
     total = float(-g[live].sum())
     mass = {n: float(-terms[n][live].sum()) / total if total else 0.0 for n in GROUNDED_TERMS}
     print(f"{name}: A_gr non-zero on {float((a[live] < 0).float().mean()):.1%} of {int(live.sum())} transitions; "
+          f"|A_gr| >= 0.05 on {float((a[live] <= -0.05).float().mean()):.1%}; "
           f"reward non-zero on {float((g[live] < 0).float().mean()):.1%}; mean A_gr {float(a[live].mean()):.3f}")
     print("   mass by term: " + ", ".join(f"{n} {v:.1%}" for n, v in mass.items() if v > 0))
 
@@ -60,6 +61,7 @@ def main() -> None:
     terms_mass = {n: counts[f"grounded_mass/{n}"] for n in GROUNDED_TERMS}
     a_new = residual_advantage(g, buf.notdone, new.reward)
     print(f"per decision, zones off (after): A_gr non-zero on {float((a_new[buf.live] < 0).float().mean()):.1%}; "
+          f"|A_gr| >= 0.05 on {float((a_new[buf.live] <= -0.05).float().mean()):.1%}; "
           f"reward non-zero on {float((g[buf.live] < 0).float().mean()):.1%}; mean A_gr "
           f"{float(a_new[buf.live].mean()):.3f}")
     print("   mass by term: " + ", ".join(f"{n} {v:.1%}" for n, v in terms_mass.items() if v > 0))

@@ -68,6 +68,13 @@ class FinetuneConfig:
     beta_reverse: float = 0.5
     beta_forward: float = 0.1
     ema: float = 0.99
+    """Teacher EMA momentum m per update (the paper's 0.99 per iteration, meant for runs of hundreds of
+    iterations); ignored when ``teacher_half_life`` is set."""
+    teacher_half_life: float = 0.0
+    """Budget-aware teacher: when > 0, the teacher's EMA half-life as a share of the run (of its ``iters``
+    iterations, or of its optimiser steps with ``teacher_per_step``): m = 0.5 ** (1 / (share * updates))."""
+    teacher_per_step: bool = False
+    """Update the EMA teacher after every optimiser step instead of once per iteration."""
     clip_eps: float = 0.2
     dual_clip: float = 2.0
     # ablation switches
@@ -83,6 +90,21 @@ class FinetuneConfig:
     row stop the run with an error."""
     step_gamma: float = 0.98
     """Discount per 0.1 s simulator step for the executed-rollout returns of PPO / REINFORCE++."""
+    probe_states: int = 256
+    """Visited states of the first buffer kept as a fixed probe set (scored once by the proxy) on which every
+    iteration logs KL to the initial policy and to the teacher, the proxy-advantage and top-1-return gains and
+    the share of changed top-1 picks (``probe/*`` diagnostics); 0 = off."""
+    val_every: int = 0
+    """Closed-loop evaluation of the policy on a ``val`` subset every this many iterations and after the last
+    one (``val/*`` diagnostics; the policy of each is kept under ``val/it-NNNN/``); 0 = off."""
+    val_routes: int = 1
+    """Routes per scenario type of the periodic ``val`` evaluation."""
+    val_types: tuple[str, ...] | None = None
+    """Scenario types of the periodic ``val`` evaluation (default: all)."""
+    val_seed: int = 0
+    """Background-traffic seed of the periodic ``val`` evaluation."""
+    val_max_steps: int | None = None
+    """Tick cap of the periodic ``val`` evaluation's routes (default: Bench2Drive's)."""
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
@@ -100,10 +122,30 @@ class FinetuneConfig:
             raise CraftError("FinetuneConfig: iters, epochs and minibatch must be >= 1")
         if not 0 <= self.ema < 1:
             raise CraftError(f"FinetuneConfig.ema must be in [0, 1), got {self.ema}")
+        if not (self.teacher_half_life >= 0 and math.isfinite(self.teacher_half_life)):
+            raise CraftError(f"FinetuneConfig.teacher_half_life must be >= 0, got {self.teacher_half_life}")
+        if self.probe_states < 0 or self.val_every < 0 or self.val_routes < 1:
+            raise CraftError("FinetuneConfig: probe_states and val_every must be >= 0, val_routes >= 1")
+        if isinstance(self.val_types, list):
+            object.__setattr__(self, "val_types", tuple(self.val_types))
 
     @property
     def reward(self) -> RewardConfig:
         return self.proxy.reward
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Optimiser steps of an iteration of exactly ``buffer_size`` transitions (full minibatches only)."""
+        return self.epochs * max(1, self.collector.buffer_size // self.minibatch)
+
+    @property
+    def teacher_momentum(self) -> float:
+        """The EMA momentum m of one teacher update (per iteration, or per optimiser step with
+        ``teacher_per_step``): ``ema``, or from ``teacher_half_life`` as a share of the run's updates."""
+        if self.teacher_half_life <= 0:
+            return self.ema
+        updates = self.iters * (self.steps_per_iteration if self.teacher_per_step else 1)
+        return 0.5 ** (1.0 / (self.teacher_half_life * updates))
 
     @property
     def decision_gamma(self) -> float:
@@ -189,8 +231,11 @@ class Trainer:
         self.iteration = 0
         self.history: list[dict] = []
         self.nonfinite_run = 0
+        self.probe: dict | None = None
         if resume:
             self._load()
+            if (self.out / "probe.pt").exists():
+                self.probe = torch.load(self.out / "probe.pt", map_location=device, weights_only=True)
 
     # -------------------------------------------------------------- checkpoints
     def _save(self) -> None:
@@ -251,12 +296,17 @@ class Trainer:
         targets = self.method.advantages(data)
         rows = {"chosen": buf.flat(buf.chosen), "logp_old": buf.flat(buf.logp_old), "valid": valid,
                 "features": feats, "tlogq": tlogq, **targets}
+        if self.probe is None and cfg.probe_states > 0:
+            self._make_probe(buf, scores)
         sums: dict[str, list] = {}
         self.policy.eval()
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        mb_size = min(cfg.minibatch, N)
+        first = True
         for _ in range(cfg.epochs):
             perm = torch.randperm(N, generator=self.mb_gen)
-            for i in range(0, N, cfg.minibatch):
-                idx = perm[i:i + cfg.minibatch]
+            for i in range(0, N - mb_size + 1, mb_size):  # full minibatches only: a partial last one is dropped
+                idx = perm[i:i + mb_size]
                 mb = {k: v[idx] for k, v in rows.items()}
                 cs = self.policy(obs.index(idx))
                 logp = masked_log_softmax(cs.logits, mb["valid"])
@@ -280,16 +330,23 @@ class Trainer:
                 self.nonfinite_run = 0
                 sums.setdefault("skipped_share", []).append(0.0)
                 self.opt.zero_grad(set_to_none=True)
+                if first:  # the gradient-norm share of each loss term, on the iteration's first minibatch
+                    for k, v in grad_shares(out, params).items():
+                        sums[f"gradshare/{k}"] = [v]
+                    first = False
                 loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]],
-                                                    cfg.grad_clip)
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 self.opt.step()
+                if cfg.teacher_per_step:
+                    self._ema()
                 out["loss"] = loss.detach()
                 out["grad_norm"] = gn
                 for k, v in out.items():
                     sums.setdefault(k, []).append(float(v.detach()))
         self.sched.step()
-        self._ema()
+        if not cfg.teacher_per_step:
+            self._ema()
+        probe_row = self._probe_row() if self.probe is not None else {}
         t3 = time.time()
         self.iteration += 1
         row = {"iteration": self.iteration, "transitions": N, "lr": self.opt.param_groups[0]["lr"],
@@ -297,7 +354,8 @@ class Trainer:
                **{k: sum(v) / len(v) for k, v in sums.items()}, **counts,
                "grounded_return_mean": float(grounded.sum() / max(1, N)),
                "dense_reward_mean": float(dense.sum() / max(1, N)),
-               "episodes_ended": float((buf.events["done"].any(1) & buf.live).sum()), "waves": buf.info["waves_started"]}
+               "episodes_ended": float((buf.events["done"].any(1) & buf.live).sum()), "waves": buf.info["waves_started"],
+               "teacher_momentum": cfg.teacher_momentum, **probe_row}
         for k, v in targets.items():
             if k.startswith("adv") and v.numel():
                 row[f"{k}_mean"], row[f"{k}_std"] = float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0
@@ -312,9 +370,69 @@ class Trainer:
                 row[f"cv_{key}"] = coefficient_of_variation(series)
         return row
 
+    # -------------------------------------------------------------- probe set
+    def _make_probe(self, buf, scores) -> None:
+        """Keep ``probe_states`` states of the first buffer (seeded draw), scored once by the proxy, with the
+        initial policy's log-probabilities; saved to ``probe.pt`` (a resumed run reads it back)."""
+        cfg = self.cfg
+        N = buf.size
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        idx = torch.randperm(N, generator=g)[:min(cfg.probe_states, N)].sort().values
+        traj, valid = buf.candidates.trajectories[idx], buf.candidates.valid[idx]
+        if scores is None:
+            trk = TrackerState(*(buf.tracker[k][idx] for k in ("integral", "prev_error", "has_prev")))
+            scores = self.proxy.score(buf.snapshot.index(idx), traj, valid, trk)
+            ret, adv = scores.returns, scores.advantages
+        else:
+            ret, adv = scores.returns[idx], scores.advantages[idx]
+        obs = buf.obs.index(idx)
+        with torch.no_grad():
+            logp0 = masked_log_softmax(self.policy(obs).logits, valid)
+        self.probe = {"obs": {f.name: getattr(obs, f.name) for f in dataclasses.fields(obs)}, "valid": valid,
+                      "returns": ret, "adv": adv, "logp0": logp0}
+        atomic_save(self.probe, self.out / "probe.pt")
+
+    @torch.no_grad()
+    def _probe_row(self) -> dict:
+        """The probe diagnostics of the current policy (after the iteration's update and teacher update)."""
+        from craft.world.observe import Observation
+
+        p = self.probe
+        obs, valid = Observation(**p["obs"]), p["valid"]
+        logp = masked_log_softmax(self.policy(obs).logits, valid)
+        logq = masked_log_softmax(self.teacher(obs).logits, valid)
+        return probe_metrics(logp, p["logp0"], logq, valid, p["returns"], p["adv"])
+
+    # -------------------------------------------------------------- periodic closed-loop validation
+    def _validate(self) -> dict:
+        """Closed-loop evaluation of the current policy on the ``val`` subset (one b2d rollout scored under both
+        protocols); its policy and results stay under ``val/it-NNNN/``. ``val/DS``, ``val/SR`` are b2d-star."""
+        import json
+
+        from craft.bench.runner import EvalConfig, evaluate, make_driver
+
+        cfg = self.cfg
+        folder = self.out / "val" / f"it-{self.iteration:04d}"
+        files = {p: folder / p / "results.json" for p in ("b2d-star", "b2d")}
+        if not all(f.exists() for f in files.values()):
+            self.policy.save(folder / "policy.pt", meta={**getattr(self.policy, "meta", {}),
+                                                         "finetune": {"method": cfg.method,
+                                                                      "iteration": self.iteration}})
+            with torch.random.fork_rng():
+                evaluate(make_driver(str(folder / "policy.pt")), "val", folder / "b2d",
+                         EvalConfig(protocol="b2d", seed=cfg.val_seed, max_steps=cfg.val_max_steps),
+                         routes=cfg.val_routes, types=list(cfg.val_types) if cfg.val_types else None,
+                         also={"b2d-star": folder / "b2d-star"})
+        out = {}
+        for proto, f in files.items():
+            summ = json.loads(f.read_text())["summary"]
+            suffix = "" if proto == "b2d-star" else "_b2d"
+            out[f"val/DS{suffix}"], out[f"val/SR{suffix}"] = float(summ["DS"]), float(summ["SR"])
+        return out
+
     @torch.no_grad()
     def _ema(self) -> None:
-        m = self.cfg.ema
+        m = self.cfg.teacher_momentum
         tp = dict(self.teacher.named_parameters())
         for k, p in self.policy.trainable_parameters().items():
             tp[k].mul_(m).add_(p.detach(), alpha=1 - m)
@@ -330,6 +448,9 @@ class Trainer:
         try:
             while self.iteration < self.cfg.iters:
                 row = self.iterate()
+                if self.cfg.val_every and (self.iteration % self.cfg.val_every == 0
+                                           or self.iteration == self.cfg.iters):
+                    row.update(self._validate())
                 self._save()
                 _write_csv(csv_path, self.history)
                 for k, v in row.items():
@@ -341,6 +462,36 @@ class Trainer:
             bar.close()
             writer.close()
         return self.history
+
+
+def grad_shares(out: dict, params: list) -> dict[str, float]:
+    """Share of each ``loss_*`` term of ``out`` in the sum of the terms' gradient norms over ``params``."""
+    norms = {}
+    for k, v in out.items():
+        if not k.startswith("loss_") or not v.requires_grad:
+            continue
+        gs = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+        norms[k[5:]] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs if g is not None)
+                                        + torch.zeros((), dtype=torch.float64)))
+    total = sum(norms.values())
+    return {k: (v / total if total > 0 else 0.0) for k, v in norms.items()}
+
+
+def probe_metrics(logp: torch.Tensor, logp0: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor,
+                  returns: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
+    """Learning diagnostics on the fixed probe states (all (n, G); masked log-probabilities).
+
+    ``probe/kl_init`` KL(pi || initial policy) and ``probe/kl_teacher`` KL(pi || teacher), means over states;
+    ``probe/adv_gain``: E_pi[A] - E_init[A] of the proxy's group-normalised advantage;
+    ``probe/top1_return_gain``: mean proxy return of pi's top-1 candidate minus the initial top-1's;
+    ``probe/top1_changed``: share of states whose top-1 candidate changed."""
+    kl_init = kl_terms(logp, logp0, valid)[0].mean()
+    kl_teacher = kl_terms(logp, logq, valid)[0].mean()
+    gain = ((logp.exp() - logp0.exp()) * adv).sum(-1).mean()
+    t1, t0 = logp.argmax(-1), logp0.argmax(-1)
+    r1, r0 = returns.gather(1, t1[:, None]).squeeze(1), returns.gather(1, t0[:, None]).squeeze(1)
+    return {"probe/kl_init": float(kl_init), "probe/kl_teacher": float(kl_teacher), "probe/adv_gain": float(gain),
+            "probe/top1_return_gain": float((r1 - r0).mean()), "probe/top1_changed": float((t1 != t0).float().mean())}
 
 
 def _write_csv(path: Path, history: list[dict]) -> None:
@@ -365,4 +516,4 @@ def finetune(init: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfi
     return Trainer(init, out, cfg, device=device, resume=resume, progress=progress).run()
 
 
-__all__ = ["FinetuneConfig", "Trainer", "finetune", "decision_rewards"]
+__all__ = ["FinetuneConfig", "Trainer", "finetune", "decision_rewards", "grad_shares", "probe_metrics"]
