@@ -149,7 +149,8 @@ def cmd_experiment(args) -> int:
     cfg = ExperimentConfig(family=args.family, init=args.init or "", seeds=tuple(range(args.seeds)),
                            iters=args.iters, buffer=args.buffer, worlds=args.worlds, split=args.split,
                            routes=args.routes, methods=tuple(args.methods), train_towns=args.train_towns,
-                           protocols=tuple(args.protocols), finetune={**SMALL_BUDGET, **overrides})
+                           protocols=tuple(args.protocols), finetune={**SMALL_BUDGET, **overrides},
+                           eval_seeds=tuple(range(args.eval_seeds)), val_every=args.val_every)
     text = run_experiment(args.name, cfg, args.out, families=tuple(args.families) if args.families else None,
                           doc=args.doc)
     print(text)
@@ -283,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--split", default="test", help="evaluation split (default test)")
     x.add_argument("--routes", type=_positive_int, help="evaluation routes per scenario type")
     x.add_argument("--protocols", nargs="+", default=["b2d-star", "b2d"], choices=["b2d", "b2d-star"])
+    x.add_argument("--eval-seeds", type=_positive_int, default=3,
+                   help="traffic seeds 0..N-1 every policy of the main table is evaluated under (default 3)")
+    x.add_argument("--val-every", type=int, default=2,
+                   help="closed-loop val-subset evaluation every N iterations; the test checkpoint is chosen on "
+                        "it (0: off, the last iteration; default 2)")
     x.add_argument("--doc", default="docs/results.md", help="all / report: the results document to write")
     x.add_argument("--out", default="out/experiments",
                    help="experiment root: runs pool under OUT/runs, tables under OUT/<experiment> (default "

@@ -412,6 +412,7 @@ class Trainer:
         from craft.bench.runner import EvalConfig, evaluate, make_driver
 
         cfg = self.cfg
+        t0 = time.time()
         folder = self.out / "val" / f"it-{self.iteration:04d}"
         files = {p: folder / p / "results.json" for p in ("b2d-star", "b2d")}
         if not all(f.exists() for f in files.values()):
@@ -428,6 +429,7 @@ class Trainer:
             summ = json.loads(f.read_text())["summary"]
             suffix = "" if proto == "b2d-star" else "_b2d"
             out[f"val/DS{suffix}"], out[f"val/SR{suffix}"] = float(summ["DS"]), float(summ["SR"])
+        out["t_val"] = time.time() - t0
         return out
 
     @torch.no_grad()
