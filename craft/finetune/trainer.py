@@ -4,12 +4,13 @@ One iteration (method section 6)::
 
     buffer  = collector.collect(policy)                      # on-policy, sampled from pi_old, >= B transitions
     scores  = proxy.score(buffer.snapshot, candidates)       # every candidate, H = 20 steps (if the method uses it)
-    rewards = grounded / dense rewards of the executed steps
+    rewards = grounded (one indicator per decision and event) / dense rewards of the executed steps
     targets = method.advantages(...)
-    for epoch, minibatch:                                     # only the family's fine-tuned subset trains
+    for epoch, full minibatch:                                # only the family's fine-tuned subset trains
         loss = method.loss(...) + beta_r KL(pi || teacher) + beta_f KL(teacher || pi)
-        AdamW step (grad-norm clip)
-    lr schedule step; teacher <- EMA(teacher, policy) on the trainable subset
+        AdamW step (grad-norm clip) [teacher <- EMA per step with ``teacher_per_step``]
+    lr schedule step; teacher <- EMA(teacher, policy) on the trainable subset (per iteration by default)
+    probe-set diagnostics; every ``val_every`` iterations a closed-loop ``val`` evaluation
 
 Choices where the paper is silent (fields of :class:`FinetuneConfig`): 2 epochs of 512-transition minibatches
 per iteration; cosine learning-rate decay from 1e-4 to 5e-6 over ``iters`` iterations (one step per
