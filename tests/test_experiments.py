@@ -84,7 +84,9 @@ def test_ablation_transfer_scaling_stability_tiny(tmp_path, init):
     rows = json.loads((tmp_path / "ablation-vocab" / "table.json").read_text())["table"]["b2d"]
     assert list(rows) == ["pre-trained", "+ self-distillation only", "+ counterfactual proxy (= GRPO)",
                           "+ grounded residual (= CRAFT)", "grounded residual without the proxy"]
-    assert "| DS | RC | IS | SR |" in md
+    assert "| DS | RC | IS | SR | ΔDS [95% CI] |" in md
+    crow = rows["+ grounded residual (= CRAFT)"]["ΔDS [95% CI]"]
+    assert crow["ci"][0] <= crow["mean"] + 1e-9 <= crow["ci"][1] + 2e-9
     md = tables.transfer(replace(cfg, train_towns=2), tmp_path, fresh_towns=(50000,), fresh_routes=1, long_routes=1,
                          long_train_routes=1)
     t = json.loads((tmp_path / "transfer-vocab" / "table.json").read_text())["rows"]

@@ -419,6 +419,29 @@ def selected_policy(run: Path) -> tuple[Path, int | None]:
     return (path, best[1]) if path.exists() else (Path(run) / "policy.pt", None)
 
 
+def evaluate_seeds(policy, folder, cfg: ExperimentConfig, ledger: list | None = None) -> tuple[dict, dict]:
+    """``policy`` on ``cfg``'s evaluation routes under every traffic seed of ``cfg.eval_seeds``:
+    ``({protocol: traffic-seed mean summary}, {protocol: {route_id: DS averaged over the traffic seeds}})``."""
+    sets = [replace(default_eval_set(cfg), seed=s) for s in cfg.eval_seeds]
+    protos = tuple(cfg.protocols)
+    per = [evaluate_policy(policy, folder, e, protos, ledger) for e in sets]
+    summ = {p: mean_summary([x[p] for x in per]) for p in protos}
+    routes = {}
+    for p in protos:
+        rs = [route_scores(folder, e, p) for e in sets]
+        routes[p] = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
+    return summ, routes
+
+
+def delta_interval(method_routes: list[dict], base_routes: dict) -> dict:
+    """ΔDS of a policy against a base: mean / std / n over fine-tuning seeds (``method_routes``: one per seed,
+    ``{route_id: DS}``) and the paired 95 % bootstrap interval over routes (``ci``) of the seed-averaged
+    per-route difference."""
+    per_seed = [sum(r[k] - base_routes[k] for k in base_routes) / len(base_routes) for r in method_routes]
+    avg = {k: sum(r[k] for r in method_routes) / len(method_routes) for k in base_routes}
+    return {**stats(per_seed), "ci": _ci(paired_bootstrap([avg[k] - base_routes[k] for k in base_routes]))}
+
+
 def val_eval_set(cfg: ExperimentConfig, fc=None) -> EvalSet:
     """The ``val`` subset of the periodic evaluations (for the pre-trained policy's point of the curves)."""
     return EvalSet(name="valsub", split="val", routes=cfg.val_routes, types=cfg.types, seed=0,
@@ -443,14 +466,7 @@ def main_table(cfg: ExperimentConfig, out: str | os.PathLike) -> dict:
     protos = tuple(cfg.protocols)
 
     def evaluate_all(policy, folder) -> tuple[dict, dict]:
-        """{proto: traffic-seed mean summary}, {proto: {route: DS averaged over traffic seeds}}."""
-        per = [evaluate_policy(policy, folder, e, protos, evals) for e in sets]
-        summ = {p: mean_summary([x[p] for x in per]) for p in protos}
-        routes = {}
-        for p in protos:
-            rs = [route_scores(folder, e, p) for e in sets]
-            routes[p] = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
-        return summ, routes
+        return evaluate_seeds(policy, folder, cfg, evals)
 
     results: dict[str, dict[str, list[dict]]] = {}
     route_ds: dict[str, dict[str, list[dict]]] = {}
@@ -510,10 +526,7 @@ def main_block(cfg: ExperimentConfig, results: dict, route_ds: dict) -> dict:
         for p in protos:
             e = {c: stats([float(s[c]) for s in results[m][p] if s[c] is not None]) for c in ("DS", "SR")}
             if m != "pretrained":
-                pre = route_ds["pretrained"][p][0]
-                per_seed = [sum(r[k] - pre[k] for k in pre) / len(pre) for r in route_ds[m][p]]
-                avg = {k: sum(r[k] for r in route_ds[m][p]) / len(route_ds[m][p]) for k in pre}
-                e["dDS"] = {**stats(per_seed), "ci": _ci(paired_bootstrap([avg[k] - pre[k] for k in pre]))}
+                e["dDS"] = delta_interval(route_ds[m][p], route_ds["pretrained"][p][0])
             entry[p] = e
         out["methods"][m] = entry
     if "craft" in results and "grpo" in results:

@@ -21,9 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from craft.experiments.core import (
-    METHOD_NAMES, ExperimentConfig, EvalSet, budget_line, config_dict, default_eval_set, evaluate_policy,
-    finetune_run, markdown_table, pretrained_dir, read_diagnostics, run_names, stats, summarise, write_bytes,
-    write_json, write_text,
+    METHOD_NAMES, ExperimentConfig, EvalSet, _delta_cell, budget_line, config_dict, default_eval_set, delta_interval,
+    evaluate_policy, evaluate_seeds, finetune_run, fmt, markdown_table, pretrained_dir, read_diagnostics, run_names,
+    selected_policy, stats, summarise, write_bytes, write_json, write_text,
 )
 
 FRESH_TOWNS = tuple(range(50000, 50010))
@@ -47,22 +47,41 @@ ABLATION_ROWS = {
 
 
 def ablation(cfg: ExperimentConfig, out: str | os.PathLike) -> str:
-    """Table 2 on ``cfg.split``: DS, RC, IS, SR for each step of the method (first seed of ``cfg``)."""
+    """Table 2 on ``cfg.split``: DS, RC, IS, SR for each step of the method (first seed of ``cfg``); like the main
+    table, every policy on the same routes under ``cfg.eval_seeds`` (means over them), fine-tuned checkpoints
+    chosen on ``val``, and ΔDS against the pre-trained policy with its paired bootstrap interval over routes."""
     cfg = _seed0(cfg)
-    es = default_eval_set(cfg)
     used, evals = [pretrained_dir(out, cfg)], []
-    results = {"pre-trained": {p: [s] for p, s in evaluate_policy(cfg.init_path, used[0], es,
-                                                                   cfg.protocols, ledger=evals).items()}}
+    pre_summ, pre_routes = evaluate_seeds(cfg.init_path, used[0], cfg, evals)
+    results = {"pre-trained": {p: [s] for p, s in pre_summ.items()}}
+    deltas: dict[str, dict] = {}
     for label, (method, over, name) in ABLATION_ROWS.items():
+        routes: dict[str, list] = {}
         for seed in cfg.seeds:
             run = finetune_run(out, cfg, method, seed, label=label, **over)
             used.append(run)
-            for p, s in evaluate_policy(run / "policy.pt", run, es, cfg.protocols, ledger=evals).items():
+            policy, _ = selected_policy(run)
+            summ, rds = evaluate_seeds(policy, policy.parent, cfg, evals)
+            for p, s in summ.items():
                 results.setdefault(name, {}).setdefault(p, []).append(s)
-    table = summarise(results, ("DS", "RC", "IS", "SR"))
-    lines = [f"# Ablation: {cfg.family} on `{cfg.split}`", "", budget_line(cfg), ""]
+                routes.setdefault(p, []).append(rds[p])
+        deltas[name] = {p: delta_interval(r, pre_routes[p]) for p, r in routes.items()}
+    cols = ("DS", "RC", "IS", "SR")
+    table = summarise(results, cols)
     for p, rows in table.items():
-        lines += [f"## Protocol `{p}`", ""] + markdown_table(rows, ("DS", "RC", "IS", "SR")) + [""]
+        for name, d in deltas.items():
+            rows[name]["ΔDS [95% CI]"] = d[p]
+    lines = [f"# Ablation: {cfg.family} on `{cfg.split}`", "", budget_line(cfg)
+             + f" Traffic seeds {list(cfg.eval_seeds)} for every policy (means over them); ΔDS against the pre-trained "
+             "policy with its paired 95 % bootstrap interval over routes.", ""]
+    for p, rows in table.items():
+        lines += [f"## Protocol `{p}`", "", f"| policy | {' | '.join(cols)} | ΔDS [95% CI] |",
+                  "|---|" + "---:|" * (len(cols) + 1)]
+        for name, c in rows.items():
+            d = c.get("ΔDS [95% CI]")
+            cells = [fmt(c.get(k), 3 if k == "IS" else 2) for k in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {_delta_cell(d) if d else '–'} |")
+        lines.append("")
     md = "\n".join(lines)
     folder = Path(out) / f"ablation-{cfg.family}"
     write_json(folder / "table.json", {"config": config_dict(cfg), "table": table, "runs": run_names(used),
