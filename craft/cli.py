@@ -125,7 +125,10 @@ def cmd_finetune(args) -> int:
                           types=tuple(args.types) if args.types else None)
     cfg = FinetuneConfig(method=args.method, family=args.family, iters=args.iters, seed=args.seed, collector=col)
     over = {k: v for k, v in (("lr", args.lr), ("lr_end", args.lr_end), ("epochs", args.epochs),
-                              ("minibatch", args.minibatch)) if v is not None}
+                              ("minibatch", args.minibatch), ("teacher_half_life", args.teacher_half_life),
+                              ("val_every", args.val_every)) if v is not None}
+    if args.teacher_per_step:
+        over["teacher_per_step"] = True
     if over:
         cfg = replace(cfg, **over)
     if args.no_proxy or args.no_residual or args.no_distill:
@@ -256,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-proxy", action="store_true", help="ablation: CRAFT without the counterfactual proxy")
     f.add_argument("--no-residual", action="store_true", help="ablation: CRAFT without the grounded residual")
     f.add_argument("--no-distill", action="store_true", help="ablation: no teacher KL terms")
+    f.add_argument("--teacher-half-life", type=float,
+                   help="budget-aware teacher: EMA half-life as a share of the run (default: m = 0.99 per iteration)")
+    f.add_argument("--teacher-per-step", action="store_true", help="update the EMA teacher after every optimiser step")
+    f.add_argument("--val-every", type=int, help="closed-loop evaluation on a val subset every N iterations (0: off)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", type=_device, default="cpu")
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
