@@ -281,6 +281,11 @@ def test_per_step_teacher_and_no_partial_minibatch(init_ckpt, tmp_path):
     assert any(not torch.equal(t[k], p0[k]) for k in p0)
     assert row["teacher_momentum"] == m and 0 <= row["probe/top1_changed"] <= 1
     assert row["probe/kl_init"] > 0 and math.isfinite(row["probe/adv_gain"])
+    # the KL targets follow the moving teacher: the second step differs from a per-iteration teacher's
+    per_iter = Trainer(init_ckpt, tmp_path / "i", replace(cfg, teacher_per_step=False), progress=False)
+    per_iter.iterate()
+    a, b = tr.policy.trainable_parameters(), per_iter.policy.trainable_parameters()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
     shares = {k: v for k, v in row.items() if k.startswith("gradshare/")}
     assert set(shares) == {"gradshare/cp", "gradshare/gr", "gradshare/rkl", "gradshare/fkl"}
     assert math.isclose(sum(shares.values()), 1.0, rel_tol=1e-6)

@@ -309,7 +309,11 @@ class Trainer:
             for i in range(0, N - mb_size + 1, mb_size):  # full minibatches only: a partial last one is dropped
                 idx = perm[i:i + mb_size]
                 mb = {k: v[idx] for k, v in rows.items()}
-                cs = self.policy(obs.index(idx))
+                ob = obs.index(idx)
+                if cfg.teacher_per_step:  # the teacher moved since the iteration began: its current targets
+                    with torch.no_grad():
+                        mb["tlogq"] = masked_log_softmax(self.teacher(ob).logits, mb["valid"])
+                cs = self.policy(ob)
                 logp = masked_log_softmax(cs.logits, mb["valid"])
                 out = self.method.loss(logp, mb)
                 rkl, fkl = kl_terms(logp, mb["tlogq"], mb["valid"])
