@@ -28,7 +28,9 @@ METHOD_NAMES = {"pretrained": "pre-trained", "reinforcepp": "REINFORCE++", "ppo"
 
 SMALL_BUDGET = {"lr": 1e-3, "lr_end": 5e-5, "epochs": 4, "minibatch": 256}
 """FinetuneConfig overrides of the experiments (every method alike): with ~100x fewer transitions than the
-paper, its learning rate 1e-4 barely moves the policy in the iterations a CPU affords (docs/results.md)."""
+paper, its learning rate 1e-4 barely moves the policy in the iterations a CPU affords (docs/results.md). The
+teacher stays the paper's (m = 0.99 per iteration): on `val` the budget-aware per-step teacher moved the policy
+much further but did not score higher (docs/finetune.md, "The teacher at a small budget")."""
 
 
 @dataclass(frozen=True)
