@@ -178,7 +178,10 @@ def cmd_finetune(args) -> int:
                           types=tuple(args.types) if args.types else None)
     cfg = FinetuneConfig(method=args.method, family=args.family, iters=args.iters, seed=args.seed, collector=col)
     over = {k: v for k, v in (("lr", args.lr), ("lr_end", args.lr_end), ("epochs", args.epochs),
-                              ("minibatch", args.minibatch)) if v is not None}
+                              ("minibatch", args.minibatch), ("teacher_half_life", args.teacher_half_life),
+                              ("val_every", args.val_every)) if v is not None}
+    if args.teacher_per_step:
+        over["teacher_per_step"] = True
     if over:
         cfg = replace(cfg, **over)
     if args.no_proxy or args.no_residual or args.no_distill:
@@ -236,7 +239,8 @@ def cmd_experiment(args) -> int:
     cfg = ExperimentConfig(family=args.family, init=args.init or "", seeds=tuple(range(args.seeds)),
                            iters=args.iters, buffer=args.buffer, worlds=args.worlds, split=args.split,
                            routes=args.routes, methods=tuple(args.methods), train_towns=args.train_towns,
-                           protocols=tuple(args.protocols), finetune={**SMALL_BUDGET, **overrides})
+                           protocols=tuple(args.protocols), finetune={**SMALL_BUDGET, **overrides},
+                           eval_seeds=tuple(range(args.eval_seeds)), val_every=args.val_every)
     if args.name == "report":
         if not Path(args.out).is_dir():
             raise CraftError(f"experiment root '{args.out}' is not a folder of experiment results: nothing to "
@@ -359,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-proxy", action="store_true", help="ablation: CRAFT without the counterfactual proxy")
     f.add_argument("--no-residual", action="store_true", help="ablation: CRAFT without the grounded residual")
     f.add_argument("--no-distill", action="store_true", help="ablation: no teacher KL terms")
+    f.add_argument("--teacher-half-life", type=_positive_float,
+                   help="budget-aware teacher: EMA half-life as a share of the run (default: m = 0.99 per iteration)")
+    f.add_argument("--teacher-per-step", action="store_true", help="update the EMA teacher after every optimiser step")
+    f.add_argument("--val-every", type=_nonneg_int, help="closed-loop evaluation on a val subset every N iterations (0: off)")
     f.add_argument("--seed", type=_seed, default=0)
     f.add_argument("--device", type=_device, default="cpu")
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -406,7 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 256)")
     x.add_argument("--split", default="test", help="evaluation split (default test)")
     x.add_argument("--routes", type=_positive_int, help="evaluation routes per scenario type")
-    x.add_argument("--protocols", nargs="+", default=["b2d", "b2d-star"], choices=["b2d", "b2d-star"])
+    x.add_argument("--protocols", nargs="+", default=["b2d-star", "b2d"], choices=["b2d", "b2d-star"])
+    x.add_argument("--eval-seeds", type=_positive_int, default=3,
+                   help="traffic seeds 0..N-1 every policy of the main table is evaluated under (default 3)")
+    x.add_argument("--val-every", type=_nonneg_int, default=2,
+                   help="closed-loop val-subset evaluation every N iterations; the test checkpoint is chosen on "
+                        "it (0: off, the last iteration; default 2)")
     x.add_argument("--doc", default="docs/results.md", help="all / report: the results document to write")
     x.add_argument("--out", default="out/experiments",
                    help="experiment root: runs pool under OUT/runs, tables under OUT/<experiment> (default "

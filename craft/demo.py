@@ -1,11 +1,12 @@
 """``craft demo`` (``make demo``): the quick start on the embedded default.
 
 1. loads the committed pre-trained vocabulary-scoring policy (``checkpoints/vocab.pt``);
-2. evaluates it closed loop on one route of every scenario type of the ``val`` split (44 routes);
-3. fine-tunes it with CRAFT for a few iterations on ``train`` towns;
-4. evaluates the fine-tuned policy on the same routes;
-5. prints the before / after table (DS, SR, RC, IS, abilities) and writes GIFs of one route before and after
-   (the route whose driving score changed most), plus the usual evaluation outputs of both runs.
+2. evaluates it closed loop on one route of every scenario type of the ``val`` split (44 routes), scored under
+   ``b2d-star`` (a collision ends the route, the paper's protocol) and ``b2d``;
+3. fine-tunes it with CRAFT for a few iterations on ``train`` towns (the experiments' short-run settings), evaluating
+   it on the same routes every ``iters // 2`` iterations (the learning curve, ``learning_curve.png``);
+4. prints the before / after table (DS, SR, RC, IS, abilities; after = the last iteration) and writes GIFs of
+   one route before and after (the route whose driving score changed most), plus the usual evaluation outputs.
 
 ``craft demo --world-only`` instead drives random traffic worlds with the route-following ego and writes a GIF
 (no policies involved).
@@ -70,6 +71,7 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
     from craft.bench.runner import EvalConfig, evaluate, make_driver, run_batch
     from craft.errors import CraftError
     from craft.finetune.collector import CollectorConfig
+    from craft.experiments.core import SMALL_BUDGET
     from craft.finetune.trainer import FinetuneConfig, finetune
     from craft.scenarios.splits import load_split, split_town_seeds
 
@@ -84,16 +86,27 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
     render_png(town, out / "town.png", title="a val town")
     ecfg = EvalConfig(seed=seed)
     print(f"[1/3] evaluating the pre-trained {family} policy on 44 val routes (one per scenario type)")
-    before = evaluate(make_driver(str(ckpt)), "val", out / "eval-before", ecfg, routes=1)
-    print(f"[2/3] fine-tuning with CRAFT: {iters} iterations of {buffer} transitions")
+    if not (out / "eval-before" / "b2d-star" / "results.json").exists():
+        evaluate(make_driver(str(ckpt)), "val", out / "eval-before" / "b2d", ecfg, routes=1,
+                 also={"b2d-star": out / "eval-before" / "b2d-star"})
+    print(f"[2/3] fine-tuning with CRAFT: {iters} iterations of {buffer} transitions, evaluated on the same routes "
+          f"every {max(1, iters // 2)} iterations")
     col = CollectorConfig(worlds=worlds, buffer_size=buffer, seed=seed,
                           town_seeds=tuple(split_town_seeds("train")[:train_towns]))
     ft = out / "finetune"
-    cfg = FinetuneConfig(method="craft", iters=iters, seed=seed, collector=col)
-    finetune(ckpt, ft, cfg, resume=(ft / "trainer.pt").exists())
-    print("[3/3] evaluating the fine-tuned policy on the same routes")
-    after = evaluate(make_driver(str(ft / "policy.pt")), "val", out / "eval-after", ecfg, routes=1)
-    rows = [("pre-trained", before), ("CRAFT", after)]
+    cfg = FinetuneConfig(method="craft", iters=iters, seed=seed, collector=col, val_every=max(1, iters // 2),
+                         val_routes=1, val_seed=seed, **SMALL_BUDGET)
+    hist = finetune(ckpt, ft, cfg, resume=(ft / "trainer.pt").exists())
+    from craft.bench.metrics import load_results
+
+    def summary(folder: Path, proto: str) -> dict:
+        return load_results(folder / proto / "results.json")["summary"]
+
+    last = ft / "val" / f"it-{iters:04d}"
+    print("[3/3] before / after on the same routes (after: the policy of the last iteration)")
+    rows = [(f"{name} ({proto})", summary(folder, proto)) for proto in ("b2d-star", "b2d")
+            for name, folder in (("pre-trained", out / "eval-before"), ("CRAFT", last))]
+    before, after = rows[0][1], rows[1][1]
     cols = ["DS", "SR", "RC", "IS"]
     abl = ["Merging", "Overtaking", "Emergency_Brake", "Give_Way", "Traffic_Signs", "Mean"]
     lines = ["| policy | " + " | ".join(cols + abl) + " |", "|---|" + "---|" * (len(cols) + len(abl))]
@@ -103,16 +116,20 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
     table = "\n".join(lines)
     print(table)
-    # one route before and after: the largest driving-score change
-    from craft.bench.metrics import load_results
+    from craft.experiments.core import learning_curve_plot, probe_plot
 
-    rb = load_results(out / "eval-before" / "results.json")["records"]
-    ra = load_results(out / "eval-after" / "results.json")["records"]
+    pre = {p: float(summary(out / "eval-before", p)["DS"]) for p in ("b2d-star", "b2d")}
+    learning_curve_plot({"craft": [hist]}, pre, out / "learning_curve.png", f"CRAFT on {family}: the 44 demo routes")
+    probe_plot({"craft": [hist]}, out / "probe.png", f"CRAFT on {family}")
+    print(f"learning curve -> {out / 'learning_curve.png'}, probe diagnostics -> {out / 'probe.png'}")
+    # one route before and after: the largest driving-score change
+    rb = load_results(out / "eval-before" / "b2d-star" / "results.json")["records"]
+    ra = load_results(last / "b2d-star" / "results.json")["records"]
     delta = [a["scores"]["score_composed"] - b["scores"]["score_composed"] for a, b in zip(ra, rb)]
     i = max(range(len(delta)), key=lambda k: (abs(delta[k]), delta[k]))
     inst_all, towns = load_split("val", routes=1)
     world = World(towns)
-    for name, pol, rec in (("before", str(ckpt), rb[i]), ("after", str(ft / "policy.pt"), ra[i])):
+    for name, pol, rec in (("before", str(ckpt), rb[i]), ("after", str(last / "policy.pt"), ra[i])):
         inst = inst_all[i]
         _, frames = run_batch(world, [inst], make_driver(pol), ecfg, frames_for={0})
         path = out / f"route_{name}.gif"

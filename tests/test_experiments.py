@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 
 TINY = dict(methods=("grpo",), seeds=(0,), iters=1, buffer=16, worlds=2, train_towns=1, split="val", routes=1,
             types=("HardBreakRoute",), protocols=("b2d",), finetune={"minibatch": 16}, eval_max_steps=150,
-            noise_seeds=())
+            eval_seeds=(0,), val_every=0, export=None)
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def test_main_table_tiny(tmp_path, init):
 
 
 def test_noise_floor_row(tmp_path, init):
-    cfg = ExperimentConfig(family="vocab", init=init, **{**TINY, "methods": (), "noise_seeds": (1,)})
+    cfg = ExperimentConfig(family="vocab", init=init, **{**TINY, "methods": (), "eval_seeds": (0, 1)})
     rows = main_table(cfg, tmp_path)["b2d"]
-    row = rows["pre-trained, traffic seeds 0, 1"]
+    row = rows["pre-trained, per traffic seed 0, 1"]
     assert row["DS"]["n"] == 2 and rows["pretrained"]["DS"]["n"] == 1
     assert "noise floor" in (tmp_path / "main-vocab" / "table.md").read_text()
 
@@ -84,7 +84,9 @@ def test_ablation_transfer_scaling_stability_tiny(tmp_path, init):
     rows = json.loads((tmp_path / "ablation-vocab" / "table.json").read_text())["table"]["b2d"]
     assert list(rows) == ["pre-trained", "+ self-distillation only", "+ counterfactual proxy (= GRPO)",
                           "+ grounded residual (= CRAFT)", "grounded residual without the proxy"]
-    assert "| DS | RC | IS | SR |" in md
+    assert "| DS | RC | IS | SR | ΔDS [95% CI] |" in md
+    crow = rows["+ grounded residual (= CRAFT)"]["ΔDS [95% CI]"]
+    assert crow["ci"][0] <= crow["mean"] + 1e-9 <= crow["ci"][1] + 2e-9
     md = tables.transfer(replace(cfg, train_towns=2), tmp_path, fresh_towns=(50000,), fresh_routes=1, long_routes=1,
                          long_train_routes=1)
     t = json.loads((tmp_path / "transfer-vocab" / "table.json").read_text())["rows"]
@@ -165,3 +167,55 @@ def test_dropping_ended_routes_changes_nothing(tmp_path, monkeypatch):
     rb = json.loads((tmp_path / "b" / "results.json").read_text())["_checkpoint"]["records"]
     assert dropped and sum(dropped) >= 9  # ended routes' rows were dropped mid-run
     assert len(ra) == 18 and ra == rb and a["DS"] == b["DS"]
+
+
+def test_paired_bootstrap_on_a_tiny_table():
+    from craft.experiments.core import paired_bootstrap
+
+    # per-route DS of two policies on 4 routes: the differences are 1, 2, 3, 4
+    a = {"r0": 50.0, "r1": 60.0, "r2": 70.0, "r3": 80.0}
+    b = {"r0": 49.0, "r1": 58.0, "r2": 67.0, "r3": 76.0}
+    d = [a[k] - b[k] for k in a]
+    ci = paired_bootstrap(d, reps=4000, seed=0)
+    assert ci["mean"] == 2.5 and ci["routes"] == 4
+    assert 1.0 <= ci["lo"] < 2.5 < ci["hi"] <= 4.0  # resampled means of 4 values from {1, 2, 3, 4}
+    assert ci["lo"] <= 1.75 and ci["hi"] >= 3.25  # the 2.5 / 97.5 % quantiles of that distribution
+    assert paired_bootstrap(d, reps=4000, seed=0) == ci  # seeded
+    same = paired_bootstrap([3.0] * 5)
+    assert same["lo"] == same["hi"] == 3.0
+    with pytest.raises(CraftError):
+        paired_bootstrap([])
+
+
+def test_main_table_with_val_selection_intervals_and_main_json(tmp_path, init):
+    cfg = ExperimentConfig(family="vocab", init=init, **{**TINY, "methods": ("grpo", "craft"), "iters": 2,
+                                                         "val_every": 1, "eval_seeds": (0, 1),
+                                                         "protocols": ("b2d-star", "b2d"),
+                                                         "export": str(tmp_path / "export")})
+    table = main_table(cfg, tmp_path)
+    assert list(table) == ["b2d-star", "b2d"]  # the paper's protocol first
+    data = json.loads((tmp_path / "main-vocab" / "table.json").read_text())
+    m = data["main"]
+    for meth in ("grpo", "craft"):
+        for p in ("b2d-star", "b2d"):
+            d = m["methods"][meth][p]["dDS"]
+            assert d["ci"][0] <= d["mean"] + 1e-9 and d["mean"] <= d["ci"][1] + 1e-9
+            assert d["mean"] == pytest.approx(m["methods"][meth][p]["DS"]["mean"]
+                                              - m["methods"]["pretrained"][p]["DS"]["mean"], abs=1e-6)
+    assert set(m["craft-grpo"]) == {"b2d-star", "b2d"}
+    assert all(it in (1, 2) for its in data["selected_iterations"].values() for it in its)
+    run = next((tmp_path / "runs").glob("vocab-craft-s0-*"))
+    diag = (run / "diagnostics.csv").read_text().splitlines()
+    assert "val/DS" in diag[0] and "probe/kl_init" in diag[0] and len(diag) == 3
+    for it in (1, 2):
+        assert (run / "val" / f"it-{it:04d}" / "b2d-star" / "results.json").exists()
+    assert (tmp_path / "export" / "vocab-craft.pt").exists() and (tmp_path / "export" / "vocab-grpo.pt").exists()
+    assert (tmp_path / "main-vocab" / "curves.png").stat().st_size > 0
+    assert (tmp_path / "main-vocab" / "probe.png").stat().st_size > 0
+    md = (tmp_path / "main-vocab" / "table.md").read_text()
+    assert "CRAFT − GRPO" in md and md.index("Protocol `b2d-star`") < md.index("Protocol `b2d`")
+    write_results(tmp_path, tmp_path / "docs" / "results.md", discussion=None)
+    mj = json.loads((tmp_path / "docs" / "results" / "main.json").read_text())
+    fam = mj["families"]["vocab"]
+    assert set(fam["methods"]) == {"pretrained", "grpo", "craft"}
+    assert set(fam["methods"]["craft"]["b2d-star"]) == {"DS", "SR", "dDS"}

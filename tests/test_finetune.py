@@ -207,3 +207,112 @@ def test_nonfinite_losses_are_skipped_then_stop(init_ckpt, tmp_path):
 def test_family_mismatch_is_an_error(init_ckpt, tmp_path):
     with pytest.raises(CraftError, match="expected family 'vocab'"):
         Trainer(init_ckpt, tmp_path / "f", replace(TINY, family="vocab"), progress=False)
+
+
+class _Rusher(torch.nn.Module):
+    """The pre-trained vocabulary policy re-ranked to prefer its farthest-reaching valid candidate (it drives
+    into what is ahead)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.cfg = base, base.cfg
+
+    def forward(self, obs):
+        from craft.policies.base import CandidateSet
+
+        cs = self.base(obs)
+        reach = cs.trajectories[:, :, -1, 0]
+        return CandidateSet(cs.trajectories, cs.valid, torch.where(cs.valid, 5.0 * reach, torch.full_like(reach, -1e9)))
+
+
+def _counted(buf):
+    ev = buf.events
+    return (ev["collision_vehicle"] | ev["collision_pedestrian"] | ev["collision_layout"]).any(1) & buf.live
+
+
+def test_collector_ends_episodes_at_the_first_collision():
+    from craft.finetune.collector import Collector
+
+    policy = _Rusher(load_policy("checkpoints/vocab.pt"))
+    cfg = CollectorConfig(split="val", worlds=8, buffer_size=300, routes=2, cohorts=2, stagger=2,
+                          types=("Accident", "HardBreakRoute", "ParkingCutIn", "ConstructionObstacle"))
+    assert cfg.end_on_collision  # the paper's protocol is the default
+    buf = Collector(cfg).collect(policy, sample=False)
+    hit = _counted(buf)
+    assert int(hit.sum()) >= 3
+    assert not (hit & buf.notdone).any()  # every decision with a counted collision ends its episode
+    free = Collector(replace(cfg, end_on_collision=False)).collect(policy, sample=False)
+    assert (_counted(free) & free.notdone).any()  # plain b2d drives on after a collision
+
+
+def test_collector_staggers_groups():
+    from craft.finetune.collector import Collector
+
+    cfg = CollectorConfig(split="val", worlds=6, buffer_size=30, routes=1, cohorts=3, stagger=2,
+                          types=("Accident", "HardBreakRoute", "ParkingCutIn", "ConstructionObstacle",
+                                 "YieldToEmergencyVehicle", "SignalizedJunctionLeftTurn"))
+    col = Collector(cfg)
+    buf = col.collect(load_policy("checkpoints/vocab.pt"))
+    live = buf.live.int()
+    # group c (columns 2c, 2c+1) starts its first wave 2c decisions after group 0
+    assert live[:, 0:2].all() and not live[:2, 2:].any() and live[2:4, 2:4].all() and not live[:4, 4:].any()
+    assert live[4, 4:].all()
+    assert (buf.route[:2, 2:] == -1).all() and (buf.route[4:, :] >= 0).all()
+
+
+def test_budget_aware_teacher_arithmetic():
+    assert FinetuneConfig().teacher_momentum == 0.99  # the paper's per-iteration default
+    c = FinetuneConfig(iters=6, teacher_half_life=0.5)  # half-life 3 iterations
+    assert math.isclose(c.teacher_momentum ** 3, 0.5, rel_tol=1e-9)
+    s = FinetuneConfig(iters=6, epochs=4, minibatch=256, teacher_half_life=0.25, teacher_per_step=True,
+                       collector=CollectorConfig(buffer_size=2048))
+    assert s.steps_per_iteration == 32  # 4 epochs x 8 full minibatches
+    assert math.isclose(s.teacher_momentum ** 48, 0.5, rel_tol=1e-9)  # 0.25 x 192 steps
+    with pytest.raises(CraftError, match="teacher_half_life"):
+        FinetuneConfig(teacher_half_life=-1.0)
+
+
+def test_per_step_teacher_and_no_partial_minibatch(init_ckpt, tmp_path):
+    cfg = replace(TINY, iters=1, teacher_per_step=True, teacher_half_life=0.5)
+    tr = Trainer(init_ckpt, tmp_path / "t", cfg, progress=False)
+    p0 = {k: v.clone() for k, v in tr.policy.trainable_parameters().items()}
+    row = tr.iterate()
+    n = row["transitions"]
+    assert 24 <= n < 32  # one full minibatch of 16 per epoch, the rest is dropped
+    steps = {int(st["step"]) for st in tr.opt.state.values()}
+    assert steps == {cfg.epochs * (n // cfg.minibatch)} == {2}
+    m = cfg.teacher_momentum
+    assert math.isclose(m, 0.5 ** (1 / (0.5 * 2)))  # half-life one of the run's two steps
+    # after two per-step updates the teacher is m^2 init + the policy's path; it left the initial weights
+    t = dict(tr.teacher.named_parameters())
+    assert any(not torch.equal(t[k], p0[k]) for k in p0)
+    assert row["teacher_momentum"] == m and 0 <= row["probe/top1_changed"] <= 1
+    assert row["probe/kl_init"] > 0 and math.isfinite(row["probe/adv_gain"])
+    # the KL targets follow the moving teacher: the second step differs from a per-iteration teacher's
+    per_iter = Trainer(init_ckpt, tmp_path / "i", replace(cfg, teacher_per_step=False), progress=False)
+    per_iter.iterate()
+    a, b = tr.policy.trainable_parameters(), per_iter.policy.trainable_parameters()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    shares = {k: v for k, v in row.items() if k.startswith("gradshare/")}
+    assert set(shares) == {"gradshare/cp", "gradshare/gr", "gradshare/rkl", "gradshare/fkl"}
+    assert math.isclose(sum(shares.values()), 1.0, rel_tol=1e-6)
+
+
+def test_grad_shares_and_probe_metrics_by_hand():
+    from craft.finetune.trainer import grad_shares, probe_metrics
+
+    w = torch.zeros(2, requires_grad=True)
+    sh = grad_shares({"loss_a": 3.0 * w[0], "loss_b": 4.0 * w[1], "kl": w.sum().detach()}, [w])
+    assert sh == pytest.approx({"a": 3 / 7, "b": 4 / 7})
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    logp0 = masked_log_softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 5.0]]), valid)
+    logp = masked_log_softmax(torch.tensor([[0.0, 2.0, 0.0], [0.0, 1.0, 5.0]]), valid)
+    returns = torch.tensor([[1.0, 4.0, 0.0], [2.0, 3.0, 0.0]])
+    adv = torch.tensor([[-1.0, 1.0, 0.0], [-1.0, 1.0, 0.0]])
+    m = probe_metrics(logp, logp0, logp0, valid, returns, adv)
+    p, p0 = logp.exp(), logp0.exp()
+    assert m["probe/top1_changed"] == 0.5  # state 0: 0 -> 1; state 1: candidate 1 stays (2 is invalid)
+    assert m["probe/top1_return_gain"] == pytest.approx((4.0 - 1.0 + 0.0) / 2)
+    assert m["probe/adv_gain"] == pytest.approx(float(((p - p0) * adv).sum(-1).mean()))
+    assert m["probe/kl_init"] == pytest.approx(float((p[0] * (logp[0] - logp0[0])).sum() / 2), rel=1e-5)
+    assert m["probe/kl_init"] == m["probe/kl_teacher"]

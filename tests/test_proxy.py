@@ -293,3 +293,33 @@ def test_return_matches_closed_loop_world_in_a_frozen_world(road, speed, lateral
         ret += cw.cfg.reward.gamma ** h * float(r[0])
         prev = ev
     assert abs(float(proxy.returns[0, 0]) - ret) <= tol, (float(proxy.returns[0, 0]), ret)
+
+
+def test_overlap_at_the_snapshot_is_not_a_new_collision(road):
+    from craft.world.collision import ego_collisions
+
+    mb, world, cw = road
+    # a parked car beside the ego's front half already overlaps it; another one stands 18 m ahead
+    st = _scene(world, [AgentSpec(AgentKind.STATIC, pos=(101.5, 1.6), yaw=0.0),
+                        AgentSpec(AgentKind.STATIC, pos=(118.0, 0.0), yaw=0.0)])
+    assert ego_collisions(st.pos, st.yaw, st.length, st.width, st.valid)[0].tolist()[1:3] == [True, False]
+    traj = torch.stack([STOP, _straight(10.0)])[None]
+    sc = cw.score(st, traj, torch.ones(1, 2, dtype=torch.bool))
+    # braking through the existing overlap is not charged; driving on into the car ahead is a new contact
+    assert sc.collided.tolist() == [[False, True]]
+    assert float(sc.terms["collision"][0, 0]) == 0.0 and float(sc.terms["collision"][0, 1]) < -40.0
+
+
+def test_ongoing_contacts_rule_by_hand():
+    from craft.finetune.proxy import _ongoing_contacts
+
+    # state 0, candidates 0 / 1, agents 0..2; the snapshot overlaps agent 1 only
+    overlap0 = torch.tensor([[False, True, False]])
+    pairs = [(0, 0, 0, 1), (0, 0, 1, 1), (0, 0, 2, 1),  # candidate 0 stays on agent 1: ongoing
+             (0, 1, 0, 1), (0, 1, 2, 1), (0, 1, 3, 1),  # candidate 1 separates at step 1: step 2 on is new
+             (0, 1, 1, 2)]  # another agent: new
+    cb, cg, ch, cn = (torch.tensor(c) for c in zip(*pairs))
+    perm = torch.tensor([6, 2, 4, 0, 5, 1, 3])  # any order of the pairs
+    out = _ongoing_contacts(cb[perm], cg[perm], ch[perm], cn[perm], overlap0, G=2, H=5)
+    expect = torch.tensor([True, True, True, True, False, False, False])[perm]
+    assert out.tolist() == expect.tolist()

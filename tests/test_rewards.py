@@ -15,6 +15,7 @@ from craft.finetune.rewards import (
     collision_penalty,
     dense_reward_from_events,
     dense_step_reward,
+    grounded_decision_reward,
     grounded_step_reward,
     group_normalise,
     residual_advantage,
@@ -134,12 +135,14 @@ def test_grounded_reward_terms():
     ev = _events(offroad=torch.tensor([True, False]), collision_pedestrian=torch.tensor([True, False]),
                  stop_zone=torch.tensor([True, True]), speed=torch.tensor([5.0, 0.05]),
                  go_zone=torch.tensor([False, False]))
-    r, t = grounded_step_reward(ev)
+    assert grounded_step_reward(ev)[0].tolist() == pytest.approx([-5.5, 0.0])  # zone charges are off by default
+    zones = RewardConfig(w_stop_zone=2.0, w_go_zone=0.5)
+    r, t = grounded_step_reward(ev, zones)
     assert set(t) == set(GROUNDED_TERMS)
     # world 0: offroad 0.5 + collision 5 + moving in a stop zone 2; world 1: stopped in the stop zone
     assert r.tolist() == pytest.approx([-7.5, 0.0])
     ev = _events(go_zone=torch.tensor([True, True]), speed=torch.tensor([1.0, 3.0]))
-    r, _ = grounded_step_reward(ev)
+    r, _ = grounded_step_reward(ev, zones)
     assert r.tolist() == pytest.approx([-0.5, 0.0])
     assert (r <= 0).all()
 
@@ -185,3 +188,56 @@ def test_config_validation():
         RewardConfig(gamma=1.5)
     with pytest.raises(CraftError, match="adv_max"):
         RewardConfig(adv_min=1.0, adv_max=0.0)
+
+
+def _decision_buffer(T: int = 3, k: int = 5, W: int = 2):
+    """Hand-made executed-step events (T, k, W) of a buffer whose decisions are all live."""
+    from types import SimpleNamespace
+
+    ev = {n: v[0].expand(T, k, W).clone() for n, v in _events().items()}
+    ev["speed"] = torch.full((T, k, W), 5.0)
+    ev["done"] = torch.zeros(T, k, W, dtype=torch.bool)
+    return SimpleNamespace(events=ev, live=torch.ones(T, W, dtype=torch.bool),
+                           notdone=torch.tensor([[True, True], [True, True], [False, False]]))
+
+
+def test_grounded_residual_is_one_indicator_per_decision():
+    from craft.finetune.trainer import FinetuneConfig, decision_rewards
+
+    buf = _decision_buffer()
+    ev = buf.events
+    ev["red_light"][0, :, 0] = True  # a red light during all 5 steps of decision 0: counts once
+    ev["offroad"][1, 1:3, 0] = True  # decision 1: off-road twice, emergency lane once, off-route once
+    ev["emergency_lane"][1, 4, 0] = True
+    ev["offroute"][1, 0, 0] = True
+    ev["collision_vehicle"][2, 3, 0] = True  # decision 2: a collision and a stop-sign infraction
+    ev["stop_infraction"][2, 0, 0] = True
+    ev["stop_zone"][:, :, 1] = True  # world 1 moves through a stop zone all the time (zones off by default)
+    ev["done"][2, 2, 1] = True  # ... and its episode ends at step 2 of decision 2: later steps do not count
+    ev["offroad"][2, 3:, 1] = True
+    g, _, counts = decision_rewards(buf, FinetuneConfig())
+    # Table 6: off-road 0.5, emergency lane 0.2, off-route 0.5, red light 2.0, stop sign 2.0, collision 5.0
+    assert g[:, 0].tolist() == pytest.approx([-2.0, -1.2, -7.0])
+    assert g[:, 1].tolist() == pytest.approx([0.0, 0.0, 0.0])
+    assert counts["events/red_light"] == 1 and counts["events/offroad"] == 1
+    assert counts["grounded_mass/collision"] == pytest.approx(5.0 / 10.2)
+    assert sum(v for k, v in counts.items() if k.startswith("grounded_mass/")) == pytest.approx(1.0)
+    # value-free residual: G = r + 0.8 G', A = clip(G / 8, -2, 0)
+    a = residual_advantage(g, buf.notdone)
+    g2 = -7.0
+    g1 = -1.2 + 0.8 * g2
+    g0 = -2.0 + 0.8 * g1
+    assert a[:, 0].tolist() == pytest.approx([g0 / 8, g1 / 8, g2 / 8])
+    # the zone charges as an option: once per decision too
+    zones = FinetuneConfig(proxy={"reward": {"w_stop_zone": 2.0}})
+    g, _, _ = decision_rewards(buf, zones)
+    assert g[:, 1].tolist() == pytest.approx([-2.0, -2.0, -2.0])
+
+
+def test_grounded_decision_reward_shapes_and_mask():
+    ev = {n: torch.stack([v, v, v]) for n, v in _events(red_light=torch.tensor([True, False])).items()}  # (3, 2)
+    r, t = grounded_decision_reward(ev)
+    assert r.shape == (2,) and r.tolist() == pytest.approx([-2.0, 0.0])
+    assert torch.allclose(r, sum(t.values()))
+    r, _ = grounded_decision_reward(ev, step_valid=torch.zeros(3, 2, dtype=torch.bool))
+    assert r.tolist() == [0.0, 0.0]

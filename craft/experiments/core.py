@@ -29,7 +29,9 @@ METHOD_NAMES = {"pretrained": "pre-trained", "reinforcepp": "REINFORCE++", "ppo"
 
 SMALL_BUDGET = {"lr": 1e-3, "lr_end": 5e-5, "epochs": 4, "minibatch": 256}
 """FinetuneConfig overrides of the experiments (every method alike): with ~100x fewer transitions than the
-paper, its learning rate 1e-4 barely moves the policy in the iterations a CPU affords (docs/results.md)."""
+paper, its learning rate 1e-4 barely moves the policy in the iterations a CPU affords (docs/results.md). The
+teacher stays the paper's (m = 0.99 per iteration): on `val` the budget-aware per-step teacher moved the policy
+much further but did not score higher (docs/finetune.md, "The teacher at a small budget")."""
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,22 @@ class ExperimentConfig:
     """Evaluation routes per scenario type (default: the split's)."""
     types: tuple[str, ...] | None = None
     """Evaluate on these scenario types only (default: all)."""
-    protocols: tuple[str, ...] = ("b2d", "b2d-star")
-    eval_seed: int = 0
-    """Background-traffic seed of every evaluation: the spread over ``seeds`` is the fine-tuning's alone."""
-    noise_seeds: tuple[int, ...] = (1, 2)
-    """Further evaluation traffic seeds for the pre-trained policy alone (main table): the spread of its DS over
-    ``(eval_seed,) + noise_seeds`` is the evaluation's own noise floor, the yardstick for the methods' gaps."""
+    protocols: tuple[str, ...] = ("b2d-star", "b2d")
+    """Evaluation protocols, the primary first: ``b2d-star`` (a collision ends the route), the paper's protocol."""
+    eval_seeds: tuple[int, ...] = (0, 1, 2)
+    """Background-traffic seeds of the main table: every policy is evaluated on the same routes under each of
+    them and its per-route DS averaged over them; the pre-trained policy's spread over them is the evaluation's
+    own noise floor. The other experiments use the first."""
     eval_max_steps: int | None = None
     """Tick cap of every evaluated route (default: Bench2Drive's 200 s, long routes their own; for tests)."""
+    val_every: int = 2
+    """Closed-loop evaluation of every run on the ``val`` subset every this many iterations (and after the last):
+    the learning curves, and the checkpoint evaluated on ``split`` is the best of these on ``val`` (b2d-star);
+    0: the last iteration's policy."""
+    val_routes: int = 1
+    """Routes per scenario type of the ``val`` subset (restricted to ``types`` when set)."""
+    export: str | None = "checkpoints/finetuned"
+    """Main table: copy each method's seed-0 selected checkpoint to ``EXPORT/<family>-<method>.pt`` (None: no)."""
     finetune: dict = field(default_factory=lambda: dict(SMALL_BUDGET))
     """FinetuneConfig overrides for every method."""
     extra: dict = field(default_factory=dict)
@@ -76,7 +86,7 @@ class ExperimentConfig:
         from craft.checks import check_finite_fields, check_range, check_seed
 
         check_finite_fields(self)
-        for s in self.seeds + (self.eval_seed,) + tuple(self.noise_seeds):
+        for s in self.seeds + tuple(self.eval_seeds):
             check_seed("ExperimentConfig seeds", s)
         for f in ("routes", "eval_max_steps"):
             if getattr(self, f) is not None:
@@ -89,6 +99,15 @@ class ExperimentConfig:
                 FinetuneConfig(**over)
             except TypeError as e:
                 raise CraftError(f"ExperimentConfig: unknown fine-tuning setting ({e})") from None
+        if not self.eval_seeds:
+            raise CraftError("ExperimentConfig.eval_seeds needs at least one traffic seed")
+        check_range("ExperimentConfig.val_every", self.val_every, 0, integer=True)
+        check_range("ExperimentConfig.val_routes", self.val_routes, 1, integer=True)
+
+    @property
+    def eval_seed(self) -> int:
+        """The traffic seed of the experiments that evaluate under one seed (the first of ``eval_seeds``)."""
+        return self.eval_seeds[0]
 
     @property
     def init_path(self) -> str:
@@ -119,7 +138,9 @@ def finetune_config(cfg: ExperimentConfig, method: str, seed: int, label: str | 
                           town_seeds=tuple(split_town_seeds("train")[:cfg.train_towns]))
     if collector:
         col = replace(col, **collector)
-    fc = FinetuneConfig(method=method, family=cfg.family, iters=cfg.iters, seed=seed, collector=col)
+    fc = FinetuneConfig(method=method, family=cfg.family, iters=cfg.iters, seed=seed, collector=col,
+                        val_every=cfg.val_every, val_routes=cfg.val_routes, val_types=cfg.types,
+                        val_max_steps=cfg.eval_max_steps)
     fc = replace(fc, **cfg.finetune)
     fc = replace(fc, **cfg.extra.get(label or method, {}))
     return replace(fc, **overrides)
@@ -176,8 +197,10 @@ def pretrained_dir(root: str | os.PathLike, cfg: ExperimentConfig) -> Path:
 
 
 def run_wall_s(run: Path) -> float:
-    """Seconds of fine-tuning a pool run took (sum of its iterations' ``t_total``)."""
-    return float(sum(r["t_total"] for r in read_diagnostics(run)))
+    """Seconds of fine-tuning a pool run took (sum of its iterations' ``t_total`` and periodic ``val`` evaluations'
+    ``t_val``)."""
+    return float(sum(r["t_total"] + (r.get("t_val", 0.0) if math.isfinite(r.get("t_val", math.nan)) else 0.0)
+                     for r in read_diagnostics(run)))
 
 
 def run_names(runs: list[Path]) -> list[str]:
@@ -230,7 +253,7 @@ def default_eval_set(cfg: ExperimentConfig) -> EvalSet:
 
 
 def evaluate_policy(policy: str | os.PathLike, folder: str | os.PathLike, es: EvalSet,
-                    protocols: tuple[str, ...] = ("b2d", "b2d-star"), ledger: list | None = None) -> dict[str, dict]:
+                    protocols: tuple[str, ...] = ("b2d-star", "b2d"), ledger: list | None = None) -> dict[str, dict]:
     """Closed-loop metrics of ``policy`` on ``es`` under each protocol: ``{protocol: summary}``.
 
     Results live in ``folder/eval-<set>/<protocol>/results.json`` and are reused; one b2d rollout gives every
@@ -238,8 +261,10 @@ def evaluate_policy(policy: str | os.PathLike, folder: str | os.PathLike, es: Ev
     (an experiment's list of the evaluations it used, for its compute time).
     """
     base = Path(folder) / f"eval-{es.key()}"
-    if ledger is not None and f"{Path(folder).name}/{base.name}" not in ledger:
-        ledger.append(f"{Path(folder).name}/{base.name}")
+    parts = Path(folder).parts
+    rel = "/".join(parts[len(parts) - parts[::-1].index("runs"):] if "runs" in parts else parts[-1:])
+    if ledger is not None and f"{rel}/{base.name}" not in ledger:
+        ledger.append(f"{rel}/{base.name}")
     files = {p: base / p / "results.json" for p in protocols}
     with locked(Path(folder)):
         if not all(f.exists() for f in files.values()):
@@ -320,17 +345,43 @@ def markdown_table(rows: dict[str, dict], columns: tuple[str, ...], digits: int 
 def budget_line(cfg: ExperimentConfig) -> str:
     return (f"Pre-trained checkpoint `{cfg.init_path}`; {cfg.iters} fine-tuning iterations of >= {cfg.buffer} "
             f"transitions per run ({cfg.worlds} parallel routes on the first {cfg.train_towns} train towns); "
-            f"fine-tuning seeds {list(cfg.seeds)}; evaluation traffic seed {cfg.eval_seed}; mean ± std over seeds"
+            f"fine-tuning seeds {list(cfg.seeds)}; mean ± std over seeds"
             + (f"; overrides for every method: `{cfg.finetune}`" if cfg.finetune else "") + ".")
 
 
-def table_markdown(table: dict, cfg: ExperimentConfig) -> str:
+def table_markdown(table: dict, cfg: ExperimentConfig, main: dict | None = None, chosen: dict | None = None) -> str:
+    seeds = ", ".join(str(x) for x in cfg.eval_seeds)
     lines = [f"# Main table: {cfg.family} on `{cfg.split}`", "", budget_line(cfg)
-             + (" The last row evaluates the pre-trained policy under other background-traffic seeds: its ± is the "
-                "evaluation's noise floor." if cfg.noise_seeds else ""), ""]
+             + f" Every policy is evaluated on the same routes under traffic seeds {seeds} and its metrics are the "
+             "means over them" + (" (the last row lists the pre-trained policy per traffic seed: its ± is the "
+                                  "evaluation's noise floor)" if len(cfg.eval_seeds) > 1 else "") + "."
+             + (f" Fine-tuned checkpoints chosen on the `val` subset ({cfg.val_routes} route(s) per type, every "
+                f"{cfg.val_every} iterations, b2d-star DS); iterations chosen: "
+                + "; ".join(f"{METHOD_NAMES.get(m, m)} {v}" for m, v in (chosen or {}).items()) + "."
+                if cfg.val_every else ""), ""]
     for proto, rows in table.items():
         lines += [f"## Protocol `{proto}`", ""] + markdown_table(rows, COLUMNS) + [""]
+    if main and main.get("methods"):
+        lines += ["## ΔDS against the pre-trained policy", "",
+                  "Mean ± std over fine-tuning seeds; [95 % interval] of the paired bootstrap over routes (per-route "
+                  "DS averaged over traffic and fine-tuning seeds, 2,000 resamples).", "",
+                  "| method | " + " | ".join(f"ΔDS {p}" for p in table) + " |", "|---|" + "---:|" * len(table)]
+        for m, e in main["methods"].items():
+            if m == "pretrained":
+                continue
+            lines.append(f"| {METHOD_NAMES.get(m, m)} | " + " | ".join(_delta_cell(e[p]["dDS"]) for p in table) + " |")
+        if main.get("craft-grpo"):
+            lines.append("| CRAFT − GRPO | " + " | ".join(_delta_cell(main["craft-grpo"][p]) for p in table) + " |")
+        lines.append("")
+    if cfg.val_every and cfg.methods:
+        lines += ["![learning curves](curves.png)", ""]
+    if cfg.methods:
+        lines += ["![probe diagnostics](probe.png)", ""]
     return "\n".join(lines)
+
+
+def _delta_cell(d: dict) -> str:
+    return fmt(d, sign=True) + f" [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
 
 
 def config_dict(cfg: ExperimentConfig) -> dict:
@@ -340,38 +391,251 @@ def config_dict(cfg: ExperimentConfig) -> dict:
 # atomic writers (temp name, then rename; the usual file mode; no temp file left on failure): craft.files
 
 # ------------------------------------------------------------------------------------------------ main
-def main_table(cfg: ExperimentConfig, out: str | os.PathLike) -> dict:
-    """The paper's Table 1: pre-trained and every method, evaluated on ``cfg.split`` under both protocols.
+def route_scores(folder: str | os.PathLike, es: EvalSet, protocol: str) -> dict[str, float]:
+    """Per-route DS of an evaluation made by :func:`evaluate_policy`: ``{route_id: DS}``."""
+    f = Path(folder) / f"eval-{es.key()}" / protocol / "results.json"
+    from craft.bench.metrics import load_results
 
-    Writes ``out/main-<family>/table.{md,json}``; runs go to the pool ``out/runs``. Returns the table.
+    return {r["route_id"]: float(r["scores"]["score_composed"]) for r in load_results(f)["records"]}
+
+
+def mean_summary(summaries: list[dict]) -> dict:
+    """The mean of several evaluation summaries (e.g. one per traffic seed) over :data:`COLUMNS`."""
+    out: dict = {"abilities": {}}
+    for c in COLUMNS:
+        vals = [(s["abilities"][c] if c in ABILITIES else s[c]) for s in summaries]
+        vals = [float(v) for v in vals if v is not None]
+        v = sum(vals) / len(vals) if vals else None
+        if c in ABILITIES:
+            out["abilities"][c] = v
+        else:
+            out[c] = v
+    return out
+
+
+def paired_bootstrap(diffs: list[float], reps: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of paired per-route differences and its percentile bootstrap interval over routes (resampling
+    routes with replacement, ``reps`` times, seeded): ``{"mean", "lo", "hi", "routes"}``."""
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.size == 0:
+        raise CraftError("paired_bootstrap needs at least one route")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(reps, d.size))].mean(1)
+    a = (1 - level) / 2
+    return {"mean": float(d.mean()), "lo": float(np.quantile(means, a)), "hi": float(np.quantile(means, 1 - a)),
+            "routes": int(d.size)}
+
+
+def selected_policy(run: Path) -> tuple[Path, int | None]:
+    """The checkpoint of a run chosen on ``val`` only: the periodic ``val`` evaluation with the highest
+    b2d-star DS (ties: the later iteration), else the final ``policy.pt``. Returns ``(path, iteration)``."""
+    best = None
+    for r in read_diagnostics(run):
+        v = r.get("val/DS", math.nan)
+        if v is not None and math.isfinite(v) and (best is None or v >= best[0]):
+            best = (v, int(r["iteration"]))
+    if best is None:
+        return Path(run) / "policy.pt", None
+    path = Path(run) / "val" / f"it-{best[1]:04d}" / "policy.pt"
+    return (path, best[1]) if path.exists() else (Path(run) / "policy.pt", None)
+
+
+def evaluate_seeds(policy, folder, cfg: ExperimentConfig, ledger: list | None = None) -> tuple[dict, dict]:
+    """``policy`` on ``cfg``'s evaluation routes under every traffic seed of ``cfg.eval_seeds``:
+    ``({protocol: traffic-seed mean summary}, {protocol: {route_id: DS averaged over the traffic seeds}})``."""
+    sets = [replace(default_eval_set(cfg), seed=s) for s in cfg.eval_seeds]
+    protos = tuple(cfg.protocols)
+    per = [evaluate_policy(policy, folder, e, protos, ledger) for e in sets]
+    summ = {p: mean_summary([x[p] for x in per]) for p in protos}
+    routes = {}
+    for p in protos:
+        rs = [route_scores(folder, e, p) for e in sets]
+        routes[p] = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
+    return summ, routes
+
+
+def delta_interval(method_routes: list[dict], base_routes: dict) -> dict:
+    """ΔDS of a policy against a base: mean / std / n over fine-tuning seeds (``method_routes``: one per seed,
+    ``{route_id: DS}``) and the paired 95 % bootstrap interval over routes (``ci``) of the seed-averaged
+    per-route difference."""
+    per_seed = [sum(r[k] - base_routes[k] for k in base_routes) / len(base_routes) for r in method_routes]
+    avg = {k: sum(r[k] for r in method_routes) / len(method_routes) for k in base_routes}
+    return {**stats(per_seed), "ci": _ci(paired_bootstrap([avg[k] - base_routes[k] for k in base_routes]))}
+
+
+def val_eval_set(cfg: ExperimentConfig, fc=None) -> EvalSet:
+    """The ``val`` subset of the periodic evaluations (for the pre-trained policy's point of the curves)."""
+    return EvalSet(name="valsub", split="val", routes=cfg.val_routes, types=cfg.types, seed=0,
+                   max_steps=cfg.eval_max_steps)
+
+
+def main_table(cfg: ExperimentConfig, out: str | os.PathLike) -> dict:
+    """The paper's Table 1: pre-trained and every method, evaluated on ``cfg.split`` under every protocol.
+
+    Every policy runs on the same routes under each traffic seed of ``cfg.eval_seeds``; a policy's metrics are
+    the means over those seeds, then mean ± std over fine-tuning seeds. A fine-tuned run contributes the
+    checkpoint chosen on ``val`` (:func:`selected_policy`). Per method and protocol: ΔDS against the
+    pre-trained policy (mean ± std over fine-tuning seeds) with the paired 95 % bootstrap interval over routes
+    (of the per-route DS averaged over traffic and fine-tuning seeds), and CRAFT − GRPO alike. Writes
+    ``out/main-<family>/table.{md,json}``, the learning curves ``curves.png`` and probe diagnostics
+    ``probe.png``; copies each method's seed-0 checkpoint to ``cfg.export``. Returns the table.
     """
     _file_digest(cfg.init_path)
     es = default_eval_set(cfg)
-    results: dict[str, dict[str, list[dict]]] = {}
+    sets = [replace(es, seed=s) for s in cfg.eval_seeds]
     used, evals = [pretrained_dir(out, cfg)], []
-    for proto, s in evaluate_policy(cfg.init_path, used[0], es, cfg.protocols, evals).items():
-        results.setdefault("pretrained", {})[proto] = [s]
+    protos = tuple(cfg.protocols)
+
+    def evaluate_all(policy, folder) -> tuple[dict, dict]:
+        return evaluate_seeds(policy, folder, cfg, evals)
+
+    results: dict[str, dict[str, list[dict]]] = {}
+    route_ds: dict[str, dict[str, list[dict]]] = {}
+    pre_summ, pre_routes = evaluate_all(cfg.init_path, used[0])
+    for p in protos:
+        results.setdefault("pretrained", {})[p] = [pre_summ[p]]
+        route_ds.setdefault("pretrained", {})[p] = [pre_routes[p]]
+    runs: dict[str, list[Path]] = {}
+    chosen: dict[str, list] = {}
     for seed in cfg.seeds:
         for m in cfg.methods:
             run = finetune_run(out, cfg, m, seed)
             used.append(run)
-            for proto, s in evaluate_policy(run / "policy.pt", run, es, cfg.protocols, evals).items():
-                results.setdefault(m, {}).setdefault(proto, []).append(s)
-    if cfg.noise_seeds:
-        row = f"pre-trained, traffic seeds {', '.join(str(x) for x in (cfg.eval_seed,) + tuple(cfg.noise_seeds))}"
-        results[row] = {p: list(v) for p, v in results["pretrained"].items()}
-        for ns in cfg.noise_seeds:
-            for proto, s in evaluate_policy(cfg.init_path, used[0], replace(es, seed=ns), cfg.protocols,
-                                            evals).items():
-                results[row][proto].append(s)
+            runs.setdefault(m, []).append(run)
+            policy, it = selected_policy(run)
+            chosen.setdefault(m, []).append(it)
+            summ, routes = evaluate_all(policy, policy.parent)
+            for p in protos:
+                results.setdefault(m, {}).setdefault(p, []).append(summ[p])
+                route_ds.setdefault(m, {}).setdefault(p, []).append(routes[p])
+    if len(cfg.eval_seeds) > 1:  # the evaluation's own noise: the pre-trained policy under each traffic seed
+        row = f"pre-trained, per traffic seed {', '.join(str(x) for x in cfg.eval_seeds)}"
+        results[row] = {p: [evaluate_policy(cfg.init_path, used[0], e, protos, evals)[p] for e in sets]
+                        for p in protos}
     table = summarise(results)
+    main = main_block(cfg, results, route_ds)
     folder = Path(out) / f"main-{cfg.family}"
-    write_text(folder / "table.md", table_markdown(table, cfg))
-    write_json(folder / "table.json", {"config": config_dict(cfg), "table": table, "runs": run_names(used),
-                                        "evals": evals})
+    curves = {m: [read_diagnostics(r) for r in rs] for m, rs in runs.items()}
+    pre_val = None
+    if cfg.val_every:
+        pre_val = evaluate_policy(cfg.init_path, used[0], val_eval_set(cfg), protos, evals)
+        pre_val = {p: float(v["DS"]) for p, v in pre_val.items()}
+    if curves and cfg.val_every:
+        learning_curve_plot(curves, pre_val, folder / "curves.png", f"{cfg.family}: val subset")
+    if curves:
+        probe_plot(curves, folder / "probe.png", cfg.family)
+    if cfg.export:
+        for m, rs in runs.items():
+            src, _ = selected_policy(rs[0])
+            write_bytes(Path(cfg.export) / f"{cfg.family}-{m}.pt", src.read_bytes())
+    write_json(folder / "table.json", {"config": config_dict(cfg), "table": table, "main": main,
+                                        "selected_iterations": chosen, "pretrained_val": pre_val,
+                                        "runs": run_names(used), "evals": evals})
+    write_text(folder / "table.md", table_markdown(table, cfg, main, chosen))
     return table
 
 
+def main_block(cfg: ExperimentConfig, results: dict, route_ds: dict) -> dict:
+    """Per method and protocol: DS, SR (mean / std / n over fine-tuning seeds) and ΔDS vs pre-trained (mean / std
+    over seeds, paired 95 % bootstrap interval over routes); ``craft-grpo``: CRAFT − GRPO alike."""
+    out: dict = {"methods": {}, "craft-grpo": {}}
+    protos = list(results.get("pretrained", {}))
+    for m in ["pretrained", *cfg.methods]:
+        if m not in results:
+            continue
+        entry = {}
+        for p in protos:
+            e = {c: stats([float(s[c]) for s in results[m][p] if s[c] is not None]) for c in ("DS", "SR")}
+            if m != "pretrained":
+                e["dDS"] = delta_interval(route_ds[m][p], route_ds["pretrained"][p][0])
+            entry[p] = e
+        out["methods"][m] = entry
+    if "craft" in results and "grpo" in results:
+        for p in protos:
+            c = {k: sum(r[k] for r in route_ds["craft"][p]) / len(route_ds["craft"][p]) for k in route_ds["craft"][p][0]}
+            g = {k: sum(r[k] for r in route_ds["grpo"][p]) / len(route_ds["grpo"][p]) for k in c}
+            per_seed = [sum(a[k] - b[k] for k in c) / len(c) for a, b in zip(route_ds["craft"][p], route_ds["grpo"][p])]
+            out["craft-grpo"][p] = {**stats(per_seed), "ci": _ci(paired_bootstrap([c[k] - g[k] for k in c]))}
+    return out
+
+
+def _ci(b: dict) -> list[float]:
+    return [b["lo"], b["hi"]]
+
+
+def learning_curve_plot(curves: dict[str, list[list[dict]]], pre_val: dict | None, path: Path, title: str) -> None:
+    """Closed-loop ``val`` DS (b2d-star, and b2d dashed) over iterations, per method (mean over seeds); the
+    pre-trained policy at iteration 0."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for j, (m, runs) in enumerate(curves.items()):
+        for key, ls in (("val/DS", "-"), ("val/DS_b2d", ":")):
+            pts: dict[int, list[float]] = {}
+            for rows in runs:
+                for r in rows:
+                    v = r.get(key, math.nan)
+                    if v is not None and math.isfinite(v):
+                        pts.setdefault(int(r["iteration"]), []).append(v)
+            if pre_val:
+                pts[0] = [pre_val.get("b2d-star" if key == "val/DS" else "b2d", math.nan)]
+            its = sorted(pts)
+            if its:
+                ax.plot(its, [sum(pts[i]) / len(pts[i]) for i in its], ls, marker="o", color=f"C{j}",
+                        label=f"{METHOD_NAMES.get(m, m)} ({'b2d-star' if key == 'val/DS' else 'b2d'})")
+    ax.set_xlabel("iteration (0: pre-trained)")
+    ax.set_ylabel("DS on the val subset")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def probe_plot(curves: dict[str, list[list[dict]]], path: Path, title: str) -> None:
+    """KL(π‖init), KL(π‖teacher) and the top-1 change rate on the probe states per iteration (mean over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = (("probe/kl_init", "KL(π‖init)"), ("probe/kl_teacher", "KL(π‖teacher)"),
+            ("probe/top1_changed", "top-1 changed (share of probe states)"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, (key, name) in zip(axes, keys):
+        for j, (m, runs) in enumerate(curves.items()):
+            pts: dict[int, list[float]] = {}
+            for rows in runs:
+                for r in rows:
+                    v = r.get(key, math.nan)
+                    if v is not None and math.isfinite(v):
+                        pts.setdefault(int(r["iteration"]), []).append(v)
+            its = sorted(pts)
+            if its:
+                ax.plot(its, [sum(pts[i]) / len(pts[i]) for i in its], marker=".", color=f"C{j}",
+                        label=METHOD_NAMES.get(m, m))
+        ax.set_xlabel("iteration")
+        ax.set_title(name)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title}: probe states", fontsize=10)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def _save_png(fig, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
 __all__ = ["ExperimentConfig", "EvalSet", "SMALL_BUDGET", "evaluate_policy", "finetune_run", "main_table",
+           "paired_bootstrap", "selected_policy", "route_scores", "mean_summary", "main_block",
            "summarise", "table_markdown", "markdown_table", "read_diagnostics", "read_summary", "write_bytes",
            "write_json", "write_text"]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from craft.errors import CraftError
 from craft.experiments.core import (
-    METHOD_NAMES, ExperimentConfig, EvalSet, budget_line, config_dict, default_eval_set, evaluate_policy,
-    finetune_run, markdown_table, pretrained_dir, read_diagnostics, run_names, stats, summarise, write_bytes,
-    write_json, write_text,
+    METHOD_NAMES, ExperimentConfig, EvalSet, _delta_cell, budget_line, config_dict, default_eval_set, delta_interval,
+    evaluate_policy, evaluate_seeds, finetune_run, fmt, markdown_table, pretrained_dir, read_diagnostics, run_names,
+    selected_policy, stats, summarise, write_bytes, write_json, write_text,
 )
 
 FRESH_TOWNS = tuple(range(50000, 50010))
@@ -47,22 +47,41 @@ ABLATION_ROWS = {
 
 
 def ablation(cfg: ExperimentConfig, out: str | os.PathLike) -> str:
-    """Table 2 on ``cfg.split``: DS, RC, IS, SR for each step of the method (first seed of ``cfg``)."""
+    """Table 2 on ``cfg.split``: DS, RC, IS, SR for each step of the method (first seed of ``cfg``); like the main
+    table, every policy on the same routes under ``cfg.eval_seeds`` (means over them), fine-tuned checkpoints
+    chosen on ``val``, and ΔDS against the pre-trained policy with its paired bootstrap interval over routes."""
     cfg = _seed0(cfg)
-    es = default_eval_set(cfg)
     used, evals = [pretrained_dir(out, cfg)], []
-    results = {"pre-trained": {p: [s] for p, s in evaluate_policy(cfg.init_path, used[0], es,
-                                                                   cfg.protocols, ledger=evals).items()}}
+    pre_summ, pre_routes = evaluate_seeds(cfg.init_path, used[0], cfg, evals)
+    results = {"pre-trained": {p: [s] for p, s in pre_summ.items()}}
+    deltas: dict[str, dict] = {}
     for label, (method, over, name) in ABLATION_ROWS.items():
+        routes: dict[str, list] = {}
         for seed in cfg.seeds:
             run = finetune_run(out, cfg, method, seed, label=label, **over)
             used.append(run)
-            for p, s in evaluate_policy(run / "policy.pt", run, es, cfg.protocols, ledger=evals).items():
+            policy, _ = selected_policy(run)
+            summ, rds = evaluate_seeds(policy, policy.parent, cfg, evals)
+            for p, s in summ.items():
                 results.setdefault(name, {}).setdefault(p, []).append(s)
-    table = summarise(results, ("DS", "RC", "IS", "SR"))
-    lines = [f"# Ablation: {cfg.family} on `{cfg.split}`", "", budget_line(cfg), ""]
+                routes.setdefault(p, []).append(rds[p])
+        deltas[name] = {p: delta_interval(r, pre_routes[p]) for p, r in routes.items()}
+    cols = ("DS", "RC", "IS", "SR")
+    table = summarise(results, cols)
     for p, rows in table.items():
-        lines += [f"## Protocol `{p}`", ""] + markdown_table(rows, ("DS", "RC", "IS", "SR")) + [""]
+        for name, d in deltas.items():
+            rows[name]["ΔDS [95% CI]"] = d[p]
+    lines = [f"# Ablation: {cfg.family} on `{cfg.split}`", "", budget_line(cfg)
+             + f" Traffic seeds {list(cfg.eval_seeds)} for every policy (means over them); ΔDS against the pre-trained "
+             "policy with its paired 95 % bootstrap interval over routes.", ""]
+    for p, rows in table.items():
+        lines += [f"## Protocol `{p}`", "", f"| policy | {' | '.join(cols)} | ΔDS [95% CI] |",
+                  "|---|" + "---:|" * (len(cols) + 1)]
+        for name, c in rows.items():
+            d = c.get("ΔDS [95% CI]")
+            cells = [fmt(c.get(k), 3 if k == "IS" else 2) for k in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {_delta_cell(d) if d else '–'} |")
+        lines.append("")
     md = "\n".join(lines)
     folder = Path(out) / f"ablation-{cfg.family}"
     write_text(folder / "table.md", md)
@@ -88,7 +107,7 @@ def transfer(cfg: ExperimentConfig, out: str | os.PathLike, fresh_towns: tuple[i
     }
     pre = pretrained_dir(out, cfg)
     used, evals = [pre], []
-    base = {k: evaluate_policy(cfg.init_path, pre, es, ("b2d",), ledger=evals)["b2d"] for k, es in sets.items()}
+    base = {k: evaluate_policy(cfg.init_path, pre, es, (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]] for k, es in sets.items()}
     cases = [("train", "test"), ("train", "long"), ("train", "fresh"), ("long", "test")]
     rows: dict[str, dict] = {}
     raw: dict[str, dict] = {}
@@ -101,7 +120,7 @@ def transfer(cfg: ExperimentConfig, out: str | os.PathLike, fresh_towns: tuple[i
                 run = finetune_run(out, cfg, "craft", seed, label="craft-long",
                                    collector={"split": "long", "routes": long_train_routes})
             used.append(run)
-            s = evaluate_policy(run / "policy.pt", run, sets[dst], ("b2d",), ledger=evals)["b2d"]
+            s = evaluate_policy(run / "policy.pt", run, sets[dst], (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]]
             for c in ("DS", "RC", "IS", "SR"):
                 deltas.setdefault(f"Δ{c}", []).append(float(s[c]) - float(base[dst][c]))
                 deltas.setdefault(c, []).append(float(s[c]))
@@ -110,7 +129,7 @@ def transfer(cfg: ExperimentConfig, out: str | os.PathLike, fresh_towns: tuple[i
                       **{k: stats(v) for k, v in deltas.items()}}
         raw[name] = {"pretrained": base[dst], "deltas": deltas}
     cols = ("pre-trained DS", "DS", "ΔDS", "ΔRC", "ΔIS", "ΔSR")
-    md = "\n".join([f"# Transfer: CRAFT ({cfg.family}), protocol `b2d`", "", budget_line(cfg),
+    md = "\n".join([f"# Transfer: CRAFT ({cfg.family}), protocol `{cfg.protocols[0]}`", "", budget_line(cfg),
                     f" `long`: its first {long_routes or 36} routes. Fresh towns: seeds "
                     f"{fresh_towns[0]}–{fresh_towns[-1]}, "
                     f"{fresh_routes} routes per type. Long-style fine-tuning: CRAFT on `long`-split routes built on "
@@ -135,7 +154,7 @@ def scaling(cfg: ExperimentConfig, out: str | os.PathLike, hard_type: str = HARD
     cfg = _seed0(cfg)
     es = default_eval_set(cfg)
     used, evals = [pretrained_dir(out, cfg)], []
-    pre = evaluate_policy(cfg.init_path, used[0], es, ("b2d",), ledger=evals)["b2d"]
+    pre = evaluate_policy(cfg.init_path, used[0], es, (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]]
     rows: dict[str, dict] = {}
     for m in cfg.methods:
         vals: dict[str, list[float]] = {}
@@ -144,7 +163,7 @@ def scaling(cfg: ExperimentConfig, out: str | os.PathLike, hard_type: str = HARD
                 c = replace(cfg, buffer=cfg.buffer * mult // 2)
                 run = finetune_run(out, c, m, seed)
                 used.append(run)
-                s = evaluate_policy(run / "policy.pt", run, es, ("b2d",), ledger=evals)["b2d"]
+                s = evaluate_policy(run / "policy.pt", run, es, (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]]
                 vals.setdefault(f"DS x{mult}", []).append(float(s["DS"]))
                 vals.setdefault(f"SR x{mult}", []).append(float(s["SR"]))
         vals["ΔDS (x2 - x1)"] = [b - a for a, b in zip(vals["DS x1"], vals["DS x2"])]
@@ -153,7 +172,7 @@ def scaling(cfg: ExperimentConfig, out: str | os.PathLike, hard_type: str = HARD
     ccfg = replace(cfg, buffer=curve_buffer, iters=curve_iters, worlds=min(cfg.worlds, 64))
     hard_es = EvalSet(name=f"type-{hard_type}", split=cfg.split, types=(hard_type,), seed=cfg.eval_seed,
                       max_steps=cfg.eval_max_steps)
-    pre_hard = evaluate_policy(cfg.init_path, pretrained_dir(out, cfg), hard_es, ("b2d",), ledger=evals)["b2d"]
+    pre_hard = evaluate_policy(cfg.init_path, pretrained_dir(out, cfg), hard_es, (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]]
     curves: dict[str, list[dict]] = {}
     hard: dict[str, dict] = {"pretrained": {"DS": stats([float(pre_hard["DS"])]),
                                             "SR": stats([float(pre_hard["SR"])])}}
@@ -165,14 +184,14 @@ def scaling(cfg: ExperimentConfig, out: str | os.PathLike, hard_type: str = HARD
             curves.setdefault(m, []).append([{k: r.get(k, math.nan) for k in
                                               ("iteration", "grounded_return_mean", "dense_reward_mean")}
                                              for r in read_diagnostics(run)])
-            s = evaluate_policy(run / "policy.pt", run, hard_es, ("b2d",), ledger=evals)["b2d"]
+            s = evaluate_policy(run / "policy.pt", run, hard_es, (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]]
             ds.append(float(s["DS"]))
             sr.append(float(s["SR"]))
         hard[m] = {"DS": stats(ds), "SR": stats(sr)}
     folder = Path(out) / f"scaling-{cfg.family}"
-    _scaling_plot(rows, float(pre["DS"]), curves, hard_type, folder / "scaling.png")
+    _scaling_plot(rows, float(pre["DS"]), curves, hard_type, folder / "scaling.png", cfg.protocols[0])
     md = "\n".join([
-        f"# Scaling: {cfg.family} on `{cfg.split}`, protocol `b2d`", "", budget_line(cfg),
+        f"# Scaling: {cfg.family} on `{cfg.split}`, protocol `{cfg.protocols[0]}`", "", budget_line(cfg),
         f" x1 = {cfg.buffer // 2}, x2 = {cfg.buffer} transitions per iteration (the same {cfg.iters} iterations;"
         f" x2 runs are the main table's). Pre-trained DS "
         f"{float(pre['DS']):.2f}.", "",
@@ -189,7 +208,8 @@ def scaling(cfg: ExperimentConfig, out: str | os.PathLike, hard_type: str = HARD
     return md
 
 
-def _scaling_plot(rows: dict, pre_ds: float, curves: dict, hard_type: str, path: Path) -> None:
+def _scaling_plot(rows: dict, pre_ds: float, curves: dict, hard_type: str, path: Path,
+                  protocol: str = "b2d-star") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -200,7 +220,7 @@ def _scaling_plot(rows: dict, pre_ds: float, curves: dict, hard_type: str, path:
     a.axhline(pre_ds, color="grey", ls="--", lw=1, label="pre-trained")
     a.set_xticks([1, 2], ["x1", "x2"])
     a.set_xlabel("fine-tuning transitions per iteration")
-    a.set_ylabel("DS (test, b2d)")
+    a.set_ylabel(f"DS (test, {protocol})")
     a.set_title("data scaling")
     a.legend(fontsize=8)
     for m, runs in curves.items():

@@ -24,7 +24,9 @@ simulates each candidate for ``H`` virtual steps of ``dt``:
   and circle broad phases, then SAT). Only a collision while the ego moves at least
   ``EventConfig.collision_min_speed`` counts (the world's rule); only the first one is penalised, and by
   default (``stop_after_collision``) the candidate earns no reward after it (the b2d-star protocol ends a
-  route at a collision).
+  route at a collision). An overlap that already exists at the snapshot is not a new collision for any
+  candidate while it lasts (the world's de-duplication does not re-count it either); a contact after a
+  separation, or with another agent, is.
 * **map terms** -- off-road, opposite lane, emergency lane and the lane-centre distance use the world's
   lane geometry and rules (``craft/world/events.py``: :func:`~craft.world.map.drivable`,
   :func:`~craft.world.map.pick_lane` with and without heading): the candidate/lane segment distance,
@@ -73,7 +75,7 @@ from craft.finetune.rewards import (
     dense_step_reward,
     group_normalise,
 )
-from craft.world.collision import candidate_collision_pairs
+from craft.world.collision import candidate_collision_pairs, ego_collisions
 from craft.world.dynamics import bicycle_step, pedestrian_step
 from craft.world.events import EventConfig
 from craft.world.kinds import AgentKind
@@ -570,6 +572,30 @@ def _stop_violations(inside: Tensor, slow: Tensor, inside0: Tensor, served0: Ten
 
 
 # ---------------------------------------------------------------------- the counterfactual world
+def _ongoing_contacts(cb: Tensor, cg: Tensor, ch: Tensor, cn: Tensor, overlap0: Tensor, G: int, H: int) -> Tensor:
+    """Which colliding ``(b, g, h, n)`` pairs (each ``(P,)``) continue an overlap present at the snapshot.
+
+    overlap0: (B, N) bool, the ego overlaps agent n at the snapshot. A pair is ongoing when the snapshot
+    overlaps n and candidate g overlaps n at every step 0..h (no separation in between); a contact after a
+    separation, or with another agent, is new. Returns (P,) bool."""
+    cand = overlap0[cb, cn]
+    if not bool(cand.any()):
+        return cand
+    idx = cand.nonzero().squeeze(1)
+    N = overlap0.shape[1]
+    key = (cb.index_select(0, idx) * G + cg.index_select(0, idx)) * N + cn.index_select(0, idx)
+    h = ch.index_select(0, idx)
+    order = torch.argsort(key * H + h)  # the pairs are unique, so within a key the steps are distinct
+    ks, hs = key[order], h[order]
+    at = torch.arange(len(ks), device=ks.device)
+    first = torch.ones_like(ks, dtype=torch.bool)
+    first[1:] = ks[1:] != ks[:-1]
+    rank = at - torch.cummax(torch.where(first, at, torch.zeros_like(at)), 0).values
+    out = torch.zeros_like(cand)
+    out[idx[order]] = rank == hs  # the (rank + 1)-th step of the contact is step h: steps 0..h all overlap
+    return out
+
+
 class CounterfactualWorld:
     """Scores candidate trajectories of stored states with the decay-rollout forward model.
 
@@ -906,9 +932,11 @@ class CounterfactualWorld:
         ep = pos.view(H, Bc, G, 2).permute(1, 2, 0, 3)  # (Bc, G, H, 2) views of the time-major tensors
         ey = yaw.view(H, Bc, G).permute(1, 2, 0)
         ev = speed.view(H, Bc, G).permute(1, 2, 0)
-        cb, cg, ch, _ = candidate_collision_pairs(ep, ey, st.length[:, 0], st.width[:, 0], o_pos, o_yaw,
-                                                  st.length, st.width, o_valid[:, None].expand(Bc, H, -1))
-        counted = ev[cb, cg, ch] >= ecfg.collision_min_speed
+        cb, cg, ch, cn = candidate_collision_pairs(ep, ey, st.length[:, 0], st.width[:, 0], o_pos, o_yaw,
+                                                   st.length, st.width, o_valid[:, None].expand(Bc, H, -1))
+        # an overlap the snapshot already has is no new collision while it lasts (the world's de-duplication)
+        overlap0 = ego_collisions(st.pos, st.yaw, st.length, st.width, st.valid) & o_valid  # (Bc, N)
+        counted = (ev[cb, cg, ch] >= ecfg.collision_min_speed) & ~_ongoing_contacts(cb, cg, ch, cn, overlap0, G, H)
         first = torch.full((Q,), H, dtype=torch.long, device=dev)
         if cb.numel():
             first.scatter_reduce_(0, (cb * G + cg)[counted], ch[counted], reduce="amin")

@@ -17,12 +17,18 @@ Choices where the paper is silent (all fields of :class:`RewardConfig`, document
   ``prev - cur`` is signed (a growing deviation is penalised), clipped per deviation, weighted, summed,
   clipped, then scaled by ``0.5 + 0.5 * dp_hat``. With the paper's weights the sum can reach at most
   0.1, so the +-0.5 sum clip only binds if the weights are raised;
-* grounded stop / go zones (the paper names them but gives no weight): ``stop_zone`` (the world's
-  :attr:`StepEvents.stop_zone`: red / yellow light ahead within braking reach, or an unserved stop sign's
-  trigger area) with speed > 0.1 m/s costs ``w_stop_zone = 2.0`` (the paper's red / stop weight);
-  ``go_zone`` (the world's :attr:`StepEvents.go_zone`, which already requires the corridor of 12 m ahead
-  of the ego's front to be free of other agents, see ``craft/world/events.py::_flags``) with speed
-  < 2.0 m/s costs ``w_go_zone = 0.5``;
+* the grounded residual is made **per decision**, as the paper's Eq. 46 writes it per executed transition: one
+  indicator for each of off-road, emergency lane, off-route, red light, stop sign and collision, set when the
+  event happens in any of the decision's executed simulator steps (a red light crossed over 5 steps counts
+  once), weighted 0.5 / 0.2 / 0.5 / 2.0 / 2.0 / 5.0 (Table 6): :func:`grounded_decision_reward`;
+* grounded stop / go zones (the paper names them but gives no weight) are **off by default**
+  (``w_stop_zone = w_go_zone = 0``). Set them to charge, once per decision as well, moving faster than 0.1 m/s
+  in the world's :attr:`StepEvents.stop_zone` (red / yellow light ahead within braking reach, or an unserved
+  stop sign's trigger area) and slower than 2.0 m/s in its :attr:`StepEvents.go_zone` (which already requires
+  the corridor of 12 m ahead of the ego's front to be free of other agents, see
+  ``craft/world/events.py::_flags``). Charged per 0.1 s step with the weights 2.0 / 0.5 (this project's earlier
+  setting) they made the residual dense shaping: about two thirds of its mass and non-zero on most
+  transitions, and braking for a red light could cost more than a collision;
 * ``A_min = -2.0``, ``A_max = 0.0``: every grounded term is a penalty, so ``A_gr <= 0``; one collision
   step gives ``G / 8 = -0.625``, a collision with its lead-up at most about -1.5, so the lower clip only
   trims pile-ups of several infractions.
@@ -47,6 +53,7 @@ __all__ = [
     "collision_penalty",
     "dense_reward_from_events",
     "dense_step_reward",
+    "grounded_decision_reward",
     "grounded_step_reward",
     "group_normalise",
     "residual_advantage",
@@ -56,7 +63,8 @@ DENSE_TERMS = ("progress", "recovery", "offroad", "opposite", "offroute", "emerg
 """Keys of the per-term breakdown of :func:`dense_step_reward` (signed contributions; they sum to the reward)."""
 
 GROUNDED_TERMS = ("offroad", "emergency", "offroute", "red_light", "stop_sign", "collision", "stop_zone", "go_zone")
-"""Keys of the per-term breakdown of :func:`grounded_step_reward` (signed, <= 0; they sum to the reward)."""
+"""Keys of the per-term breakdown of :func:`grounded_step_reward` / :func:`grounded_decision_reward` (signed,
+<= 0; they sum to the reward)."""
 
 
 @dataclass(frozen=True)
@@ -127,10 +135,10 @@ class RewardConfig:
     """Grounded weight of stop-sign infractions."""
     w_collision: float = 5.0
     """Grounded weight of counted collisions."""
-    w_stop_zone: float = 2.0
-    """Grounded weight of moving inside a stop-required zone (our choice: the paper's red / stop weight)."""
-    w_go_zone: float = 0.5
-    """Grounded weight of idling in a go-required zone whose path ahead is clear (our choice)."""
+    w_stop_zone: float = 0.0
+    """Grounded weight of moving inside a stop-required zone; 0 = off (the default; the paper gives no weight)."""
+    w_go_zone: float = 0.0
+    """Grounded weight of idling in a go-required zone whose path ahead is clear; 0 = off (the default)."""
     stop_zone_speed: float = 0.1
     """In a stop zone, speeds above this are penalised, m/s."""
     go_zone_speed: float = 2.0
@@ -283,43 +291,69 @@ def dense_reward_from_events(
 
 
 # ---------------------------------------------------------------------- grounded residual
+def _grounded_flags(events: StepEvents | Mapping[str, Tensor], cfg: RewardConfig) -> dict[str, Tensor]:
+    """The grounded events as bool flags of the shape of ``events`` (one per :data:`GROUNDED_TERMS` key)."""
+    speed = _field(events, "speed").abs()
+    return {
+        "offroad": _field(events, "offroad"),
+        "emergency": _field(events, "emergency_lane"),
+        "offroute": _field(events, "offroute"),
+        "red_light": _field(events, "red_light"),
+        "stop_sign": _field(events, "stop_infraction"),
+        "collision": _counted_collision(events),
+        "stop_zone": _field(events, "stop_zone") & (speed > cfg.stop_zone_speed),
+        "go_zone": _field(events, "go_zone") & (speed < cfg.go_zone_speed),
+    }
+
+
+def _grounded_weights(cfg: RewardConfig) -> dict[str, float]:
+    return {"offroad": cfg.w_offroad, "emergency": cfg.w_emergency, "offroute": cfg.w_offroute,
+            "red_light": cfg.w_red, "stop_sign": cfg.w_stop, "collision": cfg.w_collision,
+            "stop_zone": cfg.w_stop_zone, "go_zone": cfg.w_go_zone}
+
+
+def _weighted(flags: dict[str, Tensor], cfg: RewardConfig, dtype) -> tuple[Tensor, dict[str, Tensor]]:
+    w = _grounded_weights(cfg)
+    terms = {k: -w[k] * flags[k].to(dtype) for k in GROUNDED_TERMS}
+    reward = torch.zeros_like(terms["offroad"])
+    for v in terms.values():
+        reward = reward + v
+    return reward, terms
+
+
 def grounded_step_reward(
     events: StepEvents | Mapping[str, Tensor], cfg: RewardConfig = RewardConfig()
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The grounded reward of section 4 on executed steps; every term is a penalty, so reward <= 0.
+    """The grounded penalties of one simulator step (every term is a penalty, so reward <= 0).
 
     r = -(0.5 offroad + 0.2 emergency_lane + 0.5 offroute + 2.0 red_light + 2.0 stop_infraction
     + 5.0 collision + w_stop_zone [stop_zone & speed > 0.1] + w_go_zone [go_zone & speed < 2.0]).
 
-    events: :class:`StepEvents` or a mapping with its field names, all (B,) (a collector that makes one
-    decision per several world steps can pass the OR of the flags and the last speed). The path-clear
-    check of the go zone is the world's: :attr:`StepEvents.go_zone` is only set when no agent occupies
-    the corridor ``go_clear_dist`` (12 m) ahead of the ego's front, the ego width + 1 m wide, no stop is
-    required and the route is not completed (``craft/world/events.py::_flags``).
-
+    events: :class:`StepEvents` or a mapping with its field names, all (B,). The residual of the fine-tuning
+    loop is per decision (:func:`grounded_decision_reward`); this per-step form is kept for analyses.
     Returns ``(reward (B,), terms)`` with ``terms[k] (B,)`` for k in :data:`GROUNDED_TERMS`.
     """
-    c = cfg
-    speed = _field(events, "speed").abs()
-    f = speed.dtype
+    return _weighted(_grounded_flags(events, cfg), cfg, _field(events, "speed").dtype)
 
-    def w(flag: Tensor, weight: float) -> Tensor:
-        return -weight * flag.to(f)
 
-    terms = {
-        "offroad": w(_field(events, "offroad"), c.w_offroad),
-        "emergency": w(_field(events, "emergency_lane"), c.w_emergency),
-        "offroute": w(_field(events, "offroute"), c.w_offroute),
-        "red_light": w(_field(events, "red_light"), c.w_red),
-        "stop_sign": w(_field(events, "stop_infraction"), c.w_stop),
-        "collision": w(_counted_collision(events), c.w_collision),
-        "stop_zone": w(_field(events, "stop_zone") & (speed > c.stop_zone_speed), c.w_stop_zone),
-        "go_zone": w(_field(events, "go_zone") & (speed < c.go_zone_speed), c.w_go_zone),
-    }
-    reward = torch.zeros_like(speed)
-    for v in terms.values():
-        reward = reward + v
-    return reward, terms
+def grounded_decision_reward(
+    events: Mapping[str, Tensor], cfg: RewardConfig = RewardConfig(), step_valid: Tensor | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The grounded reward of one decision (the paper's Eq. 46 on an executed transition): reward <= 0.
+
+    events: a mapping with :class:`StepEvents` field names, each ``(k, *S)`` for the ``k`` simulator steps the
+    decision executed; step_valid: optional ``(k, *S)`` bool, the steps that count (e.g. not after the episode
+    ended). Each event is one indicator per decision -- set when it happens in any counted step -- so a red
+    light crossed during 5 steps costs 2.0 once:
+    r = -(0.5 I_offroad + 0.2 I_emergency + 0.5 I_offroute + 2.0 I_red + 2.0 I_stop + 5.0 I_collision
+    [+ w_stop_zone I_stop_zone + w_go_zone I_go_zone, off by default]).
+
+    Returns ``(reward (*S), terms)`` with ``terms[k] (*S)`` for k in :data:`GROUNDED_TERMS`.
+    """
+    flags = _grounded_flags(events, cfg)
+    if step_valid is not None:
+        flags = {k: v & step_valid for k, v in flags.items()}
+    return _weighted({k: v.any(0) for k, v in flags.items()}, cfg, _field(events, "speed").dtype)
 
 
 def residual_advantage(rewards: Tensor, notdone: Tensor, cfg: RewardConfig = RewardConfig()) -> Tensor:

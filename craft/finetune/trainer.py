@@ -4,12 +4,13 @@ One iteration (method section 6)::
 
     buffer  = collector.collect(policy)                      # on-policy, sampled from pi_old, >= B transitions
     scores  = proxy.score(buffer.snapshot, candidates)       # every candidate, H = 20 steps (if the method uses it)
-    rewards = grounded / dense rewards of the executed steps
+    rewards = grounded (one indicator per decision and event) / dense rewards of the executed steps
     targets = method.advantages(...)
-    for epoch, minibatch:                                     # only the family's fine-tuned subset trains
+    for epoch, full minibatch:                                # only the family's fine-tuned subset trains
         loss = method.loss(...) + beta_r KL(pi || teacher) + beta_f KL(teacher || pi)
-        AdamW step (grad-norm clip)
-    lr schedule step; teacher <- EMA(teacher, policy) on the trainable subset
+        AdamW step (grad-norm clip) [teacher <- EMA per step with ``teacher_per_step``]
+    lr schedule step; teacher <- EMA(teacher, policy) on the trainable subset (per iteration by default)
+    probe-set diagnostics; every ``val_every`` iterations a closed-loop ``val`` evaluation
 
 Choices where the paper is silent (fields of :class:`FinetuneConfig`): 2 epochs of 512-transition minibatches
 per iteration; cosine learning-rate decay from 1e-4 to 5e-6 over ``iters`` iterations (one step per
@@ -48,7 +49,7 @@ from craft.finetune.collector import Collector, CollectorConfig
 from craft.finetune.losses import coefficient_of_variation, kl_terms, masked_log_softmax
 from craft.finetune.methods import METHODS, IterationData, make_method
 from craft.finetune.proxy import CounterfactualWorld, ProxyConfig
-from craft.finetune.rewards import RewardConfig, dense_reward_from_events, grounded_step_reward
+from craft.finetune.rewards import GROUNDED_TERMS, RewardConfig, dense_reward_from_events, grounded_decision_reward
 from craft.policies.base import (CandidatePolicy, atomic_save, check_finite_weights, load_policy,
                                  policy_from_checkpoint, read_checkpoint)
 from craft.world.tracker import TrackerState
@@ -76,6 +77,13 @@ class FinetuneConfig:
     beta_reverse: float = 0.5
     beta_forward: float = 0.1
     ema: float = 0.99
+    """Teacher EMA momentum m per update (the paper's 0.99 per iteration, meant for runs of hundreds of
+    iterations); ignored when ``teacher_half_life`` is set."""
+    teacher_half_life: float = 0.0
+    """Budget-aware teacher: when > 0, the teacher's EMA half-life as a share of the run (of its ``iters``
+    iterations, or of its optimiser steps with ``teacher_per_step``): m = 0.5 ** (1 / (share * updates))."""
+    teacher_per_step: bool = False
+    """Update the EMA teacher after every optimiser step instead of once per iteration."""
     clip_eps: float = 0.2
     dual_clip: float = 2.0
     # ablation switches
@@ -91,6 +99,21 @@ class FinetuneConfig:
     row stop the run with an error."""
     step_gamma: float = 0.98
     """Discount per 0.1 s simulator step for the executed-rollout returns of PPO / REINFORCE++."""
+    probe_states: int = 256
+    """Visited states of the first buffer kept as a fixed probe set (scored once by the proxy) on which every
+    iteration logs KL to the initial policy and to the teacher, the proxy-advantage and top-1-return gains and
+    the share of changed top-1 picks (``probe/*`` diagnostics); 0 = off."""
+    val_every: int = 0
+    """Closed-loop evaluation of the policy on a ``val`` subset every this many iterations and after the last
+    one (``val/*`` diagnostics; the policy of each is kept under ``val/it-NNNN/``); 0 = off."""
+    val_routes: int = 1
+    """Routes per scenario type of the periodic ``val`` evaluation."""
+    val_types: tuple[str, ...] | None = None
+    """Scenario types of the periodic ``val`` evaluation (default: all)."""
+    val_seed: int = 0
+    """Background-traffic seed of the periodic ``val`` evaluation."""
+    val_max_steps: int | None = None
+    """Tick cap of the periodic ``val`` evaluation's routes (default: Bench2Drive's)."""
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
@@ -138,10 +161,33 @@ class FinetuneConfig:
         check_range(n + "dt", p.dt, 0, lo_open=True)
         check_range(n + "chunk_states", p.chunk_states, 1, integer=True)
         check_range("RewardConfig.gamma", p.reward.gamma, 0, 1, lo_open=True)
+        check_range(n + "teacher_half_life", self.teacher_half_life, 0)
+        check_range(n + "probe_states", self.probe_states, 0, integer=True)
+        check_range(n + "val_every", self.val_every, 0, integer=True)
+        check_range(n + "val_routes", self.val_routes, 1, integer=True)
+        check_seed(n + "val_seed", self.val_seed)
+        if self.val_max_steps is not None:
+            check_range(n + "val_max_steps", self.val_max_steps, 1, integer=True)
+        if isinstance(self.val_types, list):
+            object.__setattr__(self, "val_types", tuple(self.val_types))
 
     @property
     def reward(self) -> RewardConfig:
         return self.proxy.reward
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Optimiser steps of an iteration of exactly ``buffer_size`` transitions (full minibatches only)."""
+        return self.epochs * max(1, self.collector.buffer_size // self.minibatch)
+
+    @property
+    def teacher_momentum(self) -> float:
+        """The EMA momentum m of one teacher update (per iteration, or per optimiser step with
+        ``teacher_per_step``): ``ema``, or from ``teacher_half_life`` as a share of the run's updates."""
+        if self.teacher_half_life <= 0:
+            return self.ema
+        updates = self.iters * (self.steps_per_iteration if self.teacher_per_step else 1)
+        return 0.5 ** (1.0 / (self.teacher_half_life * updates))
 
     @property
     def decision_gamma(self) -> float:
@@ -152,15 +198,20 @@ class FinetuneConfig:
 def decision_rewards(buf, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Grounded and dense rewards per decision (T, W) from the executed steps' events ((T, k, W) per field).
 
-    The grounded reward sums its steps; the dense reward discounts them within the decision by the step
-    discount. Only the first counted collision of an episode is penalised in the dense reward; red-light and
-    stop-sign infractions cost the proxy's flag penalties (40) at the step they happen.
+    The grounded reward is one indicator per event and decision (:func:`grounded_decision_reward`: an event in
+    any executed step of the decision counts once; steps after the episode ended within the decision do not
+    count). The dense reward discounts the steps within the decision by the step discount. Only the first
+    counted collision of an episode is penalised in the dense reward; red-light and stop-sign infractions cost
+    the proxy's flag penalties (40) at the step they happen. ``counts``: ``events/<term>`` the number of live
+    decisions with that grounded event, ``grounded_mass/<term>`` its share of the total grounded penalty.
     """
     ev = buf.events
     T, k, W = ev["speed"].shape
     steps = {n: v.reshape(T * k, W) for n, v in ev.items()}
-    g, g_terms = grounded_step_reward({n: v.flatten() for n, v in steps.items()}, cfg.reward)
-    g = g.view(T, k, W).sum(1)
+    done = ev["done"].bool()
+    ended_before = (done.long().cumsum(1) - done.long()) > 0  # (T, k, W): the episode ended at an earlier step
+    g, g_terms = grounded_decision_reward({n: v.transpose(0, 1) for n, v in ev.items()}, cfg.reward,
+                                          step_valid=~ended_before.transpose(0, 1))
     live_step = buf.live[:, None, :].expand(T, k, W).reshape(T * k, W)
     dev = buf.live.device
     start = torch.zeros(T * k, W, dtype=torch.bool, device=dev)  # first step of an episode in this buffer
@@ -183,7 +234,10 @@ def decision_rewards(buf, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tens
         prev = cur
     disc = cfg.step_gamma ** torch.arange(k, dtype=torch.float32, device=dev)
     dense = (dense.view(T, k, W) * disc[None, :, None]).sum(1)
-    counts = {f"events/{n}": float((v.view(T, k, W).sum(1) != 0)[buf.live].float().sum()) for n, v in g_terms.items()}
+    counts = {f"events/{n}": float((v != 0)[buf.live].float().sum()) for n, v in g_terms.items()}
+    total = float(-g[buf.live].sum())
+    counts.update({f"grounded_mass/{n}": float(-g_terms[n][buf.live].sum()) / total if total > 0 else 0.0
+                   for n in GROUNDED_TERMS})
     return g * buf.live, dense * buf.live, counts
 
 
@@ -229,9 +283,14 @@ class Trainer:
         self.iteration = 0
         self.history: list[dict] = []
         self.nonfinite_run = 0
+        self.probe: dict | None = None
         if resume:
             try:
                 self._load()
+                if (self.out / "probe.pt").exists():
+                    self.probe = {k: v.to(device) if isinstance(v, torch.Tensor) else
+                                  {kk: vv.to(device) for kk, vv in v.items()}
+                                  for k, v in load_torch(self.out / "probe.pt", "probe set (probe.pt)").items()}
             except BaseException:
                 self.close()  # no Ray workers left behind
                 raise
@@ -357,14 +416,23 @@ class Trainer:
         targets = self.method.advantages(data)
         rows = {"chosen": buf.flat(buf.chosen), "logp_old": buf.flat(buf.logp_old), "valid": valid,
                 "features": feats, "tlogq": tlogq, **targets}
+        if self.probe is None and cfg.probe_states > 0 and (scores is not None or buf.snapshot is not None):
+            self._make_probe(buf, scores)  # (Ray workers score PPO / REINFORCE++ buffers nowhere: no probe)
         sums: dict[str, list] = {}
         self.policy.eval()
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        mb_size = min(cfg.minibatch, N)
+        first = True
         for _ in range(cfg.epochs):
             perm = torch.randperm(N, generator=self.mb_gen)
-            for i in range(0, N, cfg.minibatch):
-                idx = perm[i:i + cfg.minibatch]
+            for i in range(0, N - mb_size + 1, mb_size):  # full minibatches only: a partial last one is dropped
+                idx = perm[i:i + mb_size]
                 mb = {k: v[idx] for k, v in rows.items()}
-                cs = self.policy(obs.index(idx))
+                ob = obs.index(idx)
+                if cfg.teacher_per_step:  # the teacher moved since the iteration began: its current targets
+                    with torch.no_grad():
+                        mb["tlogq"] = masked_log_softmax(self.teacher(ob).logits, mb["valid"])
+                cs = self.policy(ob)
                 logp = masked_log_softmax(cs.logits, mb["valid"])
                 out = self.method.loss(logp, mb)
                 rkl, fkl = kl_terms(logp, mb["tlogq"], mb["valid"])
@@ -386,16 +454,23 @@ class Trainer:
                 self.nonfinite_run = 0
                 sums.setdefault("skipped_share", []).append(0.0)
                 self.opt.zero_grad(set_to_none=True)
+                if first:  # the gradient-norm share of each loss term, on the iteration's first minibatch
+                    for k, v in grad_shares(out, params).items():
+                        sums[f"gradshare/{k}"] = [v]
+                    first = False
                 loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]],
-                                                    cfg.grad_clip)
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 self.opt.step()
+                if cfg.teacher_per_step:
+                    self._ema()
                 out["loss"] = loss.detach()
                 out["grad_norm"] = gn
                 for k, v in out.items():
                     sums.setdefault(k, []).append(float(v.detach()))
         self.sched.step()
-        self._ema()
+        if not cfg.teacher_per_step:
+            self._ema()
+        probe_row = self._probe_row() if self.probe is not None else {}
         t3 = time.time()
         self.iteration += 1
         row = {"iteration": self.iteration, "transitions": N, "lr": self.opt.param_groups[0]["lr"],
@@ -403,7 +478,8 @@ class Trainer:
                **{k: sum(v) / len(v) for k, v in sums.items()}, **counts,
                "grounded_return_mean": float(grounded.sum() / max(1, N)),
                "dense_reward_mean": float(dense.sum() / max(1, N)),
-               "episodes_ended": float((buf.events["done"].any(1) & buf.live).sum()), "waves": buf.info["waves_started"]}
+               "episodes_ended": float((buf.events["done"].any(1) & buf.live).sum()), "waves": buf.info["waves_started"],
+               "teacher_momentum": cfg.teacher_momentum, **probe_row}
         for k, v in targets.items():
             if k.startswith("adv") and v.numel():
                 row[f"{k}_mean"], row[f"{k}_std"] = float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0
@@ -440,9 +516,72 @@ class Trainer:
         if hasattr(self.collector, "close"):
             self.collector.close()
 
+    # -------------------------------------------------------------- probe set
+    def _make_probe(self, buf, scores) -> None:
+        """Keep ``probe_states`` states of the first buffer (seeded draw), scored once by the proxy, with the
+        initial policy's log-probabilities; saved to ``probe.pt`` (a resumed run reads it back)."""
+        cfg = self.cfg
+        N = buf.size
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        idx = torch.randperm(N, generator=g)[:min(cfg.probe_states, N)].sort().values
+        traj, valid = buf.candidates.trajectories[idx], buf.candidates.valid[idx]
+        if scores is None:
+            trk = TrackerState(*(buf.tracker[k][idx] for k in ("integral", "prev_error", "has_prev")))
+            scores = self.proxy.score(buf.snapshot.index(idx), traj, valid, trk)
+            ret, adv = scores.returns, scores.advantages
+        else:
+            ret, adv = scores.returns[idx], scores.advantages[idx]
+        obs = buf.obs.index(idx)
+        with torch.no_grad():
+            logp0 = masked_log_softmax(self.policy(obs).logits, valid)
+        self.probe = {"obs": {f.name: getattr(obs, f.name) for f in dataclasses.fields(obs)}, "valid": valid,
+                      "returns": ret, "adv": adv, "logp0": logp0}
+        atomic_save(self.probe, self.out / "probe.pt")
+
+    @torch.no_grad()
+    def _probe_row(self) -> dict:
+        """The probe diagnostics of the current policy (after the iteration's update and teacher update)."""
+        from craft.world.observe import Observation
+
+        p = self.probe
+        obs, valid = Observation(**p["obs"]), p["valid"]
+        logp = masked_log_softmax(self.policy(obs).logits, valid)
+        logq = masked_log_softmax(self.teacher(obs).logits, valid)
+        return probe_metrics(logp, p["logp0"], logq, valid, p["returns"], p["adv"])
+
+    # -------------------------------------------------------------- periodic closed-loop validation
+    def _validate(self) -> dict:
+        """Closed-loop evaluation of the current policy on the ``val`` subset (one b2d rollout scored under both
+        protocols); its policy and results stay under ``val/it-NNNN/``. ``val/DS``, ``val/SR`` are b2d-star."""
+        import json
+
+        from craft.bench.metrics import load_results
+        from craft.bench.runner import EvalConfig, evaluate, make_driver
+
+        cfg = self.cfg
+        t0 = time.time()
+        folder = self.out / "val" / f"it-{self.iteration:04d}"
+        files = {p: folder / p / "results.json" for p in ("b2d-star", "b2d")}
+        if not all(f.exists() for f in files.values()):
+            self.policy.save(folder / "policy.pt", meta={**getattr(self.policy, "meta", {}),
+                                                         "finetune": {"method": cfg.method,
+                                                                      "iteration": self.iteration}})
+            with torch.random.fork_rng():
+                evaluate(make_driver(str(folder / "policy.pt")), "val", folder / "b2d",
+                         EvalConfig(protocol="b2d", seed=cfg.val_seed, max_steps=cfg.val_max_steps),
+                         routes=cfg.val_routes, types=list(cfg.val_types) if cfg.val_types else None,
+                         also={"b2d-star": folder / "b2d-star"})
+        out = {}
+        for proto, f in files.items():
+            summ = load_results(f)["summary"]
+            suffix = "" if proto == "b2d-star" else "_b2d"
+            out[f"val/DS{suffix}"], out[f"val/SR{suffix}"] = float(summ["DS"]), float(summ["SR"])
+        out["t_val"] = time.time() - t0
+        return out
+
     @torch.no_grad()
     def _ema(self) -> None:
-        m = self.cfg.ema
+        m = self.cfg.teacher_momentum
         tp = dict(self.teacher.named_parameters())
         for k, p in self.policy.trainable_parameters().items():
             tp[k].mul_(m).add_(p.detach(), alpha=1 - m)
@@ -456,6 +595,9 @@ class Trainer:
         try:
             while self.iteration < self.cfg.iters:
                 row = self.iterate()
+                if self.cfg.val_every and (self.iteration % self.cfg.val_every == 0
+                                           or self.iteration == self.cfg.iters):
+                    row.update(self._validate())
                 self._save()
                 if writer is None:
                     writer = SummaryWriter(str(self.out / "tb"))
@@ -470,6 +612,36 @@ class Trainer:
                 writer.close()
             self.close()
         return self.history
+
+
+def grad_shares(out: dict, params: list) -> dict[str, float]:
+    """Share of each ``loss_*`` term of ``out`` in the sum of the terms' gradient norms over ``params``."""
+    norms = {}
+    for k, v in out.items():
+        if not k.startswith("loss_") or not v.requires_grad:
+            continue
+        gs = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+        norms[k[5:]] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs if g is not None)
+                                        + torch.zeros((), dtype=torch.float64)))
+    total = sum(norms.values())
+    return {k: (v / total if total > 0 else 0.0) for k, v in norms.items()}
+
+
+def probe_metrics(logp: torch.Tensor, logp0: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor,
+                  returns: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
+    """Learning diagnostics on the fixed probe states (all (n, G); masked log-probabilities).
+
+    ``probe/kl_init`` KL(pi || initial policy) and ``probe/kl_teacher`` KL(pi || teacher), means over states;
+    ``probe/adv_gain``: E_pi[A] - E_init[A] of the proxy's group-normalised advantage;
+    ``probe/top1_return_gain``: mean proxy return of pi's top-1 candidate minus the initial top-1's;
+    ``probe/top1_changed``: share of states whose top-1 candidate changed."""
+    kl_init = kl_terms(logp, logp0, valid)[0].mean()
+    kl_teacher = kl_terms(logp, logq, valid)[0].mean()
+    gain = ((logp.exp() - logp0.exp()) * adv).sum(-1).mean()
+    t1, t0 = logp.argmax(-1), logp0.argmax(-1)
+    r1, r0 = returns.gather(1, t1[:, None]).squeeze(1), returns.gather(1, t0[:, None]).squeeze(1)
+    return {"probe/kl_init": float(kl_init), "probe/kl_teacher": float(kl_teacher), "probe/adv_gain": float(gain),
+            "probe/top1_return_gain": float((r1 - r0).mean()), "probe/top1_changed": float((t1 != t0).float().mean())}
 
 
 def _write_csv(path: Path, history: list[dict]) -> None:
@@ -531,4 +703,5 @@ def finetune(init: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfi
                    address=address).run()
 
 
-__all__ = ["FinetuneConfig", "Trainer", "finetune", "decision_rewards", "read_state", "saved_iteration"]
+__all__ = ["FinetuneConfig", "Trainer", "finetune", "decision_rewards", "grad_shares", "probe_metrics",
+           "read_state", "saved_iteration"]
