@@ -11,6 +11,7 @@ deterministic, so the replay is the same drive) with frames recorded.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from contextlib import ExitStack
@@ -373,6 +374,58 @@ def chain_breakdown(chain: list[dict], infractions: dict[str, list[dict]], progr
     return rows + [rest]
 
 
+# ---------------------------------------------------------------------- sharded evaluation (Ray)
+def _eval_shard(spec: dict, batches: list[int]) -> list:
+    """A Ray task: the batches ``batches`` of the evaluation described by ``spec`` (see
+    :func:`evaluate_sharded`); returns their route logs in route order."""
+    torch.set_num_threads(1)
+    instances, world = eval_world(spec["split"], spec["town_seeds"], spec["routes"], spec["types"], spec["cfg"],
+                                  spec["device"])
+    driver = make_driver_from(spec["policy"], spec["checkpoint"], device=spec["device"])
+    return route_logs(world, instances, driver, spec["cfg"], batches=batches, progress=False)
+
+
+def evaluate_sharded(policy: str, checkpoint: dict | None, split: str, town_seeds: list[int], routes, types,
+                     cfg, device: str, num_routes: int, workers: int, address: str | None = None) -> list:
+    """Route logs of every route of an evaluation, in route order, computed by Ray tasks.
+
+    The evaluation's batches (``cfg.batch_size`` consecutive routes each, as in one process) are dealt
+    round-robin to ``min(workers, batches)`` tasks; a batch runs exactly as it does in one process, so the
+    logs are the same (bit for bit). policy: ``expert``, ``lane-follow`` or a label; checkpoint: the policy
+    checkpoint dict (None for the built-in drivers); the rest as :func:`craft.bench.runner.evaluate`."""
+    import ray
+
+    from craft.raytools import gpu_options, init_ray, ray_get
+
+    nb = len(eval_batches(num_routes, cfg))
+    if nb < workers:
+        import sys
+
+        print(f"craft: note: {num_routes} routes in batches of {cfg.batch_size} make {nb} batch(es) for {workers} "
+              f"workers; --batch-size {math.ceil(num_routes / workers)} would use them all", file=sys.stderr)
+    started = init_ray(address, workers)
+    try:
+        spec = {"policy": policy, "checkpoint": checkpoint, "split": split, "town_seeds": town_seeds,
+                "routes": routes, "types": types, "cfg": cfg, "device": device}
+        ref = ray.put(spec)
+        task = ray.remote(num_cpus=1, max_retries=3, **gpu_options(device, workers))(_eval_shard)
+        shards = [list(range(i, nb, workers)) for i in range(min(workers, nb))]
+        parts = ray_get([task.remote(ref, s) for s in shards], "evaluation")
+    finally:
+        if started:
+            ray.shutdown()
+    per_batch: dict[int, list] = {}
+    size = cfg.batch_size
+    for s, part in zip(shards, parts):
+        pos = 0
+        for k in s:
+            n = min(num_routes, (k + 1) * size) - k * size
+            per_batch[k] = part[pos:pos + n]
+            pos += n
+    return [log for k in range(nb) for log in per_batch[k]]
+
+
+
 # ---------------------------------------------------------------------- whole split
 def eval_world(split: str, town_seeds: list[int], routes: int | None, types: list[str] | None, cfg: EvalConfig,
                device: str = "cpu") -> tuple[list, World]:
@@ -422,7 +475,7 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     until every route has run; each folder is filled through a staging folder with ``results.json`` moved in
     last (a failure leaves the folders untouched). ``logs_out``: a list that receives the routes'
     :class:`RouteLog` s (to score them again under other rules). ``workers > 1`` or an ``address``: the routes run on
-    Ray workers (:func:`craft.finetune.distributed.evaluate_sharded`) with the same records; the driver must be
+    Ray workers (:func:`evaluate_sharded`) with the same records; the driver must be
     ``expert``, ``lane-follow`` or a top-1 :class:`~craft.policies.driver.PolicyDriver`.
     """
     also = dict(also or {})
@@ -439,8 +492,6 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
     t0 = time.time()
     if workers > 1 or address is not None:  # routes dealt to Ray tasks; the same records (tested)
-        from craft.finetune.distributed import evaluate_sharded
-
         if getattr(driver, "sample", False) or not (hasattr(driver, "policy") or driver.name in ("expert",
                                                                                              "lane-follow")):
             raise CraftError(f"--workers: driver '{driver.name}' cannot be sent to Ray workers (expert, lane-follow "

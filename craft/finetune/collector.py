@@ -134,7 +134,7 @@ class Collector:
         self.wave = 0  # waves started so far (all groups)
         self.next_route = 0  # position in ``order`` of the next route to start
         self.sample_gen = torch.Generator().manual_seed(cfg.seed + 1 + (1_000_003 * (i + 1) if n_sh > 1 else 0))
-        n = min(cfg.worlds, len(self.order))
+        n = min(cfg.worlds, len(self.instances))
         k = min(cfg.cohorts, n)
         self.sizes = [n // k + (1 if c < n % k else 0) for c in range(k)]
         self.groups = [{"running": False, "wait": c * cfg.stagger} for c in range(k)]

@@ -37,7 +37,6 @@ Ray is imported lazily: ``import craft`` does not pay for it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import socket
 import time
@@ -47,61 +46,12 @@ import torch
 from torch import Tensor
 
 from craft.errors import CraftError
-
-
-# ---------------------------------------------------------------------- Ray start-up
-def init_ray(address: str | None, cpus: int) -> bool:
-    """Start a local Ray instance (``address`` None, ``cpus`` logical CPUs, at least the machine's cores) or
-    join the cluster at ``address`` (``auto``: the one ``ray start`` made on this machine; ``HOST:PORT``).
-    Returns whether this call started it (the caller shuts it down). A running Ray is reused."""
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - ray is a dependency
-        raise CraftError("Ray is not installed: pip install ray (it comes with the project's install)") from None
-    if ray.is_initialized():
-        return False
-    kw = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
-    if address not in (None, "auto"):
-        _check_reachable(address)
-    try:
-        if address is None:
-            ray.init(num_cpus=max(cpus, os.cpu_count() or 1), **kw)
-        else:
-            ray.init(address=address, **kw)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise CraftError(f"could not {'start Ray' if address is None else f'join the Ray cluster at {address}'}: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (start one with "
-                         "`ray start --head`, or leave out --address for a local one)") from None
-    return True
-
-
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """A one-line error, in seconds rather than Ray's minutes of retries, when nothing listens at HOST:PORT."""
-    addr = address.split("://", 1)[-1]
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise CraftError(f"--address must be auto or HOST:PORT, got '{address}'")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise CraftError(f"no Ray cluster answers at {address} ({e.strerror or e}); start its head with "
-                         "`ray start --head` and pass the address it prints") from None
+from craft.raytools import gpu_options, init_ray, ray_get
 
 
 def _share(total: int, i: int, n: int) -> int:
     """Worker ``i``'s share of ``total`` over ``n`` workers (the first ``total % n`` get one more), >= 1."""
     return max(1, total // n + (1 if i < total % n else 0))
-
-
-def _gpu_options(device: str, n: int) -> dict:
-    import ray
-
-    if not str(device).startswith("cuda"):
-        return {}
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    if gpus <= 0:
-        raise CraftError("--device cuda with Ray workers: the Ray cluster has no GPU")
-    return {"num_gpus": min(1.0, gpus / n)}
 
 
 # ---------------------------------------------------------------------- the fine-tuning worker
@@ -255,7 +205,7 @@ class RayCollector:
         try:
             self._ck = ray.put(policy.checkpoint())  # kept alive: a restarted actor is rebuilt from it
             actor = ray.remote(num_cpus=1, max_restarts=max_restarts, max_task_retries=0,
-                               **_gpu_options(device, workers))(CollectWorker)
+                               **gpu_options(device, workers))(CollectWorker)
             self.workers = [actor.remote(self._ck, cfg, i, workers, device) for i in range(workers)]
             try:
                 self.info = self._get([w.ready.remote() for w in self.workers], "start")
@@ -271,18 +221,7 @@ class RayCollector:
         """Called right after an iteration's work was sent to the workers (fault-injection tests)."""
         self.startup_s = time.time() - t0
 
-    @staticmethod
-    def _get(refs, what: str):
-        import ray
-
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as e:  # an exception inside a worker: its own one-line message
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            if isinstance(cause, CraftError):
-                raise CraftError(str(cause)) from None
-            raise CraftError(f"Ray worker failed during {what}: {type(cause).__name__}: "
-                             f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
+    _get = staticmethod(ray_get)
 
     def _recover(self, i: int) -> None:
         """Wait for worker ``i``'s restart and give it back its collector state of the last iteration."""
@@ -374,57 +313,4 @@ class RayCollector:
         self.started_ray = False
 
 
-# ---------------------------------------------------------------------- evaluation
-def _eval_shard(spec: dict, batches: list[int]) -> list:
-    """A Ray task: the batches ``batches`` of the evaluation described by ``spec`` (see
-    :func:`evaluate_sharded`); returns their route logs in route order."""
-    torch.set_num_threads(1)
-    from craft.bench.runner import eval_world, make_driver_from, route_logs
-
-    instances, world = eval_world(spec["split"], spec["town_seeds"], spec["routes"], spec["types"], spec["cfg"],
-                                  spec["device"])
-    driver = make_driver_from(spec["policy"], spec["checkpoint"], device=spec["device"])
-    return route_logs(world, instances, driver, spec["cfg"], batches=batches, progress=False)
-
-
-def evaluate_sharded(policy: str, checkpoint: dict | None, split: str, town_seeds: list[int], routes, types,
-                     cfg, device: str, num_routes: int, workers: int, address: str | None = None) -> list:
-    """Route logs of every route of an evaluation, in route order, computed by Ray tasks.
-
-    The evaluation's batches (``cfg.batch_size`` consecutive routes each, as in one process) are dealt
-    round-robin to ``min(workers, batches)`` tasks; a batch runs exactly as it does in one process, so the
-    logs are the same (bit for bit). policy: ``expert``, ``lane-follow`` or a label; checkpoint: the policy
-    checkpoint dict (None for the built-in drivers); the rest as :func:`craft.bench.runner.evaluate`."""
-    import ray
-
-    from craft.bench.runner import eval_batches
-
-    nb = len(eval_batches(num_routes, cfg))
-    if nb < workers:
-        import sys
-
-        print(f"craft: note: {num_routes} routes in batches of {cfg.batch_size} make {nb} batch(es) for {workers} "
-              f"workers; --batch-size {math.ceil(num_routes / workers)} would use them all", file=sys.stderr)
-    started = init_ray(address, workers)
-    try:
-        spec = {"policy": policy, "checkpoint": checkpoint, "split": split, "town_seeds": town_seeds,
-                "routes": routes, "types": types, "cfg": cfg, "device": device}
-        ref = ray.put(spec)
-        task = ray.remote(num_cpus=1, max_retries=3, **_gpu_options(device, workers))(_eval_shard)
-        shards = [list(range(i, nb, workers)) for i in range(min(workers, nb))]
-        parts = RayCollector._get([task.remote(ref, s) for s in shards], "evaluation")
-    finally:
-        if started:
-            ray.shutdown()
-    per_batch: dict[int, list] = {}
-    size = cfg.batch_size
-    for s, part in zip(shards, parts):
-        pos = 0
-        for k in s:
-            n = min(num_routes, (k + 1) * size) - k * size
-            per_batch[k] = part[pos:pos + n]
-            pos += n
-    return [log for k in range(nb) for log in per_batch[k]]
-
-
-__all__ = ["RayCollector", "CollectWorker", "merge_buffers", "merge_scores", "evaluate_sharded", "init_ray"]
+__all__ = ["RayCollector", "CollectWorker", "merge_buffers", "merge_scores"]

@@ -549,7 +549,7 @@ def start(world, instances: list[ScenarioInstance], seed: int, per_route_seed: b
     """Reset ``world`` with the instances' specs, pin the scripted agents' queues and pack the scripts.
 
     ``per_route_seed``: seed every world from its route's own identity and ``seed``
-    (:func:`craft.scenarios.splits.instance_seed`; the instances must come from a split), so a route's
+    (:func:`craft.scenarios.seeding.instance_seed`; the instances must come from a split), so a route's
     drive does not depend on the other routes of the batch. Otherwise world ``b`` draws from ``(seed, b)``.
 
     Returns ``(state, table)``; then per step: ``state, table = script.apply(state, table, maps=world.maps)``
@@ -559,7 +559,7 @@ def start(world, instances: list[ScenarioInstance], seed: int, per_route_seed: b
 
     row_seeds = None
     if per_route_seed:
-        from craft.scenarios.splits import instance_seed
+        from craft.scenarios.seeding import instance_seed
 
         row_seeds = [instance_seed(inst, seed) for inst in instances]
     state = world.reset([inst.spec for inst in instances], seed, row_seeds=row_seeds)

@@ -43,6 +43,7 @@ import numpy as np
 
 from craft.errors import CraftError
 from craft.scenarios.base import ScenarioInstance, build_scenario, implemented_types
+from craft.scenarios.seeding import instance_seed, route_identity, route_seed  # noqa: F401  (re-exported)
 
 B2D_TYPES = (
     "Accident", "AccidentTwoWays", "BlockedIntersection", "ConstructionObstacle", "ConstructionObstacleTwoWays",
@@ -80,32 +81,6 @@ def route_number(scenario_type: str, k: int) -> int:
     if not 0 <= int(k) < ROUTES_PER_TYPE_MAX:
         raise CraftError(f"route number k must be in [0, {ROUTES_PER_TYPE_MAX}), got {k}")
     return ti * ROUTES_PER_TYPE_MAX + int(k)
-
-
-def route_identity(split: str, scenario_type: str, k: int, town_seed: int) -> str:
-    """What makes a route the route it is: ``"<split>/<type>/<k>/<town seed>"`` (the town seed is part of it:
-    ``--town-seeds`` moves route k of a type to another town)."""
-    return f"{split}/{scenario_type}/{int(k)}/{int(town_seed)}"
-
-
-def route_seed(identity: str, seed: int) -> int:
-    """The seed of one route's world (background traffic placement and random stream): a pure function of
-    the route's :func:`route_identity` and the evaluation seed, in ``[0, 2**31 - 1)``. It does not depend on
-    which routes share the batch, their order, the batch size or the process that runs the route.
-
-    >>> route_seed("test/Accident/0/10013", 0) == route_seed("test/Accident/0/10013", 0)
-    True
-    """
-    return zlib.crc32(f"{identity}#{int(seed)}".encode()) % (2**31 - 1)
-
-
-def instance_seed(inst: ScenarioInstance, seed: int) -> int:
-    """:func:`route_seed` of a split instance (``meta["split"]``, ``meta["route_id"]`` = k, ``town_seed``)."""
-    m = inst.meta
-    for key in ("split", "route_id"):
-        if key not in m:
-            raise CraftError(f"instance_seed: the {inst.type} instance has no meta[{key!r}] (not made by split_specs)")
-    return route_seed(route_identity(m["split"], inst.type, m["route_id"], inst.town_seed), seed)
 
 
 def split_town_seeds(split: str) -> list[int]:
