@@ -323,3 +323,30 @@ def test_ongoing_contacts_rule_by_hand():
     out = _ongoing_contacts(cb[perm], cg[perm], ch[perm], cn[perm], overlap0, G=2, H=5)
     expect = torch.tensor([True, True, True, True, False, False, False])[perm]
     assert out.tolist() == expect.tolist()
+
+
+def test_optimised_path_matches_the_reference_path(town):
+    """The fused ego loop and the route tracking of the default path give the returns of the unoptimised
+    reference path (the world's track_prepared / bicycle_step per step, candidate-major route windows),
+    with and without tracker memory at the snapshot, on a town batch with stop plans and lane changes."""
+    from craft.world.tracker import TrackerState
+
+    mb, st, traj, valid = _town_batch(town, B=4, G=32, seed=3)
+    traj[:, :3] = 0.0  # stop-in-place plans (the tracker's heading alignment)
+    g = torch.Generator().manual_seed(5)
+    memory = TrackerState(torch.randn(4, generator=g) * 0.5, torch.randn(4, generator=g),
+                          torch.tensor([True, False, True, True]))
+    fast, ref = CounterfactualWorld(mb), CounterfactualWorld(mb, reference=True)
+    assert not fast.reference and ref.reference
+    for tr in (None, memory):
+        a, b = fast.score(st, traj, valid, tr), ref.score(st, traj, valid, tr)
+        assert torch.allclose(a.returns, b.returns, atol=1e-5, rtol=0)
+        assert torch.allclose(a.advantages, b.advantages, atol=1e-5, rtol=0)
+        assert torch.equal(a.collided, b.collided)
+        for k in TERMS:
+            assert torch.allclose(a.terms[k], b.terms[k], atol=1e-5, rtol=0), k
+        pa, pb = fast.ego_rollout(st, traj, tr), ref.ego_rollout(st, traj, tr)
+        for x, y in zip(pa, pb):
+            assert torch.allclose(x, y, atol=1e-5, rtol=0)
+    # the scores are not trivially equal: the candidates differ and some leave the road or stop
+    assert float(a.returns[valid].std()) > 0.1

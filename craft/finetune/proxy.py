@@ -76,7 +76,7 @@ from craft.finetune.rewards import (
     group_normalise,
 )
 from craft.world.collision import candidate_collision_pairs, ego_collisions
-from craft.world.dynamics import bicycle_step, pedestrian_step
+from craft.world.dynamics import _MIN_WHEELBASE, _STEER_ABS_CAP, bicycle_step, pedestrian_step, wrap_angle
 from craft.world.events import EventConfig
 from craft.world.kinds import AgentKind
 from craft.world.map import (
@@ -88,8 +88,10 @@ from craft.world.map import (
     take,
 )
 from craft.world.state import Mode, WorldState
+from craft.world.tracker import _EPS as _TRACK_EPS
 from craft.world.tracker import (
     TrackerConfig,
+    _plan_speed_scalar,
     TrackerState,
     ego_to_world,
     prepare_plan,
@@ -521,7 +523,7 @@ class _Route:
         s = cum + u.gather(1, k).squeeze(1) * length
         return jj.gather(1, k).squeeze(1), d2min.squeeze(1).sqrt_(), s, cos, sin
 
-    def tracker(self, b: Tensor, back: int, ahead: int):
+    def tracker(self, b: Tensor, back: int, ahead: int, reference: bool = False):
         """:meth:`project` for repeated calls with the same states ``b (Q,)`` and window: the windows of
         every (state, segment) are laid out once as contiguous rows ``(5, Bc * nseg, A)``, so each step
         gathers one block per candidate. Returns ``step(j, pos) -> (j_new, dist, s, cos, sin)``."""
@@ -533,20 +535,40 @@ class _Route:
         win = self.win.index_select(1, rows).view(5, self.Bc * n, A)
         base = b * n
 
-        def step(j: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
-            f = win.index_select(1, base + j)  # (5, Q, A)
-            rx = pos[:, 0:1] - f[0]
-            ry = pos[:, 1:2] - f[1]
-            u = ((rx * f[2] + ry * f[3]) * f[4]).clamp_(0.0, 1.0)  # as in project (same rounding)
-            ex, ey = rx - u * f[2], ry - u * f[3]
-            d2 = ex * ex + ey * ey
-            d2min, k = d2.min(-1, keepdim=True)
-            j_new = (j + k.squeeze(1) - back).clamp_(0, n - 1)
+        if reference:
+            def step(j: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+                f = win.index_select(1, base + j)  # (5, Q, A)
+                rx = pos[:, 0:1] - f[0]
+                ry = pos[:, 1:2] - f[1]
+                u = ((rx * f[2] + ry * f[3]) * f[4]).clamp_(0.0, 1.0)  # as in project (same rounding)
+                ex, ey = rx - u * f[2], ry - u * f[3]
+                d2 = ex * ex + ey * ey
+                d2min, k = d2.min(-1, keepdim=True)
+                j_new = (j + k.squeeze(1) - back).clamp_(0, n - 1)
+                r = base + j_new
+                cum, length, cos, sin = (x.index_select(0, r) for x in self.out)
+                return j_new, d2min.squeeze(1).sqrt_(), cum + u.gather(1, k).squeeze(1) * length, cos, sin
+
+            return step
+        # window-major (5 * A, Bc * nseg): each step gathers (5 * A, Q) and the (A, Q) ops run along Q
+        winT = win.permute(0, 2, 1).reshape(5 * A, self.Bc * n)
+        Q = b.shape[0]
+        colq = torch.arange(Q, device=b.device)
+
+        def step_t(j: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+            f = winT.index_select(1, base + j).view(5, A, Q)
+            rx = pos[:, 0][None] - f[0]
+            ry = pos[:, 1][None] - f[1]
+            u = (rx * f[2]).add_(ry * f[3]).mul_(f[4]).clamp_(0.0, 1.0)  # as in project (same rounding)
+            ex, ey = rx.sub_(u * f[2]), ry.sub_(u * f[3])
+            d2 = ex.mul_(ex).add_(ey.mul_(ey))
+            d2min, k = d2.min(0)
+            j_new = (j + k - back).clamp_(0, n - 1)
             r = base + j_new
             cum, length, cos, sin = (x.index_select(0, r) for x in self.out)
-            return j_new, d2min.squeeze(1).sqrt_(), cum + u.gather(1, k).squeeze(1) * length, cos, sin
+            return j_new, d2min.sqrt_(), cum + u.view(-1).index_select(0, k * Q + colq) * length, cos, sin
 
-        return step
+        return step_t
 
 
 # ---------------------------------------------------------------------- stop signs over a whole trajectory
@@ -603,12 +625,14 @@ class CounterfactualWorld:
     tracker_cfg: the closed-loop tracker's :class:`TrackerConfig` (default config if None).
     """
 
-    def __init__(self, maps: MapBatch, cfg: ProxyConfig = ProxyConfig(), tracker_cfg: TrackerConfig | None = None):
+    def __init__(self, maps: MapBatch, cfg: ProxyConfig = ProxyConfig(), tracker_cfg: TrackerConfig | None = None,
+                 reference: bool = False):
         if not isinstance(maps, MapBatch):
             raise CraftError("CounterfactualWorld needs a MapBatch (the one the snapshots' map_id index)")
         self.maps = maps
         self.cfg = cfg
         self.tracker_cfg = tracker_cfg or TrackerConfig()
+        self.reference = bool(reference)
         self.device = maps.device
         self.lanes = _LaneIndex(maps, cfg.lane_grid_cell, cfg.lane_simplify_tol)
         lim = torch.zeros(len(AgentKind), 5)
@@ -757,6 +781,106 @@ class CounterfactualWorld:
             P[h], Y[h], V[h] = p, y, v
         return P, Y, V
 
+    def _ego_loop_fused(self, ego: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_ego_loop` with the tracker and the bicycle written out for this use (same operations in
+        the same order, so the same rounding): limits as scalars, the wheelbase clamped once, x / y kept
+        apart, one gather of a stacked segment table for the lookahead point, the plan's target speed
+        interpolated once per step, the arc-length search as a comparison count (``searchsorted``'s
+        result on sorted arc lengths). Returns ``pos (H, Q, 2)``, ``yaw (H, Q)``, ``speed (H, Q)``."""
+        H, dt = self.cfg.horizon, self.cfg.dt
+        tc = self.tracker_cfg
+        g = ego["geom"]
+        Q = ego["speed"].shape[0]
+        dev, dtype = ego["speed"].device, ego["speed"].dtype
+        f32 = lambda x: float(torch.tensor(x, dtype=dtype))  # a limit as the float32 the world computes with
+        max_accel, max_brake, max_steer, max_steer_rate, max_speed = self._ego_limits
+        max_accel, max_brake, max_speed = f32(max(max_accel, 0.0)), f32(max(max_brake, 0.0)), f32(max(max_speed, 0.0))
+        max_steer = f32(min(max(max_steer, 0.0), _STEER_ABS_CAP))
+        max_delta = float(torch.tensor(max(max_steer_rate, 0.0), dtype=dtype) * dt)
+        wb_track = ego["wheelbase"].clamp_min(1e-3)  # the tracker's clamp, then the bicycle's
+        wb_bike = wb_track.clamp_min(_MIN_WHEELBASE)
+        two_wb = 2.0 * wb_track
+        S = g.seg_len.shape[1]
+        # segment-major (S, Q) copies: the per-step (segment, candidate) ops then run along Q (vectorised)
+        ax, ay, sx, sy, l2c = (x.t().contiguous() for x in (g.ax, g.ay, g.sx, g.sy, g.seg_len2c))
+        cum = g.cum.t().contiguous()  # (S + 1, Q)
+        tab = torch.stack([cum[:S], g.seg_len.t(), ax, sx, ay, sy], 0).view(6, S * Q)  # rows: one gather
+        col = torch.arange(Q, device=dev)
+        total, end_x, end_y = g.total, g.points[:, -1, 0], g.points[:, -1, 1]
+        dir_x, dir_y = g.direction[:, 0], g.direction[:, 1]
+        stationary, final_yaw = g.stationary, g.final_yaw
+        any_stat = bool(stationary.any())
+        ts = ego["tracker"]
+        integral, prev_error, prev_valid = ts.integral, ts.prev_error, ts.prev_valid()
+        first_valid = bool(prev_valid.all())
+        px, py = ego["pos"][:, 0].contiguous(), ego["pos"][:, 1].contiguous()
+        yaw, speed, steer = ego["yaw"], ego["speed"], ego["steer"]
+        P = ego["pos"].new_empty(H, Q, 2)
+        Y = yaw.new_empty(H, Q)
+        V = speed.new_empty(H, Q)
+        zero = torch.zeros((), dtype=dtype, device=dev)
+        two_pi = 2.0 * math.pi
+        for h in range(H):
+            # ---- the tracker (track_prepared): PID on the plan's speed ahead in time
+            target = _plan_speed_scalar(g.seg_speed, h * dt + 0.0, tc, dtype)
+            stopping = stationary | (target < tc.stop_speed)
+            error = target - speed
+            integrate = error.abs() <= tc.integral_band
+            integral = torch.where(integrate, integral + error * dt, integral).clamp_(-tc.integral_limit,
+                                                                                      tc.integral_limit)
+            derivative = (error - prev_error) / dt
+            if not (h > 0 or first_valid):
+                derivative = torch.where(prev_valid, derivative, zero)
+            pid = (tc.kp * error).add_(tc.ki * integral).add_(tc.kd * derivative)
+            accel_cmd = torch.where(stopping, -tc.stop_decel, pid)
+            integral = torch.where(stopping, 0.0, integral)
+            prev_error = error
+            # pure pursuit: the lookahead point on the plan's polyline
+            ld = (tc.lookahead_min + tc.lookahead_gain * speed).clamp_(tc.lookahead_min, tc.lookahead_max)
+            pxc, pyc = px[None], py[None]
+            rx, ry = pxc - ax, pyc - ay
+            u = (rx * sx).add_(ry * sy).div_(l2c).clamp_(0.0, 1.0)
+            fx = pxc - (ax + u * sx)
+            fy = pyc - (ay + u * sy)
+            k = fx.mul_(fx).add_(fy.mul_(fy)).min(dim=0, keepdim=True).indices  # (1, Q)
+            kr = k.squeeze(0) * Q + col
+            ck, lk = tab[0].index_select(0, kr), tab[1].index_select(0, kr)
+            s_target = (ck + u.view(-1).index_select(0, kr) * lk).add_(ld)
+            j = ((cum < s_target).sum(0) - 1).clamp_(0, S - 1)  # searchsorted(cum, s) - 1 (cum sorted)
+            tj = tab.index_select(1, j * Q + col)  # (6, Q): cum, len, ax, sx, ay, sy at j
+            j_frac = ((s_target - tj[0]) / tj[1].clamp_min(_TRACK_EPS)).clamp_(0.0, 1.0)
+            over = (s_target - total).clamp_min_(0.0)
+            past = s_target > total
+            goal_x = torch.where(past, end_x + over * dir_x, tj[2] + j_frac * tj[3])
+            goal_y = torch.where(past, end_y + over * dir_y, tj[4] + j_frac * tj[5])
+            c, s = torch.cos(yaw), torch.sin(yaw)
+            dx, dy = goal_x.sub_(px), goal_y.sub_(py)
+            gx = (c * dx).add_(s * dy)
+            gy = (-s).mul_(dx).add_(c * dy)
+            dist = (gx * gx).add_(gy * gy).sqrt_().clamp_min_(_TRACK_EPS)
+            sin_alpha = torch.where(gx < 0, torch.where(gy >= 0, 1.0, -1.0), gy / dist)
+            steer_cmd = torch.atan_((two_wb * sin_alpha).div_(dist))
+            if any_stat:  # a stop-in-place plan turns toward its final yaw
+                align = torch.atan_((two_wb * torch.sin(wrap_angle(final_yaw - yaw))).div_(ld))
+                steer_cmd = torch.where(stationary, align, steer_cmd)
+            accel_cmd = torch.nan_to_num_(accel_cmd, nan=0.0, posinf=0.0, neginf=0.0)
+            steer_cmd = torch.nan_to_num_(steer_cmd, nan=0.0, posinf=0.0, neginf=0.0)
+            # ---- the bicycle (bicycle_step with the EGO limits)
+            new_steer = (steer + (steer_cmd - steer).clamp_(-max_delta, max_delta)).clamp_(-max_steer, max_steer)
+            accel = accel_cmd.clamp_(-max_brake, max_accel)
+            new_speed = (speed + accel.mul_(dt)).clamp_(0.0, max_speed)
+            dist = (0.5 * (speed + new_speed)).mul_(dt)
+            dyaw = (dist * torch.tan(new_steer)).div_(wb_bike)
+            chord = dist.mul_(torch.sinc(dyaw / two_pi))
+            mid = yaw + 0.5 * dyaw
+            px = px + chord * torch.cos(mid)
+            py = py + chord.mul_(torch.sin(mid))
+            yaw = wrap_angle(yaw + dyaw)
+            speed, steer = new_speed, new_steer
+            P[h, :, 0], P[h, :, 1] = px, py
+            Y[h], V[h] = yaw, speed
+        return P, Y, V
+
     def ego_rollout(self, snapshot: WorldState, trajectories: Tensor,
                     tracker: TrackerState | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The ego following each candidate for H steps (no scoring): ``pos (B, G, H, 2)``, ``yaw (B, G, H)``,
@@ -764,7 +888,7 @@ class CounterfactualWorld:
         self._check(snapshot, trajectories, torch.ones(trajectories.shape[:2], dtype=torch.bool), tracker)
         B, G = trajectories.shape[:2]
         ego = self._ego_init(snapshot, trajectories.to(torch.float32), tracker)
-        P, Y, V = self._ego_loop(ego)
+        P, Y, V = (self._ego_loop if self.reference else self._ego_loop_fused)(ego)
         H = self.cfg.horizon
         return (P.view(H, B, G, 2).permute(1, 2, 0, 3).contiguous(), Y.view(H, B, G).permute(1, 2, 0).contiguous(),
                 V.view(H, B, G).permute(1, 2, 0).contiguous())
@@ -833,7 +957,8 @@ class CounterfactualWorld:
 
         # ---- the ego: tracker + bicycle, the only per-step loop over the full candidate set
         e_pos0, e_yaw0 = st.pos[:, 0], st.yaw[:, 0]
-        pos, yaw, speed = self._ego_loop(self._ego_init(st, traj, tracker))  # (H, Q, 2), (H, Q), (H, Q)
+        ego_loop = self._ego_loop if self.reference else self._ego_loop_fused
+        pos, yaw, speed = ego_loop(self._ego_init(st, traj, tracker))  # (H, Q, 2), (H, Q), (H, Q)
         cy, sy = torch.cos(yaw), torch.sin(yaw)
         lim = self._ego_limits
 
@@ -845,7 +970,7 @@ class CounterfactualWorld:
         has_route = route.has_route
         rdist, s_now, rc, rs = (pos.new_empty(H, Q) for _ in range(4))
         j = j0.index_select(0, bq)
-        step = route.tracker(bq, cfg.route_search_back, cfg.route_search_ahead)
+        step = route.tracker(bq, cfg.route_search_back, cfg.route_search_ahead, self.reference)
         for h in range(H):  # the projection window follows the previous step's segment
             j, rdist[h], s_now[h], rc[h], rs[h] = step(j, pos[h])
         hr = has_route.index_select(0, bq)  # (Q,)
