@@ -467,6 +467,16 @@ class _LaneIndex:
         return r
 
 
+def _min0(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x.min(0)`` of a NaN-free ``x (K, Q)``: the minima ``(Q,)`` and the first index reaching them ``(Q,)``
+    long. Reductions with indices are slow on CPU; this takes two plain minima instead: the values, then
+    the smallest ``k + K * sign(x_k - min)`` (``sign`` is 0 exactly at the minimum, 1 elsewhere)."""
+    m = x.amin(0)
+    K = x.shape[0]
+    key = (x - m).sign_().mul_(K).add_(torch.arange(K, dtype=x.dtype, device=x.device)[:, None])
+    return m, key.amin(0).long()
+
+
 # ---------------------------------------------------------------------- the route
 class _Route:
     """A window of each state's route polyline as a flat segment table, for step-to-step projection.
@@ -562,7 +572,7 @@ class _Route:
             u = (rx * f[2]).add_(ry * f[3]).mul_(f[4]).clamp_(0.0, 1.0)  # as in project (same rounding)
             ex, ey = rx.sub_(u * f[2]), ry.sub_(u * f[3])
             d2 = ex.mul_(ex).add_(ey.mul_(ey))
-            d2min, k = d2.min(0)
+            d2min, k = _min0(d2)
             j_new = (j + k - back).clamp_(0, n - 1)
             r = base + j_new
             cum, length, cos, sin = (x.index_select(0, r) for x in self.out)
@@ -842,11 +852,12 @@ class CounterfactualWorld:
             u = (rx * sx).add_(ry * sy).div_(l2c).clamp_(0.0, 1.0)
             fx = pxc - (ax + u * sx)
             fy = pyc - (ay + u * sy)
-            k = fx.mul_(fx).add_(fy.mul_(fy)).min(dim=0, keepdim=True).indices  # (1, Q)
-            kr = k.squeeze(0) * Q + col
+            k = _min0(fx.mul_(fx).add_(fy.mul_(fy)))[1]  # (Q,) the nearest segment (first minimum)
+            kr = k * Q + col
             ck, lk = tab[0].index_select(0, kr), tab[1].index_select(0, kr)
             s_target = (ck + u.view(-1).index_select(0, kr) * lk).add_(ld)
-            j = ((cum < s_target).sum(0) - 1).clamp_(0, S - 1)  # searchsorted(cum, s) - 1 (cum sorted)
+            # searchsorted(cum, s) - 1 on the sorted arc lengths: the count of cum < s (sign(s - cum) = 1), - 1
+            j = ((s_target - cum).sign_().clamp_min_(0.0).sum(0).long() - 1).clamp_(0, S - 1)
             tj = tab.index_select(1, j * Q + col)  # (6, Q): cum, len, ax, sx, ay, sy at j
             j_frac = ((s_target - tj[0]) / tj[1].clamp_min(_TRACK_EPS)).clamp_(0.0, 1.0)
             over = (s_target - total).clamp_min_(0.0)
