@@ -350,3 +350,20 @@ def test_optimised_path_matches_the_reference_path(town):
             assert torch.allclose(x, y, atol=1e-5, rtol=0)
     # the scores are not trivially equal: the candidates differ and some leave the road or stop
     assert float(a.returns[valid].std()) > 0.1
+
+
+def test_min0_is_min_with_the_first_index():
+    """The proxy's plain-minima reduction gives torch.min's values and the first index of a tie."""
+    from craft.finetune.proxy import _min0
+
+    x = torch.tensor([[3.0, 1.0, 2.0, 0.5],
+                      [1.0, 1.0, 2.0, -4.0],
+                      [1.0, 0.0, 2.0, 7.0]])  # (K = 3, Q = 4): column 0 ties rows 1, 2; column 2 ties all
+    m, k = _min0(x)
+    assert m.tolist() == [1.0, 0.0, 2.0, -4.0]
+    assert k.tolist() == [1, 2, 0, 1] and k.dtype == torch.long
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (7, 1000), generator=g).float() * 0.25  # many ties
+    m, k = _min0(y)
+    ref = y.min(0)
+    assert torch.equal(m, ref.values) and torch.equal(k, ref.indices)
