@@ -101,8 +101,8 @@ from craft.world.state import Mode, WorldState
 from craft.world.tracker import _EPS as _TRACK_EPS
 from craft.world.tracker import (
     TrackerConfig,
-    _plan_speed_scalar,
     TrackerState,
+    _plan_speed_scalar,
     ego_to_world,
     prepare_plan,
     track_prepared,
@@ -807,8 +807,8 @@ class CounterfactualWorld:
         """:meth:`_ego_loop` with the tracker and the bicycle written out for this use (same operations in
         the same order, so the same rounding): limits as scalars, the wheelbase clamped once, x / y kept
         apart, one gather of a stacked segment table for the lookahead point, the plan's target speed
-        interpolated once per step, the arc-length search as a comparison count (``searchsorted``'s
-        result on sorted arc lengths). Returns ``pos (H, Q, 2)``, ``yaw (H, Q)``, ``speed (H, Q)``."""
+        interpolated once per step, the nearest segment by :func:`_min0`, the arc-length search as a count
+        of ``sign(s - cum) = 1`` (``searchsorted``'s result on sorted arc lengths). Returns ``pos (H, Q, 2)``, ``yaw (H, Q)``, ``speed (H, Q)``."""
         H, dt = self.cfg.horizon, self.cfg.dt
         tc = self.tracker_cfg
         g = ego["geom"]
