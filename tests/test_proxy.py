@@ -350,6 +350,16 @@ def test_optimised_path_matches_the_reference_path(town):
             assert torch.allclose(x, y, atol=1e-5, rtol=0)
     # the scores are not trivially equal: the candidates differ and some leave the road or stop
     assert float(a.returns[valid].std()) > 0.1
+    # the lane query's two kernels on points all over the town, on and off the road, at any heading
+    x0, y0, x1, y1 = town.bounds
+    pts = torch.rand(20000, 2, generator=g) * torch.tensor([x1 - x0, y1 - y0]) + torch.tensor([x0, y0])
+    yaws = (torch.rand(20000, generator=g) * 2 - 1) * math.pi
+    m = torch.zeros(20000, dtype=torch.long)
+    qa = fast.lanes.query(m, pts, yaws, fast.cfg.events)
+    qb = ref.lanes.query(m, pts, yaws, ref.cfg.events, reference=True)
+    for k in qa:
+        assert torch.equal(qa[k], qb[k]), k
+    assert 0.05 < float(qa["offroad"].float().mean()) < 0.95 and bool(qa["opposite"].any())
 
 
 def test_min0_is_min_with_the_first_index():

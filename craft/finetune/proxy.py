@@ -227,6 +227,15 @@ _NPAIR = 11
 """The first _NPAIR columns are the ones the lane query reads for every (point, segment) pair."""
 _PIECE = 1 << 16
 """(point, segment) pairs the lane query processes at once (keeps its temporaries in cache)."""
+_FAR = 1e30
+"""Added to a lane distance beyond a pick's reach: it then never wins a pick (distances are < 1e10 m)."""
+
+
+def _beyond(d: Tensor, reach: Tensor) -> Tensor:
+    """``d`` where ``d <= reach``, else ``d + _FAR`` (same shapes): ``torch.where(d <= reach, d, inf)`` without
+    ``torch.where`` (slow on CPU). sign(d - reach) is 1 exactly when d > reach, and d + 0 is d, so the picks
+    and the picked distances are the same."""
+    return (d - reach).sign_().clamp_min_(0.0).mul_(_FAR).add_(d)
 
 
 def _bin_segments(a: np.ndarray, b: np.ndarray, reach: np.ndarray, cell: float):
@@ -362,7 +371,8 @@ class _LaneIndex:
         self.pad = self.items.shape[0] - 1  # items[pad] is the dummy row
         self._key32 = (int(self.count.max()) + 1) * self.start.shape[0] < 2**31  # (count, cell) sort keys fit int32
 
-    def query(self, map_id: Tensor, pos: Tensor, yaw: Tensor, cfg: EventConfig) -> dict[str, Tensor]:
+    def query(self, map_id: Tensor, pos: Tensor, yaw: Tensor, cfg: EventConfig,
+              reference: bool = False) -> dict[str, Tensor]:
         """The world's lane rules at points ``pos (Q, 2)`` heading ``yaw (Q,)`` on maps ``map_id (Q,)``.
 
         Returns (Q,) ``offroad`` (not on a driving / parking / shoulder lane: :func:`drivable`),
@@ -409,17 +419,69 @@ class _LaneIndex:
         buf = {k: torch.empty_like(v[:rest.shape[0]]) for k, v in out.items()}  # every entry is written below
         cos_wrong = math.cos(math.radians(cfg.wrong_direction_deg))
         base = cuts[0]
+        kernel = self._dense if reference else self._dense_kmajor
         for K in range(1, kmax + 1):  # points whose cell holds exactly K segments
             lo, hi = cuts[K - 1] - base, cuts[K] - base
             step = max(1, _PIECE // K)
             for a in range(lo, hi, step):
                 sl = slice(a, min(hi, a + step))
-                r = self._dense(ps[sl], cos_y[sl], sin_y[sl], cs[sl], K, cos_wrong, cfg.lane_dist_cap)
+                r = kernel(ps[sl], cos_y[sl], sin_y[sl], cs[sl], K, cos_wrong, cfg.lane_dist_cap)
                 for name, v in r.items():
                     buf[name][sl] = v
         for name, v in buf.items():
             out[name].index_copy_(0, rest, v)
         return out
+
+    def _dense_kmajor(self, pos: Tensor, cy: Tensor, sy: Tensor, cid: Tensor, K: int, cos_wrong: float,
+                      cap: float) -> dict[str, Tensor]:
+        """:meth:`_dense` with the (segment, point) pairs laid out segment-major ``(K, Q')``, so the pair ops run
+        along the points instead of along a short K axis; the reach tests as arithmetic (:func:`_beyond`) and
+        the picks by :func:`_min0`. The picked segments and every returned value are :meth:`_dense`'s."""
+        Qb = pos.shape[0]
+        dev = pos.device
+        ucell, inv = torch.unique_consecutive(cid, return_inverse=True)
+        U = ucell.shape[0]
+        useg = self.items.index_select(0, (self.start.index_select(0, ucell)[None, :]
+                                           + torch.arange(K, device=dev)[:, None]).view(-1))  # (K * U,)
+        f = self.featT[:_NPAIR].index_select(1, useg).view(_NPAIR * K, U).index_select(1, inv)
+        f = f.view(_NPAIR, K, Qb)  # one contiguous (K, Qb) block per feature
+        g = lambda i: f[i]
+        dx, dy = g(_DX), g(_DY)
+        rx = pos[:, 0][None] - g(_AX)
+        ry = pos[:, 1][None] - g(_AY)
+        t = rx * dx
+        t.addcmul_(ry, dy).mul_(g(_IL2))
+        u = t.clamp(0.0, 1.0)
+        ex = rx.addcmul_(u, dx, value=-1.0)  # rx - u dx
+        ey = ry.addcmul_(u, dy, value=-1.0)
+        d2 = ex.mul_(ex).addcmul_(ey, ey)
+        on_road = ((t > g(_TLO)) & (t < g(_THI)) & (d2 <= g(_HW2))).any(0)
+        d = d2.sqrt_()
+        cand = _beyond(d, g(_REACH))  # driving lanes within pick reach (others + _FAR)
+        dmin, near = _min0(cand)
+        found = dmin < 0.5 * _FAR
+        useg = useg.view(K, U)
+        seg_near = useg.view(-1).index_select(0, near * U + inv)
+        col = self.cols
+        cos_near = cy * col[_CH].index_select(0, seg_near) + sy * col[_SH].index_select(0, seg_near)
+        opposite = found & (cos_near < cos_wrong) & ~(col[_JUNCTION].index_select(0, seg_near) > 0)
+        cosd = cy[None] * g(_CH)
+        cosd.addcmul_(sy[None], g(_SH))  # cos(yaw - lane heading)
+        best = _min0(cand.add_(cosd, alpha=-2.0))[1]  # + 2 (1 - cos): pick_lane's heading cost
+        seg_best = useg.view(-1).index_select(0, best * U + inv)
+        center = torch.where(found, d.gather(0, best[None]).squeeze(0), torch.full_like(cy, cap))
+        lane = torch.where(found, self.lane.index_select(0, seg_best),
+                           torch.full((), -1, dtype=torch.long, device=dev))
+        r = {"offroad": ~on_road, "opposite": opposite, "center_dist": center, "lane": lane}
+        if self.has_shoulder and bool(self.cell_shoulder.index_select(0, ucell).any()):
+            edge = self.featT[_EDGE_REACH].index_select(0, useg.view(-1)).view(K, U).index_select(1, inv)
+            emin, e = _min0(_beyond(d, edge))
+            seg_e = useg.view(-1).index_select(0, e * U + inv)
+            r["emergency"] = (emin < 0.5 * _FAR) & (col[_SHOULDER].index_select(0, seg_e) > 0) & \
+                (emin <= col[_HW].index_select(0, seg_e))
+        else:  # no shoulder segment in these cells
+            r["emergency"] = torch.zeros(Qb, dtype=torch.bool, device=dev)
+        return r
 
     def _dense(self, pos: Tensor, cy: Tensor, sy: Tensor, cid: Tensor, K: int, cos_wrong: float,
                cap: float) -> dict[str, Tensor]:
@@ -1004,7 +1066,7 @@ class CounterfactualWorld:
 
         # ---- lane terms: one query on the snapshots' egos and all H * Q points
         lane = self.lanes.query(torch.cat([st.map_id, mq.repeat(H)]), torch.cat([e_pos0, pos.view(H * Q, 2)]),
-                                torch.cat([e_yaw0, yaw.view(H * Q)]), ecfg)
+                                torch.cat([e_yaw0, yaw.view(H * Q)]), ecfg, self.reference)
         center = lane["center_dist"][Bc:].view(H, Q)
         head0 = torch.atan2(torch.sin(e_yaw0) * rc0 - torch.cos(e_yaw0) * rs0,
                             torch.cos(e_yaw0) * rc0 + torch.sin(e_yaw0) * rs0).abs()
