@@ -62,11 +62,12 @@ Speed: the H-step ego loop is the tracker and the bicycle written out for this u
 (:meth:`CounterfactualWorld._ego_loop_fused`: the same operations in the same order as
 ``track_prepared`` + ``bicycle_step``, so the same rounding, with the plan tables laid out segment-major
 ``(T, Q)`` so that every per-step op runs along the candidates, and plain minima instead of indexed
-reductions, :func:`_min0`); the route tracking is laid out window-major the same way. On CPU, PyTorch's
+reductions, :func:`_min0`); the route tracking is laid out window-major the same way, and the lane
+query's pair kernel segment-major (:meth:`_LaneIndex._dense_kmajor`). On CPU, PyTorch's
 reductions with indices, ``torch.where`` and ops broadcasting along a short last axis are several times
 slower than plain element-wise ops, which is what these layouts avoid. ``CounterfactualWorld(...,
-reference=True)`` runs the previous, unoptimised path (the world's functions called step by step); the
-two give the same scores (tested).
+reference=True)`` runs the previous, unoptimised path (the world's functions called step by step, the
+point-major lane kernel); the two give the same scores (tested).
 """
 
 from __future__ import annotations
@@ -706,7 +707,7 @@ class CounterfactualWorld:
     maps: the :class:`MapBatch` the snapshots index with ``map_id``; cfg: :class:`ProxyConfig`;
     tracker_cfg: the closed-loop tracker's :class:`TrackerConfig` (default config if None); reference:
     run the unoptimised path (the world's ``track_prepared`` / ``bicycle_step`` per step, candidate-major
-    route windows) that the default path is tested against; same scores, slower.
+    route windows, point-major lane kernel) that the default path is tested against; same scores, slower.
     """
 
     def __init__(self, maps: MapBatch, cfg: ProxyConfig = ProxyConfig(), tracker_cfg: TrackerConfig | None = None,
