@@ -323,3 +323,57 @@ def test_ongoing_contacts_rule_by_hand():
     out = _ongoing_contacts(cb[perm], cg[perm], ch[perm], cn[perm], overlap0, G=2, H=5)
     expect = torch.tensor([True, True, True, True, False, False, False])[perm]
     assert out.tolist() == expect.tolist()
+
+
+def test_optimised_path_matches_the_reference_path(town):
+    """The fused ego loop and the route tracking of the default path give the returns of the unoptimised
+    reference path (the world's track_prepared / bicycle_step per step, candidate-major route windows),
+    with and without tracker memory at the snapshot, on a town batch with stop plans and lane changes."""
+    from craft.world.tracker import TrackerState
+
+    mb, st, traj, valid = _town_batch(town, B=4, G=32, seed=3)
+    traj[:, :3] = 0.0  # stop-in-place plans (the tracker's heading alignment)
+    g = torch.Generator().manual_seed(5)
+    memory = TrackerState(torch.randn(4, generator=g) * 0.5, torch.randn(4, generator=g),
+                          torch.tensor([True, False, True, True]))
+    fast, ref = CounterfactualWorld(mb), CounterfactualWorld(mb, reference=True)
+    assert not fast.reference and ref.reference
+    for tr in (None, memory):
+        a, b = fast.score(st, traj, valid, tr), ref.score(st, traj, valid, tr)
+        assert torch.allclose(a.returns, b.returns, atol=1e-5, rtol=0)
+        assert torch.allclose(a.advantages, b.advantages, atol=1e-5, rtol=0)
+        assert torch.equal(a.collided, b.collided)
+        for k in TERMS:
+            assert torch.allclose(a.terms[k], b.terms[k], atol=1e-5, rtol=0), k
+        pa, pb = fast.ego_rollout(st, traj, tr), ref.ego_rollout(st, traj, tr)
+        for x, y in zip(pa, pb):
+            assert torch.allclose(x, y, atol=1e-5, rtol=0)
+    # the scores are not trivially equal: the candidates differ and some leave the road or stop
+    assert float(a.returns[valid].std()) > 0.1
+    # the lane query's two kernels on points all over the town, on and off the road, at any heading
+    x0, y0, x1, y1 = town.bounds
+    pts = torch.rand(20000, 2, generator=g) * torch.tensor([x1 - x0, y1 - y0]) + torch.tensor([x0, y0])
+    yaws = (torch.rand(20000, generator=g) * 2 - 1) * math.pi
+    m = torch.zeros(20000, dtype=torch.long)
+    qa = fast.lanes.query(m, pts, yaws, fast.cfg.events)
+    qb = ref.lanes.query(m, pts, yaws, ref.cfg.events, reference=True)
+    for k in qa:
+        assert torch.equal(qa[k], qb[k]), k
+    assert 0.05 < float(qa["offroad"].float().mean()) < 0.95 and bool(qa["opposite"].any())
+
+
+def test_min0_is_min_with_the_first_index():
+    """The proxy's plain-minima reduction gives torch.min's values and the first index of a tie."""
+    from craft.finetune.proxy import _min0
+
+    x = torch.tensor([[3.0, 1.0, 2.0, 0.5],
+                      [1.0, 1.0, 2.0, -4.0],
+                      [1.0, 0.0, 2.0, 7.0]])  # (K = 3, Q = 4): column 0 ties rows 1, 2; column 2 ties all
+    m, k = _min0(x)
+    assert m.tolist() == [1.0, 0.0, 2.0, -4.0]
+    assert k.tolist() == [1, 2, 0, 1] and k.dtype == torch.long
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (7, 1000), generator=g).float() * 0.25  # many ties
+    m, k = _min0(y)
+    ref = y.min(0)
+    assert torch.equal(m, ref.values) and torch.equal(k, ref.indices)

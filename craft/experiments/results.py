@@ -3,6 +3,7 @@ root (deterministic given those files), with the commands, budgets and compute t
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 

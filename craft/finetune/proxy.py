@@ -57,6 +57,17 @@ flags (the stop-sign state machine in closed form, :func:`_stop_violations`), th
 the previous step's deviations taken from the shifted series, the first counted collision per
 candidate and the mask of the steps after it. The route projection keeps its step-to-step search
 window in a small loop of its own (a few ops per step on ``B * G`` windows).
+
+Speed: the H-step ego loop is the tracker and the bicycle written out for this use
+(:meth:`CounterfactualWorld._ego_loop_fused`: the same operations in the same order as
+``track_prepared`` + ``bicycle_step``, so the same rounding, with the plan tables laid out segment-major
+``(T, Q)`` so that every per-step op runs along the candidates, and plain minima instead of indexed
+reductions, :func:`_min0`); the route tracking is laid out window-major the same way, and the lane
+query's pair kernel segment-major (:meth:`_LaneIndex._dense_kmajor`). On CPU, PyTorch's
+reductions with indices, ``torch.where`` and ops broadcasting along a short last axis are several times
+slower than plain element-wise ops, which is what these layouts avoid. ``CounterfactualWorld(...,
+reference=True)`` runs the previous, unoptimised path (the world's functions called step by step, the
+point-major lane kernel); the two give the same scores (tested).
 """
 
 from __future__ import annotations
@@ -76,7 +87,7 @@ from craft.finetune.rewards import (
     group_normalise,
 )
 from craft.world.collision import candidate_collision_pairs, ego_collisions
-from craft.world.dynamics import bicycle_step, pedestrian_step
+from craft.world.dynamics import _MIN_WHEELBASE, _STEER_ABS_CAP, bicycle_step, pedestrian_step, wrap_angle
 from craft.world.events import EventConfig
 from craft.world.kinds import AgentKind
 from craft.world.map import (
@@ -88,9 +99,11 @@ from craft.world.map import (
     take,
 )
 from craft.world.state import Mode, WorldState
+from craft.world.tracker import _EPS as _TRACK_EPS
 from craft.world.tracker import (
     TrackerConfig,
     TrackerState,
+    _plan_speed_scalar,
     ego_to_world,
     prepare_plan,
     track_prepared,
@@ -215,6 +228,15 @@ _NPAIR = 11
 """The first _NPAIR columns are the ones the lane query reads for every (point, segment) pair."""
 _PIECE = 1 << 16
 """(point, segment) pairs the lane query processes at once (keeps its temporaries in cache)."""
+_FAR = 1e30
+"""Added to a lane distance beyond a pick's reach: it then never wins a pick (distances are < 1e10 m)."""
+
+
+def _beyond(d: Tensor, reach: Tensor) -> Tensor:
+    """``d`` where ``d <= reach``, else ``d + _FAR`` (same shapes): ``torch.where(d <= reach, d, inf)`` without
+    ``torch.where`` (slow on CPU). sign(d - reach) is 1 exactly when d > reach, and d + 0 is d, so the picks
+    and the picked distances are the same."""
+    return (d - reach).sign_().clamp_min_(0.0).mul_(_FAR).add_(d)
 
 
 def _bin_segments(a: np.ndarray, b: np.ndarray, reach: np.ndarray, cell: float):
@@ -350,7 +372,8 @@ class _LaneIndex:
         self.pad = self.items.shape[0] - 1  # items[pad] is the dummy row
         self._key32 = (int(self.count.max()) + 1) * self.start.shape[0] < 2**31  # (count, cell) sort keys fit int32
 
-    def query(self, map_id: Tensor, pos: Tensor, yaw: Tensor, cfg: EventConfig) -> dict[str, Tensor]:
+    def query(self, map_id: Tensor, pos: Tensor, yaw: Tensor, cfg: EventConfig,
+              reference: bool = False) -> dict[str, Tensor]:
         """The world's lane rules at points ``pos (Q, 2)`` heading ``yaw (Q,)`` on maps ``map_id (Q,)``.
 
         Returns (Q,) ``offroad`` (not on a driving / parking / shoulder lane: :func:`drivable`),
@@ -397,17 +420,69 @@ class _LaneIndex:
         buf = {k: torch.empty_like(v[:rest.shape[0]]) for k, v in out.items()}  # every entry is written below
         cos_wrong = math.cos(math.radians(cfg.wrong_direction_deg))
         base = cuts[0]
+        kernel = self._dense if reference else self._dense_kmajor
         for K in range(1, kmax + 1):  # points whose cell holds exactly K segments
             lo, hi = cuts[K - 1] - base, cuts[K] - base
             step = max(1, _PIECE // K)
             for a in range(lo, hi, step):
                 sl = slice(a, min(hi, a + step))
-                r = self._dense(ps[sl], cos_y[sl], sin_y[sl], cs[sl], K, cos_wrong, cfg.lane_dist_cap)
+                r = kernel(ps[sl], cos_y[sl], sin_y[sl], cs[sl], K, cos_wrong, cfg.lane_dist_cap)
                 for name, v in r.items():
                     buf[name][sl] = v
         for name, v in buf.items():
             out[name].index_copy_(0, rest, v)
         return out
+
+    def _dense_kmajor(self, pos: Tensor, cy: Tensor, sy: Tensor, cid: Tensor, K: int, cos_wrong: float,
+                      cap: float) -> dict[str, Tensor]:
+        """:meth:`_dense` with the (segment, point) pairs laid out segment-major ``(K, Q')``, so the pair ops run
+        along the points instead of along a short K axis; the reach tests as arithmetic (:func:`_beyond`) and
+        the picks by :func:`_min0`. The picked segments and every returned value are :meth:`_dense`'s."""
+        Qb = pos.shape[0]
+        dev = pos.device
+        ucell, inv = torch.unique_consecutive(cid, return_inverse=True)
+        U = ucell.shape[0]
+        useg = self.items.index_select(0, (self.start.index_select(0, ucell)[None, :]
+                                           + torch.arange(K, device=dev)[:, None]).view(-1))  # (K * U,)
+        f = self.featT[:_NPAIR].index_select(1, useg).view(_NPAIR * K, U).index_select(1, inv)
+        f = f.view(_NPAIR, K, Qb)  # one contiguous (K, Qb) block per feature
+        g = lambda i: f[i]
+        dx, dy = g(_DX), g(_DY)
+        rx = pos[:, 0][None] - g(_AX)
+        ry = pos[:, 1][None] - g(_AY)
+        t = rx * dx
+        t.addcmul_(ry, dy).mul_(g(_IL2))
+        u = t.clamp(0.0, 1.0)
+        ex = rx.addcmul_(u, dx, value=-1.0)  # rx - u dx
+        ey = ry.addcmul_(u, dy, value=-1.0)
+        d2 = ex.mul_(ex).addcmul_(ey, ey)
+        on_road = ((t > g(_TLO)) & (t < g(_THI)) & (d2 <= g(_HW2))).any(0)
+        d = d2.sqrt_()
+        cand = _beyond(d, g(_REACH))  # driving lanes within pick reach (others + _FAR)
+        dmin, near = _min0(cand)
+        found = dmin < 0.5 * _FAR
+        useg = useg.view(K, U)
+        seg_near = useg.view(-1).index_select(0, near * U + inv)
+        col = self.cols
+        cos_near = cy * col[_CH].index_select(0, seg_near) + sy * col[_SH].index_select(0, seg_near)
+        opposite = found & (cos_near < cos_wrong) & ~(col[_JUNCTION].index_select(0, seg_near) > 0)
+        cosd = cy[None] * g(_CH)
+        cosd.addcmul_(sy[None], g(_SH))  # cos(yaw - lane heading)
+        best = _min0(cand.add_(cosd, alpha=-2.0))[1]  # + 2 (1 - cos): pick_lane's heading cost
+        seg_best = useg.view(-1).index_select(0, best * U + inv)
+        center = torch.where(found, d.gather(0, best[None]).squeeze(0), torch.full_like(cy, cap))
+        lane = torch.where(found, self.lane.index_select(0, seg_best),
+                           torch.full((), -1, dtype=torch.long, device=dev))
+        r = {"offroad": ~on_road, "opposite": opposite, "center_dist": center, "lane": lane}
+        if self.has_shoulder and bool(self.cell_shoulder.index_select(0, ucell).any()):
+            edge = self.featT[_EDGE_REACH].index_select(0, useg.view(-1)).view(K, U).index_select(1, inv)
+            emin, e = _min0(_beyond(d, edge))
+            seg_e = useg.view(-1).index_select(0, e * U + inv)
+            r["emergency"] = (emin < 0.5 * _FAR) & (col[_SHOULDER].index_select(0, seg_e) > 0) & \
+                (emin <= col[_HW].index_select(0, seg_e))
+        else:  # no shoulder segment in these cells
+            r["emergency"] = torch.zeros(Qb, dtype=torch.bool, device=dev)
+        return r
 
     def _dense(self, pos: Tensor, cy: Tensor, sy: Tensor, cid: Tensor, K: int, cos_wrong: float,
                cap: float) -> dict[str, Tensor]:
@@ -463,6 +538,16 @@ class _LaneIndex:
         else:  # no shoulder segment in these cells
             r["emergency"] = torch.zeros(Qb, dtype=torch.bool, device=dev)
         return r
+
+
+def _min0(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x.min(0)`` of a NaN-free ``x (K, Q)``: the minima ``(Q,)`` and the first index reaching them ``(Q,)``
+    long. Reductions with indices are slow on CPU; this takes two plain minima instead: the values, then
+    the smallest ``k + K * sign(x_k - min)`` (``sign`` is 0 exactly at the minimum, 1 elsewhere)."""
+    m = x.amin(0)
+    K = x.shape[0]
+    key = (x - m).sign_().mul_(K).add_(torch.arange(K, dtype=x.dtype, device=x.device)[:, None])
+    return m, key.amin(0).long()
 
 
 # ---------------------------------------------------------------------- the route
@@ -521,7 +606,7 @@ class _Route:
         s = cum + u.gather(1, k).squeeze(1) * length
         return jj.gather(1, k).squeeze(1), d2min.squeeze(1).sqrt_(), s, cos, sin
 
-    def tracker(self, b: Tensor, back: int, ahead: int):
+    def tracker(self, b: Tensor, back: int, ahead: int, reference: bool = False):
         """:meth:`project` for repeated calls with the same states ``b (Q,)`` and window: the windows of
         every (state, segment) are laid out once as contiguous rows ``(5, Bc * nseg, A)``, so each step
         gathers one block per candidate. Returns ``step(j, pos) -> (j_new, dist, s, cos, sin)``."""
@@ -533,20 +618,40 @@ class _Route:
         win = self.win.index_select(1, rows).view(5, self.Bc * n, A)
         base = b * n
 
-        def step(j: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
-            f = win.index_select(1, base + j)  # (5, Q, A)
-            rx = pos[:, 0:1] - f[0]
-            ry = pos[:, 1:2] - f[1]
-            u = ((rx * f[2] + ry * f[3]) * f[4]).clamp_(0.0, 1.0)  # as in project (same rounding)
-            ex, ey = rx - u * f[2], ry - u * f[3]
-            d2 = ex * ex + ey * ey
-            d2min, k = d2.min(-1, keepdim=True)
-            j_new = (j + k.squeeze(1) - back).clamp_(0, n - 1)
+        if reference:
+            def step(j: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+                f = win.index_select(1, base + j)  # (5, Q, A)
+                rx = pos[:, 0:1] - f[0]
+                ry = pos[:, 1:2] - f[1]
+                u = ((rx * f[2] + ry * f[3]) * f[4]).clamp_(0.0, 1.0)  # as in project (same rounding)
+                ex, ey = rx - u * f[2], ry - u * f[3]
+                d2 = ex * ex + ey * ey
+                d2min, k = d2.min(-1, keepdim=True)
+                j_new = (j + k.squeeze(1) - back).clamp_(0, n - 1)
+                r = base + j_new
+                cum, length, cos, sin = (x.index_select(0, r) for x in self.out)
+                return j_new, d2min.squeeze(1).sqrt_(), cum + u.gather(1, k).squeeze(1) * length, cos, sin
+
+            return step
+        # window-major (5 * A, Bc * nseg): each step gathers (5 * A, Q) and the (A, Q) ops run along Q
+        winT = win.permute(0, 2, 1).reshape(5 * A, self.Bc * n)
+        Q = b.shape[0]
+        colq = torch.arange(Q, device=b.device)
+
+        def step_t(j: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+            f = winT.index_select(1, base + j).view(5, A, Q)
+            rx = pos[:, 0][None] - f[0]
+            ry = pos[:, 1][None] - f[1]
+            u = (rx * f[2]).add_(ry * f[3]).mul_(f[4]).clamp_(0.0, 1.0)  # as in project (same rounding)
+            ex, ey = rx.sub_(u * f[2]), ry.sub_(u * f[3])
+            d2 = ex.mul_(ex).add_(ey.mul_(ey))
+            d2min, k = _min0(d2)
+            j_new = (j + k - back).clamp_(0, n - 1)
             r = base + j_new
             cum, length, cos, sin = (x.index_select(0, r) for x in self.out)
-            return j_new, d2min.squeeze(1).sqrt_(), cum + u.gather(1, k).squeeze(1) * length, cos, sin
+            return j_new, d2min.sqrt_(), cum + u.view(-1).index_select(0, k * Q + colq) * length, cos, sin
 
-        return step
+        return step_t
 
 
 # ---------------------------------------------------------------------- stop signs over a whole trajectory
@@ -600,15 +705,19 @@ class CounterfactualWorld:
     """Scores candidate trajectories of stored states with the decay-rollout forward model.
 
     maps: the :class:`MapBatch` the snapshots index with ``map_id``; cfg: :class:`ProxyConfig`;
-    tracker_cfg: the closed-loop tracker's :class:`TrackerConfig` (default config if None).
+    tracker_cfg: the closed-loop tracker's :class:`TrackerConfig` (default config if None); reference:
+    run the unoptimised path (the world's ``track_prepared`` / ``bicycle_step`` per step, candidate-major
+    route windows, point-major lane kernel) that the default path is tested against; same scores, slower.
     """
 
-    def __init__(self, maps: MapBatch, cfg: ProxyConfig = ProxyConfig(), tracker_cfg: TrackerConfig | None = None):
+    def __init__(self, maps: MapBatch, cfg: ProxyConfig = ProxyConfig(), tracker_cfg: TrackerConfig | None = None,
+                 reference: bool = False):
         if not isinstance(maps, MapBatch):
             raise CraftError("CounterfactualWorld needs a MapBatch (the one the snapshots' map_id index)")
         self.maps = maps
         self.cfg = cfg
         self.tracker_cfg = tracker_cfg or TrackerConfig()
+        self.reference = bool(reference)
         self.device = maps.device
         self.lanes = _LaneIndex(maps, cfg.lane_grid_cell, cfg.lane_simplify_tol)
         lim = torch.zeros(len(AgentKind), 5)
@@ -759,6 +868,107 @@ class CounterfactualWorld:
             P[h], Y[h], V[h] = p, y, v
         return P, Y, V
 
+    def _ego_loop_fused(self, ego: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_ego_loop` with the tracker and the bicycle written out for this use (same operations in
+        the same order, so the same rounding): limits as scalars, the wheelbase clamped once, x / y kept
+        apart, one gather of a stacked segment table for the lookahead point, the plan's target speed
+        interpolated once per step, the nearest segment by :func:`_min0`, the arc-length search as a count
+        of ``sign(s - cum) = 1`` (``searchsorted``'s result on sorted arc lengths). Returns ``pos (H, Q, 2)``, ``yaw (H, Q)``, ``speed (H, Q)``."""
+        H, dt = self.cfg.horizon, self.cfg.dt
+        tc = self.tracker_cfg
+        g = ego["geom"]
+        Q = ego["speed"].shape[0]
+        dev, dtype = ego["speed"].device, ego["speed"].dtype
+        f32 = lambda x: float(torch.tensor(x, dtype=dtype))  # a limit as the float32 the world computes with
+        max_accel, max_brake, max_steer, max_steer_rate, max_speed = self._ego_limits
+        max_accel, max_brake, max_speed = f32(max(max_accel, 0.0)), f32(max(max_brake, 0.0)), f32(max(max_speed, 0.0))
+        max_steer = f32(min(max(max_steer, 0.0), _STEER_ABS_CAP))
+        max_delta = float(torch.tensor(max(max_steer_rate, 0.0), dtype=dtype) * dt)
+        wb_track = ego["wheelbase"].clamp_min(1e-3)  # the tracker's clamp, then the bicycle's
+        wb_bike = wb_track.clamp_min(_MIN_WHEELBASE)
+        two_wb = 2.0 * wb_track
+        S = g.seg_len.shape[1]
+        # segment-major (S, Q) copies: the per-step (segment, candidate) ops then run along Q (vectorised)
+        ax, ay, sx, sy, l2c = (x.t().contiguous() for x in (g.ax, g.ay, g.sx, g.sy, g.seg_len2c))
+        cum = g.cum.t().contiguous()  # (S + 1, Q)
+        tab = torch.stack([cum[:S], g.seg_len.t(), ax, sx, ay, sy], 0).view(6, S * Q)  # rows: one gather
+        col = torch.arange(Q, device=dev)
+        total, end_x, end_y = g.total, g.points[:, -1, 0], g.points[:, -1, 1]
+        dir_x, dir_y = g.direction[:, 0], g.direction[:, 1]
+        stationary, final_yaw = g.stationary, g.final_yaw
+        any_stat = bool(stationary.any())
+        ts = ego["tracker"]
+        integral, prev_error, prev_valid = ts.integral, ts.prev_error, ts.prev_valid()
+        first_valid = bool(prev_valid.all())
+        px, py = ego["pos"][:, 0].contiguous(), ego["pos"][:, 1].contiguous()
+        yaw, speed, steer = ego["yaw"], ego["speed"], ego["steer"]
+        P = ego["pos"].new_empty(H, Q, 2)
+        Y = yaw.new_empty(H, Q)
+        V = speed.new_empty(H, Q)
+        zero = torch.zeros((), dtype=dtype, device=dev)
+        two_pi = 2.0 * math.pi
+        for h in range(H):
+            # ---- the tracker (track_prepared): PID on the plan's speed ahead in time
+            target = _plan_speed_scalar(g.seg_speed, h * dt + 0.0, tc, dtype)
+            stopping = stationary | (target < tc.stop_speed)
+            error = target - speed
+            integrate = error.abs() <= tc.integral_band
+            integral = torch.where(integrate, integral + error * dt, integral).clamp_(-tc.integral_limit,
+                                                                                      tc.integral_limit)
+            derivative = (error - prev_error) / dt
+            if not (h > 0 or first_valid):
+                derivative = torch.where(prev_valid, derivative, zero)
+            pid = (tc.kp * error).add_(tc.ki * integral).add_(tc.kd * derivative)
+            accel_cmd = torch.where(stopping, -tc.stop_decel, pid)
+            integral = torch.where(stopping, 0.0, integral)
+            prev_error = error
+            # pure pursuit: the lookahead point on the plan's polyline
+            ld = (tc.lookahead_min + tc.lookahead_gain * speed).clamp_(tc.lookahead_min, tc.lookahead_max)
+            pxc, pyc = px[None], py[None]
+            rx, ry = pxc - ax, pyc - ay
+            u = (rx * sx).add_(ry * sy).div_(l2c).clamp_(0.0, 1.0)
+            fx = pxc - (ax + u * sx)
+            fy = pyc - (ay + u * sy)
+            k = _min0(fx.mul_(fx).add_(fy.mul_(fy)))[1]  # (Q,) the nearest segment (first minimum)
+            kr = k * Q + col
+            ck, lk = tab[0].index_select(0, kr), tab[1].index_select(0, kr)
+            s_target = (ck + u.view(-1).index_select(0, kr) * lk).add_(ld)
+            # searchsorted(cum, s) - 1 on the sorted arc lengths: the count of cum < s (sign(s - cum) = 1), - 1
+            j = ((s_target - cum).sign_().clamp_min_(0.0).sum(0).long() - 1).clamp_(0, S - 1)
+            tj = tab.index_select(1, j * Q + col)  # (6, Q): cum, len, ax, sx, ay, sy at j
+            j_frac = ((s_target - tj[0]) / tj[1].clamp_min(_TRACK_EPS)).clamp_(0.0, 1.0)
+            over = (s_target - total).clamp_min_(0.0)
+            past = s_target > total
+            goal_x = torch.where(past, end_x + over * dir_x, tj[2] + j_frac * tj[3])
+            goal_y = torch.where(past, end_y + over * dir_y, tj[4] + j_frac * tj[5])
+            c, s = torch.cos(yaw), torch.sin(yaw)
+            dx, dy = goal_x.sub_(px), goal_y.sub_(py)
+            gx = (c * dx).add_(s * dy)
+            gy = (-s).mul_(dx).add_(c * dy)
+            dist = (gx * gx).add_(gy * gy).sqrt_().clamp_min_(_TRACK_EPS)
+            sin_alpha = torch.where(gx < 0, torch.where(gy >= 0, 1.0, -1.0), gy / dist)
+            steer_cmd = torch.atan_((two_wb * sin_alpha).div_(dist))
+            if any_stat:  # a stop-in-place plan turns toward its final yaw
+                align = torch.atan_((two_wb * torch.sin(wrap_angle(final_yaw - yaw))).div_(ld))
+                steer_cmd = torch.where(stationary, align, steer_cmd)
+            accel_cmd = torch.nan_to_num_(accel_cmd, nan=0.0, posinf=0.0, neginf=0.0)
+            steer_cmd = torch.nan_to_num_(steer_cmd, nan=0.0, posinf=0.0, neginf=0.0)
+            # ---- the bicycle (bicycle_step with the EGO limits)
+            new_steer = (steer + (steer_cmd - steer).clamp_(-max_delta, max_delta)).clamp_(-max_steer, max_steer)
+            accel = accel_cmd.clamp_(-max_brake, max_accel)
+            new_speed = (speed + accel.mul_(dt)).clamp_(0.0, max_speed)
+            dist = (0.5 * (speed + new_speed)).mul_(dt)
+            dyaw = (dist * torch.tan(new_steer)).div_(wb_bike)
+            chord = dist.mul_(torch.sinc(dyaw / two_pi))
+            mid = yaw + 0.5 * dyaw
+            px = px + chord * torch.cos(mid)
+            py = py + chord.mul_(torch.sin(mid))
+            yaw = wrap_angle(yaw + dyaw)
+            speed, steer = new_speed, new_steer
+            P[h, :, 0], P[h, :, 1] = px, py
+            Y[h], V[h] = yaw, speed
+        return P, Y, V
+
     def ego_rollout(self, snapshot: WorldState, trajectories: Tensor,
                     tracker: TrackerState | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The ego following each candidate for H steps (no scoring): ``pos (B, G, H, 2)``, ``yaw (B, G, H)``,
@@ -766,7 +976,7 @@ class CounterfactualWorld:
         self._check(snapshot, trajectories, torch.ones(trajectories.shape[:2], dtype=torch.bool), tracker)
         B, G = trajectories.shape[:2]
         ego = self._ego_init(snapshot, trajectories.to(torch.float32), tracker)
-        P, Y, V = self._ego_loop(ego)
+        P, Y, V = (self._ego_loop if self.reference else self._ego_loop_fused)(ego)
         H = self.cfg.horizon
         return (P.view(H, B, G, 2).permute(1, 2, 0, 3).contiguous(), Y.view(H, B, G).permute(1, 2, 0).contiguous(),
                 V.view(H, B, G).permute(1, 2, 0).contiguous())
@@ -835,7 +1045,8 @@ class CounterfactualWorld:
 
         # ---- the ego: tracker + bicycle, the only per-step loop over the full candidate set
         e_pos0, e_yaw0 = st.pos[:, 0], st.yaw[:, 0]
-        pos, yaw, speed = self._ego_loop(self._ego_init(st, traj, tracker))  # (H, Q, 2), (H, Q), (H, Q)
+        ego_loop = self._ego_loop if self.reference else self._ego_loop_fused
+        pos, yaw, speed = ego_loop(self._ego_init(st, traj, tracker))  # (H, Q, 2), (H, Q), (H, Q)
         cy, sy = torch.cos(yaw), torch.sin(yaw)
         lim = self._ego_limits
 
@@ -847,7 +1058,7 @@ class CounterfactualWorld:
         has_route = route.has_route
         rdist, s_now, rc, rs = (pos.new_empty(H, Q) for _ in range(4))
         j = j0.index_select(0, bq)
-        step = route.tracker(bq, cfg.route_search_back, cfg.route_search_ahead)
+        step = route.tracker(bq, cfg.route_search_back, cfg.route_search_ahead, self.reference)
         for h in range(H):  # the projection window follows the previous step's segment
             j, rdist[h], s_now[h], rc[h], rs[h] = step(j, pos[h])
         hr = has_route.index_select(0, bq)  # (Q,)
@@ -858,7 +1069,7 @@ class CounterfactualWorld:
 
         # ---- lane terms: one query on the snapshots' egos and all H * Q points
         lane = self.lanes.query(torch.cat([st.map_id, mq.repeat(H)]), torch.cat([e_pos0, pos.view(H * Q, 2)]),
-                                torch.cat([e_yaw0, yaw.view(H * Q)]), ecfg)
+                                torch.cat([e_yaw0, yaw.view(H * Q)]), ecfg, self.reference)
         center = lane["center_dist"][Bc:].view(H, Q)
         head0 = torch.atan2(torch.sin(e_yaw0) * rc0 - torch.cos(e_yaw0) * rs0,
                             torch.cos(e_yaw0) * rc0 + torch.sin(e_yaw0) * rs0).abs()
