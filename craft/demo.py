@@ -2,10 +2,13 @@
 
 1. loads the committed pre-trained vocabulary-scoring policy (``checkpoints/vocab.pt``);
 2. evaluates it closed loop on one route of every scenario type of the ``val`` split (44 routes), scored under
-   ``b2d-star`` (a collision ends the route, the paper's protocol) and ``b2d``;
+   ``b2d-star`` (a collision ends the route, the paper's protocol) and ``b2d``, and again under two more
+   traffic seeds: the spread of those three is the evaluation's own noise on these routes;
 3. fine-tunes it with CRAFT for a few iterations on ``train`` towns (the experiments' short-run settings), evaluating
    it on the same routes every ``iters // 2`` iterations (the learning curve, ``learning_curve.png``);
-4. prints the before / after table (DS, SR, RC, IS, abilities; after = the last iteration) and writes GIFs of
+4. prints the before / after table (DS, SR, RC, IS, abilities; after = the last iteration, traffic seed ``seed``),
+   then both policies' DS under all three traffic seeds and the mean gain against the evaluation's noise, and
+   writes GIFs of
    one route before and after (the route whose driving score changed most), plus the usual evaluation outputs.
 
 ``craft demo --world-only`` instead drives random traffic worlds with the route-following ego and writes a GIF
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -89,6 +93,12 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
     if not (out / "eval-before" / "b2d-star" / "results.json").exists():
         evaluate(make_driver(str(ckpt)), "val", out / "eval-before" / "b2d", ecfg, routes=1,
                  also={"b2d-star": out / "eval-before" / "b2d-star"})
+    noise_seeds = (seed + 1, seed + 2)  # the evaluation's own noise: the same routes under other traffic seeds
+    for k in noise_seeds:
+        folder = out / f"eval-before-traffic{k}"
+        if not (folder / "b2d-star" / "results.json").exists():
+            evaluate(make_driver(str(ckpt)), "val", folder / "b2d", replace(ecfg, seed=k), routes=1,
+                     also={"b2d-star": folder / "b2d-star"})
     print(f"[2/3] fine-tuning with CRAFT: {iters} iterations of {buffer} transitions, evaluated on the same routes "
           f"every {max(1, iters // 2)} iterations")
     col = CollectorConfig(worlds=worlds, buffer_size=buffer, seed=seed,
@@ -114,6 +124,24 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
         vals = [f"{s[c]:.2f}" for c in cols] + [("–" if s["abilities"][a] is None else f"{s['abilities'][a]:.1f}")
                                                 for a in abl]
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    # the evaluation's noise: both policies also run the same routes under two more traffic seeds
+    for k in noise_seeds:
+        folder = ft / "val" / f"it-{iters:04d}-traffic{k}"
+        if not (folder / "b2d-star" / "results.json").exists():
+            evaluate(make_driver(str(last / "policy.pt")), "val", folder / "b2d", replace(ecfg, seed=k), routes=1,
+                     also={"b2d-star": folder / "b2d-star"})
+    noise = {}
+    for proto in ("b2d-star", "b2d"):
+        pre_ds = [float(summary(f, proto)["DS"]) for f in
+                  [out / "eval-before"] + [out / f"eval-before-traffic{k}" for k in noise_seeds]]
+        post_ds = [float(summary(f, proto)["DS"]) for f in
+                   [last] + [ft / "val" / f"it-{iters:04d}-traffic{k}" for k in noise_seeds]]
+        noise[proto] = float(torch.tensor(pre_ds).std())
+        gain = sum(post_ds) / 3 - sum(pre_ds) / 3
+        lines.append(f"\n{proto}, traffic seeds {seed}, {', '.join(map(str, noise_seeds))}: pre-trained DS "
+                     f"{' / '.join(f'{d:.2f}' for d in pre_ds)}, CRAFT {' / '.join(f'{d:.2f}' for d in post_ds)}; "
+                     f"mean gain {gain:+.2f} DS against the evaluation's noise (std of the pre-trained DS over the "
+                     f"seeds) {noise[proto]:.2f}: {abs(gain) / max(noise[proto], 1e-9):.1f}x")
     table = "\n".join(lines)
     print(table)
     from craft.experiments.core import learning_curve_plot, probe_plot
@@ -138,4 +166,4 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
         print(f"GIF of {inst.type} {name} fine-tuning -> {path}")
     write_text(out / "before_after.md", table + "\n")  # last: the demo's result
     print(f"demo finished in {time.time() - t0:.0f} s; outputs under {out}")
-    return {"before": before, "after": after}
+    return {"before": before, "after": after, "noise_std": noise}
