@@ -655,6 +655,19 @@ def _chunk_comfortable(lon: np.ndarray, lat: np.ndarray, yaw_rate: np.ndarray) -
     return all(bool(np.all((s > COMFORT_BOUNDS[k][0]) & (s < COMFORT_BOUNDS[k][1]))) for k, s in signals.items())
 
 
+
+def _comfort_series(log):
+    """The route's longitudinal / lateral acceleration and yaw rate cut to a common length ``n``
+    (lateral zeros when not logged); None when fewer than 3 samples were logged."""
+    k = log.kinematics
+    lon, lat, yaw = (_series(k, name) for name in ("accel_lon", "accel_lat", "yaw_rate"))
+    if lon is None or yaw is None:
+        return None
+    n = min(len(lon), len(yaw), len(lat) if lat is not None else len(lon))
+    if n < 3:
+        return None
+    return lon[:n], (lat[:n] if lat is not None else np.zeros(n)), yaw[:n]
+
 def comfort_si(log: RouteLog) -> float | None:
     """CRAFT's physically consistent comfort: share of comfortable 2 s chunks of the route, in [0, 1]
     (the ``comfort_si`` key; :func:`comfort` is Bench2Drive's own computation).
@@ -667,15 +680,11 @@ def comfort_si(log: RouteLog) -> float | None:
     inside all six :data:`COMFORT_BOUNDS` (strict). Units: rad/s consistently (the original script mixes
     deg/s with rad/s bounds). None when fewer than 3 samples were logged.
     """
-    k = log.kinematics
-    lon, lat, yaw = (_series(k, name) for name in ("accel_lon", "accel_lat", "yaw_rate"))
-    if lon is None or yaw is None:
+    series = _comfort_series(log)
+    if series is None:
         return None
-    n = min(len(lon), len(yaw), len(lat) if lat is not None else len(lon))
-    if n < 3:
-        return None
-    lat = lat[:n] if lat is not None else np.zeros(n)
-    lon, yaw = lon[:n], yaw[:n]
+    lon, lat, yaw = series
+    n = len(lon)
     if n <= _COMFORT_CHUNK:
         return 1.0 if _chunk_comfortable(lon, lat, yaw) else 0.0
     res = [_chunk_comfortable(lon[i:i + _COMFORT_CHUNK], lat[i:i + _COMFORT_CHUNK], yaw[i:i + _COMFORT_CHUNK])
@@ -715,15 +724,12 @@ def comfort(log: RouteLog) -> float | None:
     rate in deg/s against the 0.95 bound meant for rad/s, the smoothed yaw rate (deg/s) as the yaw
     acceleration against 1.93. Almost any turn therefore makes a chunk uncomfortable; :func:`comfort_si`
     is the physically consistent variant. None when fewer than 3 samples were logged."""
-    k = log.kinematics
-    lon, lat, yaw = (_series(k, name) for name in ("accel_lon", "accel_lat", "yaw_rate"))
-    if lon is None or yaw is None:
+    series = _comfort_series(log)
+    if series is None:
         return None
-    n = min(len(lon), len(yaw), len(lat) if lat is not None else len(lon))
-    if n < 3:
-        return None
-    lat = lat[:n] if lat is not None else np.zeros(n)
-    lon, yaw = lon[:n], np.degrees(yaw[:n])
+    lon, lat, yaw = series
+    n = len(lon)
+    yaw = np.degrees(yaw)
     if n <= _COMFORT_CHUNK:
         return 1.0 if _chunk_comfortable_b2d(lon, lat, yaw) else 0.0
     res = [_chunk_comfortable_b2d(lon[i:i + _COMFORT_CHUNK], lat[i:i + _COMFORT_CHUNK], yaw[i:i + _COMFORT_CHUNK])

@@ -575,12 +575,7 @@ def learning_curve_plot(curves: dict[str, list[list[dict]]], pre_val: dict | Non
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for j, (m, runs) in enumerate(curves.items()):
         for key, ls in (("val/DS", "-"), ("val/DS_b2d", ":")):
-            pts: dict[int, list[float]] = {}
-            for rows in runs:
-                for r in rows:
-                    v = r.get(key, math.nan)
-                    if v is not None and math.isfinite(v):
-                        pts.setdefault(int(r["iteration"]), []).append(v)
+            pts = _per_iteration(runs, key)
             if pre_val:
                 pts[0] = [pre_val.get("b2d-star" if key == "val/DS" else "b2d", math.nan)]
             its = sorted(pts)
@@ -592,7 +587,18 @@ def learning_curve_plot(curves: dict[str, list[list[dict]]], pre_val: dict | Non
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
+
+
+def _per_iteration(runs: list[list[dict]], key: str) -> dict[int, list[float]]:
+    """The finite values of diagnostics column ``key`` by iteration, over the runs (seeds)."""
+    pts: dict[int, list[float]] = {}
+    for rows in runs:
+        for r in rows:
+            v = r.get(key, math.nan)
+            if v is not None and math.isfinite(v):
+                pts.setdefault(int(r["iteration"]), []).append(v)
+    return pts
 
 
 def probe_plot(curves: dict[str, list[list[dict]]], path: Path, title: str) -> None:
@@ -606,12 +612,7 @@ def probe_plot(curves: dict[str, list[list[dict]]], path: Path, title: str) -> N
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, (key, name) in zip(axes, keys):
         for j, (m, runs) in enumerate(curves.items()):
-            pts: dict[int, list[float]] = {}
-            for rows in runs:
-                for r in rows:
-                    v = r.get(key, math.nan)
-                    if v is not None and math.isfinite(v):
-                        pts.setdefault(int(r["iteration"]), []).append(v)
+            pts = _per_iteration(runs, key)
             its = sorted(pts)
             if its:
                 ax.plot(its, [sum(pts[i]) / len(pts[i]) for i in its], marker=".", color=f"C{j}",
@@ -621,10 +622,11 @@ def probe_plot(curves: dict[str, list[list[dict]]], path: Path, title: str) -> N
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{title}: probe states", fontsize=10)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
-def _save_png(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG at ``path``, written atomically; the figure is closed."""
     import io
 
     import matplotlib.pyplot as plt
@@ -637,5 +639,5 @@ def _save_png(fig, path: Path) -> None:
 
 __all__ = ["ExperimentConfig", "EvalSet", "SMALL_BUDGET", "evaluate_policy", "finetune_run", "main_table",
            "paired_bootstrap", "selected_policy", "route_scores", "mean_summary", "main_block",
-           "summarise", "table_markdown", "markdown_table", "read_diagnostics", "read_summary", "write_bytes",
-           "write_json", "write_text"]
+           "summarise", "table_markdown", "markdown_table", "read_diagnostics", "read_summary", "save_png",
+           "write_bytes", "write_json", "write_text"]

@@ -23,7 +23,7 @@ from craft.errors import CraftError
 from craft.experiments.core import (
     METHOD_NAMES, ExperimentConfig, EvalSet, _delta_cell, budget_line, config_dict, default_eval_set, delta_interval,
     evaluate_policy, evaluate_seeds, finetune_run, fmt, markdown_table, pretrained_dir, read_diagnostics, run_names,
-    selected_policy, stats, summarise, write_bytes, write_json, write_text,
+    save_png, selected_policy, stats, summarise, write_json, write_text,
 )
 
 FRESH_TOWNS = tuple(range(50000, 50010))
@@ -232,18 +232,9 @@ def _scaling_plot(rows: dict, pre_ds: float, curves: dict, hard_type: str, path:
     b.set_title(f"fine-tuning on {hard_type}")
     b.legend(fontsize=8)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_png(fig, path)
 
 
-def _save_fig(fig, path: Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------ stability
@@ -351,7 +342,7 @@ def _stability_plot(rows: dict, families: tuple[str, ...], methods: tuple[str, .
     axes[0].set_ylabel("coefficient of variation")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_png(fig, path)
 
 
 __all__ = ["ABLATION_ROWS", "FRESH_TOWNS", "HARD_TYPE", "ablation", "cv", "expected_advantage", "scaling",
