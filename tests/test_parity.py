@@ -39,24 +39,24 @@ def test_route_record_does_not_depend_on_its_batch(tmp_path, monkeypatch):
     dropped = []
     index = PlanExecutor.index
     monkeypatch.setattr(PlanExecutor, "index", lambda self, idx: dropped.append(int((~idx).sum())) or index(self, idx))
-    runs = {"big": (["Accident", "HardBreakRoute", "ControlLoss", "PedestrianCrossing"], 4, 16),
-            "alone": (["ControlLoss"], 2, 1),
+    runs = {"big": (["Accident", "HardBreakRoute", "ControlLoss"], 3, 9),
+            "alone": (["ControlLoss"], 1, 1),
             "mixed": (["HardBreakRoute", "ControlLoss"], 3, 5)}
     recs = {}
     for name, (types, routes, bs) in runs.items():
-        evaluate(LaneFollow(), "test", tmp_path / name, EvalConfig(protocol="b2d-star", batch_size=bs, max_steps=300), routes=routes,
+        evaluate(LaneFollow(), "test", tmp_path / name, EvalConfig(protocol="b2d-star", batch_size=bs, max_steps=250), routes=routes,
                  types=types)
         recs[name] = _records(tmp_path / name)
         if name == "big":
-            assert dropped, "the batch of 16 dropped no rows"
+            assert dropped, "the batch of 9 dropped no rows"
             dropped.clear()
-    assert len(recs["big"]) == 16
+    assert len(recs["big"]) == 9
     compared = 0
     for name in ("alone", "mixed"):
         for rid, rec in recs[name].items():
             assert json.dumps(rec, sort_keys=True) == json.dumps(recs["big"][rid], sort_keys=True), (name, rid)
             compared += 1
-    assert compared == 8
+    assert compared == 7
     # the background traffic really differs between routes (the seed is per route, not one for all)
     assert len({r["meta"]["efficiency"] for r in recs["big"].values()}) > 4
 
