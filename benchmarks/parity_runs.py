@@ -6,8 +6,8 @@
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/parity_runs.py --out out/parity/no-switches \
         --switches --drivers expert checkpoints/vocab.pt
     # also score the same rollouts with the metric rules of an earlier commit (rule-by-rule attribution):
-    git show 9c32c79:craft/bench/metrics.py > /tmp/metrics_before.py
-    ... parity_runs.py ... --old-metrics /tmp/metrics_before.py
+    git show 9c32c79:craft/bench/metrics.py > out/metrics_before.py
+    ... parity_runs.py ... --old-metrics out/metrics_before.py
 
 Writes ``<out>/<label>/{b2d,b2d-star}/`` (the evaluation's files) per driver and ``<out>/summary.json``:
 per driver and protocol the headline figures (DS, SR, RC, IS, abilities, efficiency, comfort, comfort_si,
