@@ -19,3 +19,16 @@ def towns(town):
     from craft.world.towns import generate_town
 
     return [town] + [generate_town(s) for s in range(1, 5)]
+
+
+@pytest.fixture(scope="session")
+def init_ckpt(tmp_path_factory):
+    """A seeded, untrained hierarchical policy checkpoint (the fine-tuning tests' starting point)."""
+    import torch
+
+    from craft.policies.base import build_policy
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("init") / "policy.pt"
+    build_policy("hier").save(path)
+    return path

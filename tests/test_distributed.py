@@ -14,21 +14,12 @@ import torch
 
 from craft.finetune.collector import Collector, CollectorConfig
 from craft.finetune.trainer import FinetuneConfig, Trainer, decision_rewards
-from craft.policies import build_policy, load_policy
+from craft.policies import load_policy
 
 torch.set_num_threads(1)
 
 TINY = FinetuneConfig(iters=2, minibatch=16, collector=CollectorConfig(
     split="val", worlds=2, buffer_size=24, routes=1, types=("HardBreakRoute", "Accident")))
-
-
-@pytest.fixture(scope="module")
-def init_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    p = build_policy("hier")
-    path = tmp_path_factory.mktemp("init") / "policy.pt"
-    p.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from craft.finetune.collector import CollectorConfig
 from craft.finetune.losses import (clipped_surrogate, discounted_returns, gae, kl_terms, masked_log_softmax,
                                    proxy_loss)
 from craft.finetune.trainer import FinetuneConfig, Trainer, finetune
-from craft.policies import build_policy, load_policy
+from craft.policies import load_policy
 
 torch.set_num_threads(1)
 
@@ -76,15 +76,6 @@ def test_returns_and_gae_match_hand_loops():
 
 
 # ---------------------------------------------------------------------- end to end on a tiny budget
-@pytest.fixture(scope="module")
-def init_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    p = build_policy("hier")
-    path = tmp_path_factory.mktemp("init") / "policy.pt"
-    p.save(path)
-    return path
-
-
 TINY = FinetuneConfig(iters=2, minibatch=16, collector=CollectorConfig(
     split="val", worlds=2, buffer_size=24, routes=1, types=("HardBreakRoute", "Accident")))
 

@@ -38,14 +38,6 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-@pytest.fixture(scope="module")
-def init_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("init") / "policy.pt"
-    build_policy("hier").save(path)
-    return path
-
-
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln]
