@@ -279,6 +279,9 @@ class Trainer:
         else:
             self.collector = Collector(cfg.collector, device=device)
             self.proxy = CounterfactualWorld(self.collector.world.maps, cfg.proxy)
+        self.learner_threads = min(workers, os.cpu_count() or 1) if address is None else 1
+        """Torch threads of the update (at least the process's own): the local Ray workers' cores are idle
+        while the driver learns."""
         self.mb_gen = torch.Generator().manual_seed(cfg.seed + 3)
         self.iteration = 0
         self.history: list[dict] = []
@@ -401,9 +404,19 @@ class Trainer:
 
     # -------------------------------------------------------------- one iteration
     def iterate(self) -> dict:
-        cfg = self.cfg
         t0 = time.time()
         buf, scores, t_split = self.collect_and_score()
+        threads = torch.get_num_threads()
+        if self.learner_threads > threads:  # the local Ray workers wait meanwhile: their cores do the update
+            torch.set_num_threads(self.learner_threads)
+        try:
+            return self._learn(buf, scores, t_split, t0)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _learn(self, buf, scores, t_split: dict, t0: float) -> dict:
+        """Rewards, advantages and the policy update of one iteration's buffer; the diagnostics row."""
+        cfg = self.cfg
         t2 = time.time()
         grounded, dense, counts = decision_rewards(buf, cfg)
         obs, valid = buf.obs, buf.candidates.valid
