@@ -241,7 +241,7 @@ def cmd_experiment(args) -> int:
                            routes=args.routes, methods=tuple(args.methods), train_towns=args.train_towns,
                            protocols=tuple(args.protocols), finetune={**SMALL_BUDGET, **overrides},
                            eval_seeds=tuple(range(args.eval_seeds)), val_every=args.val_every)
-    if args.name == "report":
+    if args.name in ("report", "archive"):
         if not Path(args.out).is_dir():
             raise CraftError(f"experiment root '{args.out}' is not a folder of experiment results: nothing to "
                              "report (run an experiment there first, or pass its --out)")
@@ -395,8 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("experiment", help="the paper's experiments on this benchmark (resumable)")
     x.add_argument("name", choices=["main", "ablation", "transfer", "scaling", "stability", "fidelity", "all",
-                                    "report"],
-                   help="an experiment; all: every one, then docs/results.md; report: only docs/results.md")
+                                    "report", "archive"],
+                   help="an experiment; all: every one, then docs/results.md; report: only docs/results.md; "
+                        "archive: copy the finished runs' small files into docs/results/pool (committed; a new "
+                        "machine restores them from there instead of computing them)")
     x.add_argument("--family", default="vocab", choices=["vocab", "hier", "vla"])
     x.add_argument("--init", help="pre-trained checkpoint (default checkpoints/<family>.pt)")
     x.add_argument("--families", nargs="+", choices=["vocab", "hier", "vla"],

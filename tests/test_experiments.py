@@ -219,3 +219,30 @@ def test_main_table_with_val_selection_intervals_and_main_json(tmp_path, init):
     fam = mj["families"]["vocab"]
     assert set(fam["methods"]) == {"pretrained", "grpo", "craft"}
     assert set(fam["methods"]["craft"]["b2d-star"]) == {"DS", "SR", "dDS"}
+
+
+def test_archive_restores_finished_runs_without_computing(tmp_path, init, monkeypatch):
+    """A main table archived with `craft experiment archive` is rebuilt on a new root (a new machine) from the
+    archive alone: no fine-tuning, no evaluation, the same table; a run in progress is not archived."""
+    from craft.experiments import core
+
+    monkeypatch.setattr(core, "ARCHIVE", tmp_path / "archive")
+    cfg = ExperimentConfig(family="vocab", init=init, **{**TINY, "iters": 2, "val_every": 1,
+                                                         "export": str(tmp_path / "export")})
+    first = main_table(cfg, tmp_path / "a")
+    partial = finetune_run(tmp_path / "a", replace(cfg, iters=3), "grpo", 1, iters=1)  # stopped early
+    (partial / "config.json").write_text((partial / "config.json").read_text().replace('"iters": 1', '"iters": 3'))
+    counts = run_experiment("archive", cfg, tmp_path / "a")
+    assert "archived 1 finished runs" in counts and "1 runs still in progress" in counts
+    assert not (tmp_path / "archive" / "runs" / partial.name).exists()
+    assert not list((tmp_path / "archive").rglob("*.pt")) and not list((tmp_path / "archive").rglob("results.json"))
+
+    def refuse(*a, **k):
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(core, "_run_eval", refuse)
+    monkeypatch.setattr("craft.finetune.trainer.finetune", refuse)
+    again = main_table(cfg, tmp_path / "b")
+    assert again == first
+    run = next((tmp_path / "b" / "runs").glob("vocab-grpo-s0-*"))
+    assert core.finished_iterations(run) == 2 and not (run / "trainer.pt").exists()

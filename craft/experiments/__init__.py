@@ -2,7 +2,9 @@
 
 Every experiment runs under one root folder: the pool of fine-tuning runs ``ROOT/runs`` (shared, resumable,
 see :mod:`craft.experiments.core`) and one folder of tables and plots per experiment. ``all`` runs every
-experiment for the given families and then writes ``docs/results.md``; ``report`` only writes it.
+experiment for the given families and then writes ``docs/results.md``; ``report`` only writes it;
+``archive`` copies the small files of the finished runs and evaluations into the committed archive
+(:data:`~craft.experiments.core.ARCHIVE`), from which a new machine restores them instead of computing them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from craft.errors import CraftError
 from craft.files import write_json
 from craft.experiments.core import SMALL_BUDGET, ExperimentConfig, main_table, summarise, table_markdown
 
-NAMES = ("main", "ablation", "transfer", "scaling", "stability", "fidelity", "all", "report")
+NAMES = ("main", "ablation", "transfer", "scaling", "stability", "fidelity", "all", "report", "archive")
 FAMILIES = ("vocab", "hier", "vla")
 
 
@@ -48,6 +50,12 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | os.PathLike,
         return fidelity_experiment(cfg, out, families=fams)
     if name == "report":
         return write_results(out, doc)
+    if name == "archive":
+        from craft.experiments.core import ARCHIVE, archive
+
+        n = archive(out)
+        return (f"archived {n['runs']} finished runs and {n['evaluations']} new evaluation scores into {ARCHIVE} "
+                f"({n['in_progress']} runs still in progress left out)")
     t0 = time.time()
     for f in fams:
         main_table(replace(cfg, family=f, init="" if f != cfg.family else cfg.init), out)

@@ -7,6 +7,13 @@ is reused by every experiment that asks for the same thing (``ablation`` reuses 
 runs, ``scaling`` its x1 runs, ``stability`` its diagnostics), and an interrupted one resumes. Evaluations live
 inside the run they evaluate (``eval-<set>/<protocol>/results.json``); one ``b2d`` rollout is scored under both
 protocols. Tables are regenerated from those results files deterministically.
+
+Results survive a new machine through the **archive** (:data:`ARCHIVE`, ``docs/results/pool``, committed):
+``craft experiment archive`` copies the small files of every finished run and evaluation there (config,
+diagnostics, a ``done.json`` marker, and per evaluation and protocol a ``scores.json`` with the summary and
+the per-route DS). A pool folder missing from ``ROOT/runs`` is restored from the archive before anything
+is computed, so a finished run is not trained again and a scored evaluation not driven again; the tables
+read ``scores.json`` where the full ``results.json`` is absent.
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ from craft.files import read_json, write_bytes, write_json, write_text  # noqa: 
 
 ABILITIES = ("Merging", "Overtaking", "Emergency_Brake", "Give_Way", "Traffic_Signs", "Mean")
 COLUMNS = ("DS", "SR", "RC", "IS") + ABILITIES
+ARCHIVE = Path(__file__).resolve().parents[2] / "docs" / "results" / "pool"
+"""The committed archive of finished pool folders (``craft experiment archive``); see the module docstring."""
+SCORES = "scores.json"
+"""Per evaluation and protocol: ``{"summary": ..., "routes": {route_id: DS}}``, next to (or instead of)
+``results.json``."""
 METHOD_NAMES = {"pretrained": "pre-trained", "reinforcepp": "REINFORCE++", "ppo": "PPO", "grpo": "GRPO",
                 "craft": "CRAFT"}
 
@@ -149,7 +161,7 @@ def finetune_config(cfg: ExperimentConfig, method: str, seed: int, label: str | 
 def run_dir(root: str | os.PathLike, cfg: ExperimentConfig, label: str, fc) -> Path:
     """The pool folder of a fine-tuning run (created with its ``config.json``)."""
     key = {"init": _file_digest(cfg.init_path), "finetune": asdict(fc)}
-    d = Path(root) / "runs" / f"{cfg.family}-{label}-s{fc.seed}-{_digest(key)}"
+    d = restored(Path(root) / "runs" / f"{cfg.family}-{label}-s{fc.seed}-{_digest(key)}")
     if not (d / "config.json").exists():
         d.mkdir(parents=True, exist_ok=True)
         write_text(d / "config.json", json.dumps({"label": label, "init": cfg.init_path, **key}, indent=2,
@@ -170,9 +182,38 @@ def finetune_run(root: str | os.PathLike, cfg: ExperimentConfig, method: str, se
         if state.exists():
             if saved_iteration(d) < fc.iters:
                 finetune(cfg.init_path, d, fc, resume=True)
+        elif finished_iterations(d) >= fc.iters:  # restored from the archive: diagnostics and scores only
+            return d
         else:
             finetune(cfg.init_path, d, fc)
+        write_json(d / "done.json", {"iterations": saved_iteration(d)})
     return d
+
+
+def finished_iterations(run: Path) -> int:
+    """Iterations of a finished run by its ``done.json`` marker (0 when there is none)."""
+    f = Path(run) / "done.json"
+    if not f.exists():
+        return 0
+    d = read_json(f, "run marker")
+    n = d.get("iterations") if isinstance(d, dict) else None
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise CraftError(f"'{f}' is not a run marker (no integer 'iterations'); delete it")
+    return n
+
+
+def restored(folder: Path) -> Path:
+    """``folder`` (a pool folder under ``ROOT/runs``), first copied from :data:`ARCHIVE` when it is absent here
+    and archived there."""
+    import shutil
+
+    src = ARCHIVE / "runs" / folder.name
+    if not folder.exists() and src.is_dir() and src.resolve() != folder.resolve():
+        tmp = folder.with_name(folder.name + ".restoring")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        tmp.rename(folder)  # whole or not at all
+    return folder
 
 
 @contextmanager
@@ -189,9 +230,46 @@ def locked(folder: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def archive(root: str | os.PathLike, to: str | os.PathLike | None = None) -> dict:
+    """Copy the small files of every finished pool folder of ``root/runs`` into ``to/runs`` (the same names):
+    a fine-tuning run's ``config.json``, ``diagnostics.csv`` and ``done.json`` (runs still in progress are
+    left out), and per evaluation (``eval-*/<protocol>`` anywhere inside) its ``scores.json``. ``to``: default
+    :data:`ARCHIVE`. Existing files
+    are kept (a pool folder's content never changes once written). Returns counts."""
+    from craft.finetune.trainer import saved_iteration
+
+    runs, dst_root = Path(root) / "runs", Path(ARCHIVE if to is None else to) / "runs"
+    if not runs.is_dir():
+        raise CraftError(f"'{runs}' is not a run pool: nothing to archive (pass the --out of an experiment)")
+    counts = {"runs": 0, "in_progress": 0, "evaluations": 0}
+    for d in sorted(runs.iterdir()):
+        if not d.is_dir() or d.name.endswith(".restoring"):
+            continue
+        dst = dst_root / d.name
+        if (d / "config.json").exists():  # a fine-tuning run
+            iters = int(read_json(d / "config.json", "run config")["finetune"]["iters"])
+            done = max(finished_iterations(d), saved_iteration(d) or 0)
+            if done < iters:
+                counts["in_progress"] += 1
+                continue
+            for name in ("config.json", "diagnostics.csv"):
+                if (d / name).exists() and not (dst / name).exists():
+                    write_bytes(dst / name, (d / name).read_bytes())
+            if not (dst / "done.json").exists():
+                write_json(dst / "done.json", {"iterations": done})
+            counts["runs"] += 1
+        for f in sorted(d.rglob("*")):
+            if f.is_dir() and f.parent.name.startswith("eval-") and eval_done(f):
+                target = dst / f.relative_to(d) / SCORES
+                if not target.exists():
+                    write_json(target, eval_scores(f))
+                    counts["evaluations"] += 1
+    return counts
+
+
 def pretrained_dir(root: str | os.PathLike, cfg: ExperimentConfig) -> Path:
     """The pool folder holding the pre-trained checkpoint's evaluations."""
-    d = Path(root) / "runs" / f"{cfg.family}-pretrained-{_file_digest(cfg.init_path)}"
+    d = restored(Path(root) / "runs" / f"{cfg.family}-pretrained-{_file_digest(cfg.init_path)}")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -265,11 +343,38 @@ def evaluate_policy(policy: str | os.PathLike, folder: str | os.PathLike, es: Ev
     rel = "/".join(parts[len(parts) - parts[::-1].index("runs"):] if "runs" in parts else parts[-1:])
     if ledger is not None and f"{rel}/{base.name}" not in ledger:
         ledger.append(f"{rel}/{base.name}")
-    files = {p: base / p / "results.json" for p in protocols}
     with locked(Path(folder)):
-        if not all(f.exists() for f in files.values()):
+        if not all(eval_done(base / p) for p in protocols):
             _run_eval(policy, base, es, protocols)
-    return {p: read_summary(f) for p, f in files.items()}
+    return {p: eval_scores(base / p)["summary"] for p in protocols}
+
+
+def eval_done(folder: Path) -> bool:
+    """Whether the evaluation folder ``<run>/eval-<set>/<protocol>`` holds its results (full or compact)."""
+    return (folder / "results.json").exists() or (folder / SCORES).exists()
+
+
+def eval_scores(folder: Path) -> dict:
+    """``{"summary": ..., "routes": {route_id: DS}}`` of an evaluation folder: its ``scores.json``, else read
+    from its ``results.json``. One CraftError line if neither is readable."""
+    f = Path(folder) / SCORES
+    if f.exists():
+        d = read_json(f, "evaluation scores")
+        if not (isinstance(d, dict) and isinstance(d.get("summary"), dict) and isinstance(d.get("routes"), dict)):
+            raise CraftError(f"'{f}' is not a scores file (needs 'summary' and 'routes'); delete it to have it "
+                             "made again from results.json or the evaluation run again")
+        return d
+    from craft.bench.metrics import load_results
+
+    res = load_results(Path(folder) / "results.json")
+    return {"summary": res["summary"],
+            "routes": {r["route_id"]: float(r["scores"]["score_composed"]) for r in res["records"]}}
+
+
+def write_scores(folder: Path) -> None:
+    """Write the compact ``scores.json`` of an evaluation folder from its ``results.json`` (if absent)."""
+    if not (Path(folder) / SCORES).exists():
+        write_json(Path(folder) / SCORES, eval_scores(folder))
 
 
 def read_summary(path: Path) -> dict:
@@ -288,14 +393,16 @@ def _run_eval(policy, base: Path, es: EvalSet, protocols: tuple[str, ...]) -> No
     evaluate(make_driver(str(policy)), es.split, base / "b2d", ecfg,
              town_seeds=list(es.town_seeds) if es.town_seeds else None, routes=es.routes,
              types=list(es.types) if es.types else None, also={p: base / p for p in protocols if p != "b2d"})
+    for p in {"b2d", *protocols}:
+        write_scores(base / p)
 
 
 def eval_wall_s(folder: Path) -> float:
     """Seconds the evaluation in ``folder`` (``<run>/eval-<set>``) took: its one rollout."""
-    f = Path(folder) / "b2d" / "results.json"
-    if not f.exists():
+    f = Path(folder) / "b2d"
+    if not eval_done(f):
         return 0.0
-    wall = read_summary(f).get("wall_time_s", 0.0)
+    wall = eval_scores(f)["summary"].get("wall_time_s", 0.0)
     if isinstance(wall, bool) or not isinstance(wall, (int, float)):
         raise CraftError(f"evaluation results '{f}' have a non-numeric wall_time_s; delete the file to have it "
                          "evaluated again")
@@ -393,10 +500,7 @@ def config_dict(cfg: ExperimentConfig) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 def route_scores(folder: str | os.PathLike, es: EvalSet, protocol: str) -> dict[str, float]:
     """Per-route DS of an evaluation made by :func:`evaluate_policy`: ``{route_id: DS}``."""
-    f = Path(folder) / f"eval-{es.key()}" / protocol / "results.json"
-    from craft.bench.metrics import load_results
-
-    return {r["route_id"]: float(r["scores"]["score_composed"]) for r in load_results(f)["records"]}
+    return eval_scores(Path(folder) / f"eval-{es.key()}" / protocol)["routes"]
 
 
 def mean_summary(summaries: list[dict]) -> dict:
@@ -439,7 +543,8 @@ def selected_policy(run: Path) -> tuple[Path, int | None]:
     if best is None:
         return Path(run) / "policy.pt", None
     path = Path(run) / "val" / f"it-{best[1]:04d}" / "policy.pt"
-    return (path, best[1]) if path.exists() else (Path(run) / "policy.pt", None)
+    # (an archived run keeps the folder with its scores, not the checkpoint)
+    return (path, best[1]) if path.parent.is_dir() else (Path(run) / "policy.pt", None)
 
 
 def evaluate_seeds(policy, folder, cfg: ExperimentConfig, ledger: list | None = None) -> tuple[dict, dict]:
@@ -529,7 +634,12 @@ def main_table(cfg: ExperimentConfig, out: str | os.PathLike) -> dict:
     if cfg.export:
         for m, rs in runs.items():
             src, _ = selected_policy(rs[0])
-            write_bytes(Path(cfg.export) / f"{cfg.family}-{m}.pt", src.read_bytes())
+            dst = Path(cfg.export) / f"{cfg.family}-{m}.pt"
+            if src.exists():
+                write_bytes(dst, src.read_bytes())
+            elif not dst.exists():  # an archived run keeps no checkpoint; its export is committed
+                raise CraftError(f"'{src}' is missing (the run was restored from the archive) and '{dst}' does not "
+                                 "exist: delete the run folder to have it fine-tuned again")
     write_json(folder / "table.json", {"config": config_dict(cfg), "table": table, "main": main,
                                         "selected_iterations": chosen, "pretrained_val": pre_val,
                                         "runs": run_names(used), "evals": evals})
@@ -637,7 +747,7 @@ def save_png(fig, path: Path) -> None:
     write_bytes(path, buf.getvalue())
 
 
-__all__ = ["ExperimentConfig", "EvalSet", "SMALL_BUDGET", "evaluate_policy", "finetune_run", "main_table",
+__all__ = ["ARCHIVE", "archive", "ExperimentConfig", "EvalSet", "SMALL_BUDGET", "evaluate_policy", "finetune_run", "main_table",
            "paired_bootstrap", "selected_policy", "route_scores", "mean_summary", "main_block",
            "summarise", "table_markdown", "markdown_table", "read_diagnostics", "read_summary", "save_png",
            "write_bytes", "write_json", "write_text"]
