@@ -246,3 +246,9 @@ def test_archive_restores_finished_runs_without_computing(tmp_path, init, monkey
     assert again == first
     run = next((tmp_path / "b" / "runs").glob("vocab-grpo-s0-*"))
     assert core.finished_iterations(run) == 2 and not (run / "trainer.pt").exists()
+    from craft.experiments.core import selected_policy
+
+    policy, it = selected_policy(run)
+    assert it in (1, 2) and not policy.exists()
+    with pytest.raises(CraftError, match="restored from the archive"):  # an evaluation that was never archived
+        evaluate_policy(policy, policy.parent, EvalSet(name="other", split="val", routes=1, seed=5), ("b2d",))

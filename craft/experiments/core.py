@@ -345,6 +345,10 @@ def evaluate_policy(policy: str | os.PathLike, folder: str | os.PathLike, es: Ev
         ledger.append(f"{rel}/{base.name}")
     with locked(Path(folder)):
         if not all(eval_done(base / p) for p in protocols):
+            if str(policy).endswith(".pt") and not Path(policy).exists():
+                raise CraftError(f"'{policy}' is missing: its run was restored from the archive (scores, no "
+                                 f"checkpoints) and this evaluation ({base.name}) was never archived; delete the run "
+                                 "folder in the pool to have it fine-tuned again")
             _run_eval(policy, base, es, protocols)
     return {p: eval_scores(base / p)["summary"] for p in protocols}
 
@@ -543,8 +547,8 @@ def selected_policy(run: Path) -> tuple[Path, int | None]:
     if best is None:
         return Path(run) / "policy.pt", None
     path = Path(run) / "val" / f"it-{best[1]:04d}" / "policy.pt"
-    # (an archived run keeps the folder with its scores, not the checkpoint)
-    return (path, best[1]) if path.parent.is_dir() else (Path(run) / "policy.pt", None)
+    archived = not (Path(run) / "trainer.pt").exists() and finished_iterations(run) > 0  # scores, no checkpoints
+    return (path, best[1]) if path.exists() or archived else (Path(run) / "policy.pt", None)
 
 
 def evaluate_seeds(policy, folder, cfg: ExperimentConfig, ledger: list | None = None) -> tuple[dict, dict]:
