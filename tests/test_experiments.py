@@ -252,3 +252,20 @@ def test_archive_restores_finished_runs_without_computing(tmp_path, init, monkey
     assert it in (1, 2) and not policy.exists()
     with pytest.raises(CraftError, match="restored from the archive"):  # an evaluation that was never archived
         evaluate_policy(policy, policy.parent, EvalSet(name="other", split="val", routes=1, seed=5), ("b2d",))
+
+    # a missing export: the archived seed-0 runs are fine-tuned again for their checkpoints; the same seed gives
+    # the same run, so the archived evaluations stay (no evaluation is computed)
+    import torch
+
+    exported = {p.name: torch.load(p, weights_only=False) for p in sorted((tmp_path / "export").glob("*.pt"))}
+    for p in (tmp_path / "export").glob("*.pt"):
+        p.unlink()
+    monkeypatch.undo()
+    monkeypatch.setattr(core, "ARCHIVE", tmp_path / "archive")
+    monkeypatch.setattr(core, "_run_eval", refuse)
+    assert main_table(cfg, tmp_path / "c") == first
+    for name, before in exported.items():
+        after = torch.load(tmp_path / "export" / name, weights_only=False)
+        sd_a, sd_b = before.get("state_dict", before), after.get("state_dict", after)
+        assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a), name
+    assert not list((tmp_path / "c" / "runs").glob("*.retrain"))

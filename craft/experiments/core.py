@@ -170,8 +170,11 @@ def run_dir(root: str | os.PathLike, cfg: ExperimentConfig, label: str, fc) -> P
 
 
 def finetune_run(root: str | os.PathLike, cfg: ExperimentConfig, method: str, seed: int, label: str | None = None,
-                 collector: dict | None = None, **overrides) -> Path:
-    """Fine-tune (or reuse / resume) one run of the pool; returns its folder (``policy.pt`` inside)."""
+                 collector: dict | None = None, checkpoint: bool = False, **overrides) -> Path:
+    """Fine-tune (or reuse / resume) one run of the pool; returns its folder (``policy.pt`` inside).
+
+    A run restored from the archive keeps no checkpoints; with ``checkpoint`` it is fine-tuned again (see
+    :func:`_retrain`) so that its selected checkpoint exists, e.g. for an export."""
     from craft.finetune.trainer import finetune, saved_iteration
 
     label = label or method
@@ -183,11 +186,48 @@ def finetune_run(root: str | os.PathLike, cfg: ExperimentConfig, method: str, se
             if saved_iteration(d) < fc.iters:
                 finetune(cfg.init_path, d, fc, resume=True)
         elif finished_iterations(d) >= fc.iters:  # restored from the archive: diagnostics and scores only
-            return d
+            if not checkpoint:
+                return d
+            _retrain(d, cfg, fc)
         else:
             finetune(cfg.init_path, d, fc)
         write_json(d / "done.json", {"iterations": saved_iteration(d)})
     return d
+
+
+def _retrain(run: Path, cfg: ExperimentConfig, fc) -> None:
+    """Fine-tune an archived ``run`` again beside it for its checkpoints. When the new run's per-iteration
+    ``val`` scores equal the archived ones (the same seed gives the same run), its checkpoints join the archived
+    folder and the archived evaluations stay; otherwise the new run replaces the folder (its evaluations are
+    computed again)."""
+    import shutil
+
+    from craft.finetune.trainer import finetune
+
+    tmp = run.with_name(run.name + ".retrain")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_bytes(tmp / "config.json", (run / "config.json").read_bytes())
+    finetune(cfg.init_path, tmp, fc)
+
+    def vals(folder: Path) -> list:
+        return [(int(r["iteration"]), r.get("val/DS")) for r in read_diagnostics(folder)
+                if math.isfinite(r.get("val/DS", math.nan))]
+
+    if vals(tmp) == vals(run):
+        for f in sorted(tmp.rglob("*.pt")):
+            dst = run / f.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dst)
+        shutil.rmtree(tmp)
+    else:
+        print(f"note: '{run.name}' fine-tuned again differs from its archived run; its evaluations are redone",
+              flush=True)
+        old = run.with_name(run.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        run.rename(old)
+        tmp.rename(run)
+        shutil.rmtree(old)
 
 
 def finished_iterations(run: Path) -> int:
@@ -610,7 +650,8 @@ def main_table(cfg: ExperimentConfig, out: str | os.PathLike) -> dict:
     chosen: dict[str, list] = {}
     for seed in cfg.seeds:
         for m in cfg.methods:
-            run = finetune_run(out, cfg, m, seed)
+            export = bool(cfg.export) and seed == cfg.seeds[0] and not (Path(cfg.export) / f"{cfg.family}-{m}.pt").exists()
+            run = finetune_run(out, cfg, m, seed, checkpoint=export)
             used.append(run)
             runs.setdefault(m, []).append(run)
             policy, it = selected_policy(run)
@@ -642,8 +683,8 @@ def main_table(cfg: ExperimentConfig, out: str | os.PathLike) -> dict:
             if src.exists():
                 write_bytes(dst, src.read_bytes())
             elif not dst.exists():  # an archived run keeps no checkpoint; its export is committed
-                raise CraftError(f"'{src}' is missing (the run was restored from the archive) and '{dst}' does not "
-                                 "exist: delete the run folder to have it fine-tuned again")
+                raise CraftError(f"'{src}' is missing and '{dst}' does not exist: delete the run folder "
+                                 f"'{rs[0]}' and its archived copy under '{ARCHIVE}' to have it fine-tuned again")
     write_json(folder / "table.json", {"config": config_dict(cfg), "table": table, "main": main,
                                         "selected_iterations": chosen, "pretrained_val": pre_val,
                                         "runs": run_names(used), "evals": evals})
