@@ -252,6 +252,10 @@ def test_archive_restores_finished_runs_without_computing(tmp_path, init, monkey
     assert it in (1, 2) and not policy.exists()
     with pytest.raises(CraftError, match="restored from the archive"):  # an evaluation that was never archived
         evaluate_policy(policy, policy.parent, EvalSet(name="other", split="val", routes=1, seed=5), ("b2d",))
+    # an archived run whose needed evaluations are archived is not fine-tuned again for its checkpoint
+    from craft.experiments.core import default_eval_set, run_policy
+
+    assert run_policy(tmp_path / "b", cfg, "grpo", 0, ((default_eval_set(cfg), cfg.protocols),)) == (run, policy)
 
     # a missing export: the archived seed-0 runs are fine-tuned again for their checkpoints; the same seed gives
     # the same run, so the archived evaluations stay (no evaluation is computed)

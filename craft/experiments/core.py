@@ -591,6 +591,20 @@ def selected_policy(run: Path) -> tuple[Path, int | None]:
     return (path, best[1]) if path.exists() or archived else (Path(run) / "policy.pt", None)
 
 
+def run_policy(root: str | os.PathLike, cfg: ExperimentConfig, method: str, seed: int,
+               needs: tuple[tuple[EvalSet, tuple[str, ...]], ...] = (), **kw) -> tuple[Path, Path]:
+    """``(run, checkpoint chosen on val)`` of one pool run (:func:`finetune_run` with ``kw``). A run restored
+    from the archive is fine-tuned again for its checkpoint only when an evaluation of ``needs``
+    (``(eval set, protocols)`` pairs) was never archived; with no ``needs``, whenever the checkpoint is missing."""
+    run = finetune_run(root, cfg, method, seed, **kw)
+    policy, _ = selected_policy(run)
+    if not policy.exists() and not (needs and all(eval_done(policy.parent / f"eval-{es.key()}" / p)
+                                                  for es, protos in needs for p in protos)):
+        run = finetune_run(root, cfg, method, seed, checkpoint=True, **kw)
+        policy, _ = selected_policy(run)
+    return run, policy
+
+
 def evaluate_seeds(policy, folder, cfg: ExperimentConfig, ledger: list | None = None) -> tuple[dict, dict]:
     """``policy`` on ``cfg``'s evaluation routes under every traffic seed of ``cfg.eval_seeds``:
     ``({protocol: traffic-seed mean summary}, {protocol: {route_id: DS averaged over the traffic seeds}})``."""

@@ -23,7 +23,7 @@ from craft.errors import CraftError
 from craft.experiments.core import (
     METHOD_NAMES, ExperimentConfig, EvalSet, _delta_cell, budget_line, config_dict, default_eval_set, delta_interval,
     evaluate_policy, evaluate_seeds, finetune_run, fmt, markdown_table, pretrained_dir, read_diagnostics, run_names,
-    save_png, selected_policy, stats, summarise, write_json, write_text,
+    run_policy, save_png, selected_policy, stats, summarise, write_json, write_text,
 )
 
 FRESH_TOWNS = tuple(range(50000, 50010))
@@ -114,13 +114,14 @@ def transfer(cfg: ExperimentConfig, out: str | os.PathLike, fresh_towns: tuple[i
     for src, dst in cases:
         deltas: dict[str, list[float]] = {}
         for seed in cfg.seeds:
+            need = ((sets[dst], (cfg.protocols[0],)),)
             if src == "train":
-                run = finetune_run(out, cfg, "craft", seed)
+                run, policy = run_policy(out, cfg, "craft", seed, need)
             else:  # long-style routes built on the same train towns
-                run = finetune_run(out, cfg, "craft", seed, label="craft-long",
-                                   collector={"split": "long", "routes": long_train_routes})
+                run, policy = run_policy(out, cfg, "craft", seed, need, label="craft-long",
+                                         collector={"split": "long", "routes": long_train_routes})
             used.append(run)
-            s = evaluate_policy(run / "policy.pt", run, sets[dst], (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]]
+            s = evaluate_policy(policy, policy.parent, sets[dst], (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]]
             for c in ("DS", "RC", "IS", "SR"):
                 deltas.setdefault(f"Δ{c}", []).append(float(s[c]) - float(base[dst][c]))
                 deltas.setdefault(c, []).append(float(s[c]))
@@ -161,9 +162,9 @@ def scaling(cfg: ExperimentConfig, out: str | os.PathLike, hard_type: str = HARD
         for seed in cfg.seeds:
             for mult in (1, 2):
                 c = replace(cfg, buffer=cfg.buffer * mult // 2)
-                run = finetune_run(out, c, m, seed)
+                run, policy = run_policy(out, c, m, seed, ((es, (cfg.protocols[0],)),))
                 used.append(run)
-                s = evaluate_policy(run / "policy.pt", run, es, (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]]
+                s = evaluate_policy(policy, policy.parent, es, (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]]
                 vals.setdefault(f"DS x{mult}", []).append(float(s["DS"]))
                 vals.setdefault(f"SR x{mult}", []).append(float(s["SR"]))
         vals["ΔDS (x2 - x1)"] = [b - a for a, b in zip(vals["DS x1"], vals["DS x2"])]
@@ -179,12 +180,13 @@ def scaling(cfg: ExperimentConfig, out: str | os.PathLike, hard_type: str = HARD
     for m in cfg.methods:
         ds, sr = [], []
         for seed in cfg.seeds:
-            run = finetune_run(out, ccfg, m, seed, label=f"{m}-{hard_type}", collector={"types": (hard_type,)})
+            run, policy = run_policy(out, ccfg, m, seed, ((hard_es, (cfg.protocols[0],)),), label=f"{m}-{hard_type}",
+                                     collector={"types": (hard_type,)})
             used.append(run)
             curves.setdefault(m, []).append([{k: r.get(k, math.nan) for k in
                                               ("iteration", "grounded_return_mean", "dense_reward_mean")}
                                              for r in read_diagnostics(run)])
-            s = evaluate_policy(run / "policy.pt", run, hard_es, (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]]
+            s = evaluate_policy(policy, policy.parent, hard_es, (cfg.protocols[0],), ledger=evals)[cfg.protocols[0]]
             ds.append(float(s["DS"]))
             sr.append(float(s["SR"]))
         hard[m] = {"DS": stats(ds), "SR": stats(sr)}
