@@ -741,7 +741,7 @@ def learning_curve_plot(curves: dict[str, list[list[dict]]], pre_val: dict | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     for j, (m, runs) in enumerate(curves.items()):
         for key, ls in (("val/DS", "-"), ("val/DS_b2d", ":")):
             pts = _per_iteration(runs, key)
@@ -754,7 +754,7 @@ def learning_curve_plot(curves: dict[str, list[list[dict]]], pre_val: dict | Non
     ax.set_xlabel("iteration (0: pre-trained)")
     ax.set_ylabel("DS on the val subset")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, not on, the curves
     fig.tight_layout()
     save_png(fig, path)
 
