@@ -232,7 +232,11 @@ def cmd_finetune_bench(args) -> int:
 
 
 def cmd_experiment(args) -> int:
+    import torch
+
     from craft.experiments import SMALL_BUDGET, ExperimentConfig, run_experiment
+
+    torch.set_num_threads(args.threads)
 
     overrides = {k: v for k, v in (("lr", args.lr), ("lr_end", args.lr_end), ("epochs", args.epochs),
                                    ("minibatch", args.minibatch)) if v is not None}
@@ -404,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--families", nargs="+", choices=["vocab", "hier", "vla"],
                    help="all / stability: the families to run (default: all three)")
     x.add_argument("--seeds", type=_positive_int, default=3, help="fine-tuning seeds 0..N-1 (main; default 3)")
-    x.add_argument("--iters", type=_positive_int, default=6, help="fine-tuning iterations per run (default 6)")
+    x.add_argument("--iters", type=_positive_int, default=8, help="fine-tuning iterations per run (default 8)")
     x.add_argument("--buffer", type=_positive_int, default=2048, help="transitions per iteration (default 2048)")
     x.add_argument("--worlds", type=_positive_int, default=128, help="routes driven in parallel (default 128)")
     x.add_argument("--train-towns", type=_positive_int, default=20, help="train town seeds driven (default 20)")
@@ -422,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--val-every", type=_nonneg_int, default=2,
                    help="closed-loop val-subset evaluation every N iterations; the test checkpoint is chosen on "
                         "it (0: off, the last iteration; default 2)")
+    x.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch threads of this process (default 1: experiments run side by side, one per core, "
+                        "and a run repeats exactly only under the thread count it was made with)")
     x.add_argument("--doc", default="docs/results.md", help="all / report: the results document to write")
     x.add_argument("--out", default="out/experiments",
                    help="experiment root: runs pool under OUT/runs, tables under OUT/<experiment> (default "

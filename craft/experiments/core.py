@@ -55,7 +55,7 @@ class ExperimentConfig:
     """Pre-trained checkpoint (default: checkpoints/<family>.pt)."""
     methods: tuple[str, ...] = ("reinforcepp", "ppo", "grpo", "craft")
     seeds: tuple[int, ...] = (0, 1, 2)
-    iters: int = 6
+    iters: int = 8
     """Fine-tuning iterations per run (the same budget for every method)."""
     buffer: int = 2048
     """Transitions per iteration (the paper's B)."""
