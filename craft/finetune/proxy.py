@@ -228,6 +228,8 @@ _NPAIR = 11
 """The first _NPAIR columns are the ones the lane query reads for every (point, segment) pair."""
 _PIECE = 1 << 16
 """(point, segment) pairs the lane query processes at once (keeps its temporaries in cache)."""
+_MIN_GROUP = 4096
+"""Fewest points the default lane kernel is called on: smaller count groups are padded into the next one."""
 _FAR = 1e30
 """Added to a lane distance beyond a pick's reach: it then never wins a pick (distances are < 1e10 m)."""
 
@@ -373,27 +375,39 @@ class _LaneIndex:
         self._key32 = (int(self.count.max()) + 1) * self.start.shape[0] < 2**31  # (count, cell) sort keys fit int32
 
     def query(self, map_id: Tensor, pos: Tensor, yaw: Tensor, cfg: EventConfig,
-              reference: bool = False) -> dict[str, Tensor]:
-        """The world's lane rules at points ``pos (Q, 2)`` heading ``yaw (Q,)`` on maps ``map_id (Q,)``.
+              reference: bool = False, cos_sin: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+        """The world's lane rules at points ``pos (..., 2)`` heading ``yaw (...)`` on maps ``map_id``.
 
-        Returns (Q,) ``offroad`` (not on a driving / parking / shoulder lane: :func:`drivable`),
+        map_id: long, broadcastable to ``pos``'s leading shape ``(...)``: ``(Q,)`` for points ``(Q, 2)``, or
+        ``(1, B, 1)`` for the points ``(H, B, G, 2)`` of G candidates of B states (the map is then never
+        gathered per point). Returns, each of the leading shape ``(...)``, ``offroad`` (not on a driving / parking / shoulder lane: :func:`drivable`),
         ``opposite`` (nearest driving lane by distance is not a connector and heads > wrong_direction_deg
         away), ``emergency`` (nearest driving-or-shoulder lane is a shoulder and we are within its half
         width), ``center_dist`` (distance to the heading-aware driving lane pick, ``lane_dist_cap`` if
         none) and ``lane`` (that lane, -1 if none).
 
+        cos_sin: ``(cos(yaw), sin(yaw))`` when the caller has them already (same values).
+
         Points are sorted by the number of segments in their cell and processed in groups of equal
-        count (no padding), in pieces of at most ``_PIECE`` (point, segment) pairs so that the
-        temporaries stay in cache; points in empty cells keep the defaults (off-road, no lane).
+        count, in pieces of at most ``_PIECE`` (point, segment) pairs so that the temporaries stay in
+        cache; points in empty cells keep the defaults (off-road, no lane). Groups of fewer than
+        ``_MIN_GROUP`` points (the rare crowded cells) are merged into the next count's group, their
+        cells' lists padded with the dummy segment (it never wins a pick nor puts a point on the road),
+        so that the kernel runs a few large calls instead of one small call per count (the reference
+        kernel keeps one group per count, unpadded).
         """
-        Q = pos.shape[0]
+        lead = pos.shape[:-1]
         dev = pos.device
-        c = ((pos - self.origin.index_select(0, map_id)) / self.cell).floor_().long()
-        shape = self.shape.index_select(0, map_id)
-        cx, cy_ = c[:, 0], c[:, 1]
-        inside = (cx >= 0) & (cy_ >= 0) & (cx < shape[:, 0]) & (cy_ < shape[:, 1])
-        cid = self.cell_offset.index_select(0, map_id) + cx.clamp(min=0) * shape[:, 1] + cy_.clamp(min=0)
-        cid = cid.clamp_(0, self.start.shape[0] - 1)
+        c = ((pos - self.origin[map_id]) / self.cell).floor_().long()  # (..., 2)
+        shape = self.shape[map_id]
+        cx, cy_ = c[..., 0], c[..., 1]
+        inside = ((cx >= 0) & (cy_ >= 0) & (cx < shape[..., 0]) & (cy_ < shape[..., 1])).reshape(-1)
+        cid = self.cell_offset[map_id] + cx.clamp(min=0) * shape[..., 1] + cy_.clamp(min=0)
+        cid = cid.reshape(-1).clamp_(0, self.start.shape[0] - 1)
+        pos, yaw = pos.reshape(-1, 2), yaw.reshape(-1)
+        if cos_sin is not None:
+            cos_sin = (cos_sin[0].reshape(-1), cos_sin[1].reshape(-1))
+        Q = pos.shape[0]
         count = torch.where(inside, self.count.index_select(0, cid), torch.zeros((), dtype=torch.long, device=dev))
         out = {
             "offroad": torch.ones(Q, dtype=torch.bool, device=dev),
@@ -403,7 +417,7 @@ class _LaneIndex:
             "lane": torch.full((Q,), -1, dtype=torch.long, device=dev),
         }
         if Q == 0:
-            return out
+            return {k: v.view(lead) for k, v in out.items()}
         # sorted by count, then by cell: neighbours in a group share their segments (cache-friendly gathers)
         key = count * self.start.shape[0] + cid
         order = torch.argsort(key.int() if self._key32 else key)  # int32 keys sort about twice as fast
@@ -411,27 +425,35 @@ class _LaneIndex:
         kmax = int(sc[-1])
         cuts = torch.searchsorted(sc, torch.arange(kmax + 1, device=dev), right=True).tolist()
         if cuts[0] == Q:  # every point in an empty cell
-            return out
+            return {k: v.view(lead) for k, v in out.items()}
         rest = order[cuts[0]:]  # points with at least one segment, in (count, cell) order
         cs = cid.index_select(0, rest)
         ps = pos.index_select(0, rest)
-        ys = yaw.index_select(0, rest)
-        cos_y, sin_y = torch.cos(ys), torch.sin(ys)
+        if cos_sin is None:
+            ys = yaw.index_select(0, rest)
+            cos_y, sin_y = torch.cos(ys), torch.sin(ys)
+        else:
+            cos_y, sin_y = cos_sin[0].index_select(0, rest), cos_sin[1].index_select(0, rest)
         buf = {k: torch.empty_like(v[:rest.shape[0]]) for k, v in out.items()}  # every entry is written below
         cos_wrong = math.cos(math.radians(cfg.wrong_direction_deg))
         base = cuts[0]
         kernel = self._dense if reference else self._dense_kmajor
-        for K in range(1, kmax + 1):  # points whose cell holds exactly K segments
-            lo, hi = cuts[K - 1] - base, cuts[K] - base
+        min_group = 1 if reference else _MIN_GROUP
+        lo = 0
+        for K in range(1, kmax + 1):  # points whose cell holds K segments (fewer: padded, default path)
+            hi = cuts[K] - base
+            if hi - lo < min_group and K < kmax:
+                continue  # too few points yet: merged into the next count's group
             step = max(1, _PIECE // K)
             for a in range(lo, hi, step):
                 sl = slice(a, min(hi, a + step))
                 r = kernel(ps[sl], cos_y[sl], sin_y[sl], cs[sl], K, cos_wrong, cfg.lane_dist_cap)
                 for name, v in r.items():
                     buf[name][sl] = v
+            lo = hi
         for name, v in buf.items():
             out[name].index_copy_(0, rest, v)
-        return out
+        return {k: v.view(lead) for k, v in out.items()}
 
     def _dense_kmajor(self, pos: Tensor, cy: Tensor, sy: Tensor, cid: Tensor, K: int, cos_wrong: float,
                       cap: float) -> dict[str, Tensor]:
@@ -442,8 +464,10 @@ class _LaneIndex:
         dev = pos.device
         ucell, inv = torch.unique_consecutive(cid, return_inverse=True)
         U = ucell.shape[0]
-        useg = self.items.index_select(0, (self.start.index_select(0, ucell)[None, :]
-                                           + torch.arange(K, device=dev)[:, None]).view(-1))  # (K * U,)
+        k = torch.arange(K, device=dev)[:, None]
+        item = self.start.index_select(0, ucell)[None, :] + k  # (K, U); beyond a cell's count: the dummy
+        item = torch.where(k < self.count.index_select(0, ucell)[None, :], item, torch.full_like(item, self.pad))
+        useg = self.items.index_select(0, item.view(-1))  # (K * U,)
         f = self.featT[:_NPAIR].index_select(1, useg).view(_NPAIR * K, U).index_select(1, inv)
         f = f.view(_NPAIR, K, Qb)  # one contiguous (K, Qb) block per feature
         g = lambda i: f[i]
@@ -456,7 +480,11 @@ class _LaneIndex:
         ex = rx.addcmul_(u, dx, value=-1.0)  # rx - u dx
         ey = ry.addcmul_(u, dy, value=-1.0)
         d2 = ex.mul_(ex).addcmul_(ey, ey)
-        on_road = ((t > g(_TLO)) & (t < g(_THI)) & (d2 <= g(_HW2))).any(0)
+        # on a lane: TLO < t < THI and d2 <= HW2, as arithmetic (bool ops and any() are slow on CPU):
+        # x - y > 0 exactly when x > y (IEEE floats), so sign(min(t - TLO, THI - t)) - 1 is 0 exactly when
+        # t is strictly inside, and sign(HW2 - d2) >= 0 exactly when d2 <= HW2
+        inr = torch.minimum(t - g(_TLO), g(_THI) - t).sign_().sub_(1.0)
+        on_road = torch.minimum(inr, (g(_HW2) - d2).sign_()).amax(0) >= 0
         d = d2.sqrt_()
         cand = _beyond(d, g(_REACH))  # driving lanes within pick reach (others + _FAR)
         dmin, near = _min0(cand)
@@ -896,7 +924,11 @@ class CounterfactualWorld:
         total, end_x, end_y = g.total, g.points[:, -1, 0], g.points[:, -1, 1]
         dir_x, dir_y = g.direction[:, 0], g.direction[:, 1]
         stationary, final_yaw = g.stationary, g.final_yaw
-        any_stat = bool(stationary.any())
+        stat_idx = stationary.nonzero().squeeze(1)  # the stop-in-place plans (usually few)
+        any_stat = stat_idx.shape[0] > 0
+        if any_stat:
+            two_wb_stat, final_yaw_stat = (2.0 * wb_track).index_select(0, stat_idx), final_yaw.index_select(0, stat_idx)
+        seg_speed = g.seg_speed.t().contiguous().t()  # (Q, T) with contiguous columns (read one per step)
         ts = ego["tracker"]
         integral, prev_error, prev_valid = ts.integral, ts.prev_error, ts.prev_valid()
         first_valid = bool(prev_valid.all())
@@ -909,7 +941,7 @@ class CounterfactualWorld:
         two_pi = 2.0 * math.pi
         for h in range(H):
             # ---- the tracker (track_prepared): PID on the plan's speed ahead in time
-            target = _plan_speed_scalar(g.seg_speed, h * dt + 0.0, tc, dtype)
+            target = _plan_speed_scalar(seg_speed, h * dt + 0.0, tc, dtype)
             stopping = stationary | (target < tc.stop_speed)
             error = target - speed
             integrate = error.abs() <= tc.integral_band
@@ -948,9 +980,10 @@ class CounterfactualWorld:
             dist = (gx * gx).add_(gy * gy).sqrt_().clamp_min_(_TRACK_EPS)
             sin_alpha = torch.where(gx < 0, torch.where(gy >= 0, 1.0, -1.0), gy / dist)
             steer_cmd = torch.atan_((two_wb * sin_alpha).div_(dist))
-            if any_stat:  # a stop-in-place plan turns toward its final yaw
-                align = torch.atan_((two_wb * torch.sin(wrap_angle(final_yaw - yaw))).div_(ld))
-                steer_cmd = torch.where(stationary, align, steer_cmd)
+            if any_stat:  # a stop-in-place plan turns toward its final yaw (computed for those plans only)
+                y_s, ld_s = yaw.index_select(0, stat_idx), ld.index_select(0, stat_idx)
+                align = torch.atan_((two_wb_stat * torch.sin(wrap_angle(final_yaw_stat - y_s))).div_(ld_s))
+                steer_cmd = steer_cmd.index_copy(0, stat_idx, align)
             accel_cmd = torch.nan_to_num_(accel_cmd, nan=0.0, posinf=0.0, neginf=0.0)
             steer_cmd = torch.nan_to_num_(steer_cmd, nan=0.0, posinf=0.0, neginf=0.0)
             # ---- the bicycle (bicycle_step with the EGO limits)
@@ -1038,7 +1071,6 @@ class CounterfactualWorld:
         dev = traj.device
         Q = Bc * G
         bq = torch.arange(Bc, device=dev).repeat_interleave(G)  # (Q,) state of each candidate
-        mq = st.map_id.index_select(0, bq)
         zero = torch.zeros((), device=dev)
 
         o_pos, o_yaw, o_valid = others  # the decay rollout of the other agents
@@ -1067,19 +1099,21 @@ class CounterfactualWorld:
         dp = torch.where(hr, torch.diff(s_now, dim=0, prepend=s0.index_select(0, bq)[None]), zero)
         offroute = hr & (rdist > ecfg.offroute_dist)
 
-        # ---- lane terms: one query on the snapshots' egos and all H * Q points
-        lane = self.lanes.query(torch.cat([st.map_id, mq.repeat(H)]), torch.cat([e_pos0, pos.view(H * Q, 2)]),
-                                torch.cat([e_yaw0, yaw.view(H * Q)]), ecfg, self.reference)
-        center = lane["center_dist"][Bc:].view(H, Q)
+        # ---- lane terms: one query on the snapshots' egos, one on all H * Q points
+        lane0 = self.lanes.query(st.map_id, e_pos0, e_yaw0, ecfg, self.reference)
+        lane = self.lanes.query(st.map_id.view(1, Bc, 1), pos.view(H, Bc, G, 2), yaw.view(H, Bc, G), ecfg,
+                                self.reference, cos_sin=(cy, sy))
+        lane = {k: v.view(H, Q) for k, v in lane.items()}
+        center = lane["center_dist"]
         head0 = torch.atan2(torch.sin(e_yaw0) * rc0 - torch.cos(e_yaw0) * rs0,
                             torch.cos(e_yaw0) * rc0 + torch.sin(e_yaw0) * rs0).abs()
         p_route = torch.cat([torch.where(has_route, rd0, zero).index_select(0, bq)[None], rdist[:-1]])
-        p_center = torch.cat([lane["center_dist"][:Bc].index_select(0, bq)[None], center[:-1]])
+        p_center = torch.cat([lane0["center_dist"].index_select(0, bq)[None], center[:-1]])
         p_head = torch.cat([torch.where(has_route, head0, zero).index_select(0, bq)[None], head[:-1]])
         no_col = torch.zeros((), dtype=torch.bool, device=dev)
         _, terms = dense_step_reward(dp, rdist, center, head, p_route, p_center, p_head,
-                                     lane["offroad"][Bc:].view(H, Q), lane["opposite"][Bc:].view(H, Q), offroute,
-                                     lane["emergency"][Bc:].view(H, Q), no_col, zero, rcfg)
+                                     lane["offroad"], lane["opposite"], offroute, lane["emergency"], no_col, zero,
+                                     rcfg)
 
         # ---- lights and stop signs within reach of the horizon, from the whole trajectory
         t_h = H * dt
@@ -1111,7 +1145,7 @@ class CounterfactualWorld:
             along_all = relx * lux + rely * luy
             along, prev_along = along_all[1:], along_all[:-1]
             lateral = lux * rely[1:] - luy * relx[1:]
-            cur = lane["lane"][Bc:].view(H, Q).index_select(1, qs)
+            cur = lane["lane"].index_select(1, qs)
             ctrl = torch.where(cur >= 0, take(mb.lane_light, st.map_id.index_select(0, bs)[None], cur.clamp_min(0)),
                                torch.full_like(cur, -1))
             match = (cur[..., None] >= 0) & ((L["lane"] == cur[..., None]) | (ctrl[..., None] == L["k"]))
@@ -1135,8 +1169,13 @@ class CounterfactualWorld:
                 ((sux * rely - suy * relx).abs() <= 0.5 * trig[..., 4])
             heading_ok = (cy_s[..., None] * torch.cos(S["heading"]) + sy_s[..., None] * torch.sin(S["heading"])) > 0
             inside = S["ok"] & in_box & heading_ok  # (H, Qs, n)
+            inside0 = S["inside"] & S["ok"]
+            # only a candidate in a trigger area at some step (or at the snapshot) can leave one
+            act = (inside.any(0) | inside0).any(-1).nonzero().squeeze(1)
+            inside, inside0 = inside.index_select(1, act), inside0.index_select(0, act)
+            qs = qs.index_select(0, act)
             slow = inside & (speed.index_select(1, qs).abs() < ecfg.stop_speed)[..., None]
-            viol = _stop_violations(inside, slow, S["inside"] & S["ok"], S["served"])
+            viol = _stop_violations(inside, slow, inside0, S["served"].index_select(0, act))
             stp = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, viol.any(-1))
 
         # ---- collisions against the decay rollout, first counted one per candidate
