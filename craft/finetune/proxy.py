@@ -74,12 +74,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from craft.errors import CraftError
+from craft.finetune.proxy_kernels import (
+    _AX,
+    _AY,
+    _CH,
+    _DX,
+    _DY,
+    _EDGE_REACH,
+    _FAR,
+    _HW,
+    _HW2,
+    _IL2,
+    _JUNCTION,
+    _NF,
+    _NPAIR,
+    _REACH,
+    _SH,
+    _SHOULDER,
+    _THI,
+    _TLO,
+    EgoConsts,
+    Kernel,
+    Kernels,
+    _beyond,
+    _min0,
+    lane_pairs,
+    route_step,
+)
 from craft.finetune.rewards import (
     RewardConfig,
     collision_penalty,
@@ -159,6 +187,11 @@ class ProxyConfig:
     """Nearest reachable red lights checked per state."""
     stop_slots: int = 2
     """Nearest reachable stop signs checked per state."""
+    compile: bool = False
+    """Run the hot kernels (lane pairs, ego step, route step; :mod:`craft.finetune.proxy_kernels`) through
+    ``torch.compile``: faster once compiled (tens of seconds per process, once), scores equal to the eager
+    path within float tolerance, not bit for bit. Falls back to eager, with one stderr line, if compiling
+    fails."""
     events: EventConfig = field(default_factory=EventConfig)
     """Thresholds shared with the closed-loop world's event rules (off-route distance, wrong-direction
     angle, red-light radius, stop speed, collision minimum speed, lane-distance cap)."""
@@ -221,24 +254,10 @@ def _simplify(p: np.ndarray, tol: float) -> np.ndarray:
     return np.nonzero(keep)[0]
 
 
-# feature columns of the segment table
-(_AX, _AY, _DX, _DY, _IL2, _HW2, _REACH, _CH, _SH, _TLO, _THI, _JUNCTION, _SHOULDER, _EDGE_REACH, _HW) = range(15)
-_NF = 15
-_NPAIR = 11
-"""The first _NPAIR columns are the ones the lane query reads for every (point, segment) pair."""
 _PIECE = 1 << 16
 """(point, segment) pairs the lane query processes at once (keeps its temporaries in cache)."""
 _MIN_GROUP = 4096
 """Fewest points the default lane kernel is called on: smaller count groups are padded into the next one."""
-_FAR = 1e30
-"""Added to a lane distance beyond a pick's reach: it then never wins a pick (distances are < 1e10 m)."""
-
-
-def _beyond(d: Tensor, reach: Tensor) -> Tensor:
-    """``d`` where ``d <= reach``, else ``d + _FAR`` (same shapes): ``torch.where(d <= reach, d, inf)`` without
-    ``torch.where`` (slow on CPU). sign(d - reach) is 1 exactly when d > reach, and d + 0 is d, so the picks
-    and the picked distances are the same."""
-    return (d - reach).sign_().clamp_min_(0.0).mul_(_FAR).add_(d)
 
 
 def _bin_segments(a: np.ndarray, b: np.ndarray, reach: np.ndarray, cell: float):
@@ -357,7 +376,10 @@ class _LaneIndex:
         self.feat = torch.from_numpy(feat).to(dev)
         self.featT = self.feat.t().contiguous()  # (F, S + 1)
         self.cols = list(self.featT.unbind(0))  # 1-D feature columns (they gather fastest)
+        self.pair_cols = {"ch": self.cols[_CH], "sh": self.cols[_SH], "junction": self.cols[_JUNCTION],
+                          "shoulder": self.cols[_SHOULDER], "hw": self.cols[_HW]}
         self.lane = torch.from_numpy(np.concatenate(lanes + [np.array([-1])]).astype(np.int64)).to(dev)
+        self.pair_cols["lane"] = self.lane
         self.start = torch.from_numpy(np.concatenate(starts).astype(np.int64)).to(dev)
         self.count = torch.from_numpy(np.concatenate(counts).astype(np.int64)).to(dev)
         self.items = torch.from_numpy(np.concatenate(items + [np.array([seg_base])]).astype(np.int64)).to(dev)
@@ -374,8 +396,8 @@ class _LaneIndex:
         self.pad = self.items.shape[0] - 1  # items[pad] is the dummy row
         self._key32 = (int(self.count.max()) + 1) * self.start.shape[0] < 2**31  # (count, cell) sort keys fit int32
 
-    def query(self, map_id: Tensor, pos: Tensor, yaw: Tensor, cfg: EventConfig,
-              reference: bool = False, cos_sin: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    def query(self, map_id: Tensor, pos: Tensor, yaw: Tensor, cfg: EventConfig, reference: bool = False,
+              cos_sin: tuple[Tensor, Tensor] | None = None, pair_kernel: Callable | None = None) -> dict[str, Tensor]:
         """The world's lane rules at points ``pos (..., 2)`` heading ``yaw (...)`` on maps ``map_id``.
 
         map_id: long, broadcastable to ``pos``'s leading shape ``(...)``: ``(Q,)`` for points ``(Q, 2)``, or
@@ -386,7 +408,9 @@ class _LaneIndex:
         width), ``center_dist`` (distance to the heading-aware driving lane pick, ``lane_dist_cap`` if
         none) and ``lane`` (that lane, -1 if none).
 
-        cos_sin: ``(cos(yaw), sin(yaw))`` when the caller has them already (same values).
+        cos_sin: ``(cos(yaw), sin(yaw))`` when the caller has them already (same values); pair_kernel: the
+        (segment, point) kernel of the default path (:func:`~craft.finetune.proxy_kernels.lane_pairs`, eager
+        when None, or a compiled :class:`~craft.finetune.proxy_kernels.Kernel`).
 
         Points are sorted by the number of segments in their cell and processed in groups of equal
         count, in pieces of at most ``_PIECE`` (point, segment) pairs so that the temporaries stay in
@@ -437,7 +461,11 @@ class _LaneIndex:
         buf = {k: torch.empty_like(v[:rest.shape[0]]) for k, v in out.items()}  # every entry is written below
         cos_wrong = math.cos(math.radians(cfg.wrong_direction_deg))
         base = cuts[0]
-        kernel = self._dense if reference else self._dense_kmajor
+        if reference:
+            kernel = self._dense
+        else:
+            pk = pair_kernel or lane_pairs
+            kernel = lambda *a: self._dense_kmajor(*a, kernel=pk)
         min_group = 1 if reference else _MIN_GROUP
         lo = 0
         for K in range(1, kmax + 1):  # points whose cell holds K segments (fewer: padded, default path)
@@ -456,11 +484,12 @@ class _LaneIndex:
         return {k: v.view(lead) for k, v in out.items()}
 
     def _dense_kmajor(self, pos: Tensor, cy: Tensor, sy: Tensor, cid: Tensor, K: int, cos_wrong: float,
-                      cap: float) -> dict[str, Tensor]:
+                      cap: float, kernel: Callable = lane_pairs) -> dict[str, Tensor]:
         """:meth:`_dense` with the (segment, point) pairs laid out segment-major ``(K, Q')``, so the pair ops run
         along the points instead of along a short K axis; the reach tests as arithmetic (:func:`_beyond`) and
-        the picks by :func:`_min0`. The picked segments and every returned value are :meth:`_dense`'s."""
-        Qb = pos.shape[0]
+        the picks by :func:`_min0` (:func:`~craft.finetune.proxy_kernels.lane_pairs`). Cells holding fewer than
+        K segments are padded with the dummy segment. The picked segments and every returned value are
+        :meth:`_dense`'s."""
         dev = pos.device
         ucell, inv = torch.unique_consecutive(cid, return_inverse=True)
         U = ucell.shape[0]
@@ -468,49 +497,12 @@ class _LaneIndex:
         item = self.start.index_select(0, ucell)[None, :] + k  # (K, U); beyond a cell's count: the dummy
         item = torch.where(k < self.count.index_select(0, ucell)[None, :], item, torch.full_like(item, self.pad))
         useg = self.items.index_select(0, item.view(-1))  # (K * U,)
-        f = self.featT[:_NPAIR].index_select(1, useg).view(_NPAIR * K, U).index_select(1, inv)
-        f = f.view(_NPAIR, K, Qb)  # one contiguous (K, Qb) block per feature
-        g = lambda i: f[i]
-        dx, dy = g(_DX), g(_DY)
-        rx = pos[:, 0][None] - g(_AX)
-        ry = pos[:, 1][None] - g(_AY)
-        t = rx * dx
-        t.addcmul_(ry, dy).mul_(g(_IL2))
-        u = t.clamp(0.0, 1.0)
-        ex = rx.addcmul_(u, dx, value=-1.0)  # rx - u dx
-        ey = ry.addcmul_(u, dy, value=-1.0)
-        d2 = ex.mul_(ex).addcmul_(ey, ey)
-        # on a lane: TLO < t < THI and d2 <= HW2, as arithmetic (bool ops and any() are slow on CPU):
-        # x - y > 0 exactly when x > y (IEEE floats), so sign(min(t - TLO, THI - t)) - 1 is 0 exactly when
-        # t is strictly inside, and sign(HW2 - d2) >= 0 exactly when d2 <= HW2
-        inr = torch.minimum(t - g(_TLO), g(_THI) - t).sign_().sub_(1.0)
-        on_road = torch.minimum(inr, (g(_HW2) - d2).sign_()).amax(0) >= 0
-        d = d2.sqrt_()
-        cand = _beyond(d, g(_REACH))  # driving lanes within pick reach (others + _FAR)
-        dmin, near = _min0(cand)
-        found = dmin < 0.5 * _FAR
-        useg = useg.view(K, U)
-        seg_near = useg.view(-1).index_select(0, near * U + inv)
-        col = self.cols
-        cos_near = cy * col[_CH].index_select(0, seg_near) + sy * col[_SH].index_select(0, seg_near)
-        opposite = found & (cos_near < cos_wrong) & ~(col[_JUNCTION].index_select(0, seg_near) > 0)
-        cosd = cy[None] * g(_CH)
-        cosd.addcmul_(sy[None], g(_SH))  # cos(yaw - lane heading)
-        best = _min0(cand.add_(cosd, alpha=-2.0))[1]  # + 2 (1 - cos): pick_lane's heading cost
-        seg_best = useg.view(-1).index_select(0, best * U + inv)
-        center = torch.where(found, d.gather(0, best[None]).squeeze(0), torch.full_like(cy, cap))
-        lane = torch.where(found, self.lane.index_select(0, seg_best),
-                           torch.full((), -1, dtype=torch.long, device=dev))
-        r = {"offroad": ~on_road, "opposite": opposite, "center_dist": center, "lane": lane}
+        # the pair features copied to the points: one contiguous (K, Q') block per feature
+        f = self.featT[:_NPAIR].index_select(1, useg).view(_NPAIR * K, U).index_select(1, inv).view(_NPAIR, K, -1)
+        edge = None
         if self.has_shoulder and bool(self.cell_shoulder.index_select(0, ucell).any()):
-            edge = self.featT[_EDGE_REACH].index_select(0, useg.view(-1)).view(K, U).index_select(1, inv)
-            emin, e = _min0(_beyond(d, edge))
-            seg_e = useg.view(-1).index_select(0, e * U + inv)
-            r["emergency"] = (emin < 0.5 * _FAR) & (col[_SHOULDER].index_select(0, seg_e) > 0) & \
-                (emin <= col[_HW].index_select(0, seg_e))
-        else:  # no shoulder segment in these cells
-            r["emergency"] = torch.zeros(Qb, dtype=torch.bool, device=dev)
-        return r
+            edge = self.featT[_EDGE_REACH].index_select(0, useg).view(K, U).index_select(1, inv)
+        return kernel(f, inv, useg, pos[:, 0], pos[:, 1], cy, sy, self.pair_cols, edge, cos_wrong, cap)
 
     def _dense(self, pos: Tensor, cy: Tensor, sy: Tensor, cid: Tensor, K: int, cos_wrong: float,
                cap: float) -> dict[str, Tensor]:
@@ -566,16 +558,6 @@ class _LaneIndex:
         else:  # no shoulder segment in these cells
             r["emergency"] = torch.zeros(Qb, dtype=torch.bool, device=dev)
         return r
-
-
-def _min0(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``x.min(0)`` of a NaN-free ``x (K, Q)``: the minima ``(Q,)`` and the first index reaching them ``(Q,)``
-    long. Reductions with indices are slow on CPU; this takes two plain minima instead: the values, then
-    the smallest ``k + K * sign(x_k - min)`` (``sign`` is 0 exactly at the minimum, 1 elsewhere)."""
-    m = x.amin(0)
-    K = x.shape[0]
-    key = (x - m).sign_().mul_(K).add_(torch.arange(K, dtype=x.dtype, device=x.device)[:, None])
-    return m, key.amin(0).long()
 
 
 # ---------------------------------------------------------------------- the route
@@ -634,10 +616,11 @@ class _Route:
         s = cum + u.gather(1, k).squeeze(1) * length
         return jj.gather(1, k).squeeze(1), d2min.squeeze(1).sqrt_(), s, cos, sin
 
-    def tracker(self, b: Tensor, back: int, ahead: int, reference: bool = False):
+    def tracker(self, b: Tensor, back: int, ahead: int, reference: bool = False, kernel: Callable = route_step):
         """:meth:`project` for repeated calls with the same states ``b (Q,)`` and window: the windows of
         every (state, segment) are laid out once as contiguous rows ``(5, Bc * nseg, A)``, so each step
-        gathers one block per candidate. Returns ``step(j, pos) -> (j_new, dist, s, cos, sin)``."""
+        gathers one block per candidate (:func:`~craft.finetune.proxy_kernels.route_step`, or ``kernel``, its
+        compiled form). Returns ``step(j, pos) -> (j_new, dist, s, cos, sin)``."""
         n = self.nseg
         off = torch.arange(-back, ahead + 1, device=b.device)
         jj = (torch.arange(n, device=b.device)[:, None] + off).clamp_(0, n - 1)  # (nseg, A)
@@ -666,18 +649,10 @@ class _Route:
         Q = b.shape[0]
         colq = torch.arange(Q, device=b.device)
 
+        out = tuple(self.out)
+
         def step_t(j: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
-            f = winT.index_select(1, base + j).view(5, A, Q)
-            rx = pos[:, 0][None] - f[0]
-            ry = pos[:, 1][None] - f[1]
-            u = (rx * f[2]).add_(ry * f[3]).mul_(f[4]).clamp_(0.0, 1.0)  # as in project (same rounding)
-            ex, ey = rx.sub_(u * f[2]), ry.sub_(u * f[3])
-            d2 = ex.mul_(ex).add_(ey.mul_(ey))
-            d2min, k = _min0(d2)
-            j_new = (j + k - back).clamp_(0, n - 1)
-            r = base + j_new
-            cum, length, cos, sin = (x.index_select(0, r) for x in self.out)
-            return j_new, d2min.sqrt_(), cum + u.view(-1).index_select(0, k * Q + colq) * length, cos, sin
+            return kernel(winT, base, colq, out, j, pos, back, n)
 
         return step_t
 
@@ -739,13 +714,15 @@ class CounterfactualWorld:
     """
 
     def __init__(self, maps: MapBatch, cfg: ProxyConfig = ProxyConfig(), tracker_cfg: TrackerConfig | None = None,
-                 reference: bool = False):
+                 reference: bool = False, compile: bool | None = None):
         if not isinstance(maps, MapBatch):
             raise CraftError("CounterfactualWorld needs a MapBatch (the one the snapshots' map_id index)")
         self.maps = maps
         self.cfg = cfg
         self.tracker_cfg = tracker_cfg or TrackerConfig()
         self.reference = bool(reference)
+        self.compile = bool(cfg.compile if compile is None else compile) and not self.reference
+        self.kernels = Kernels.make(self.compile)
         self.device = maps.device
         self.lanes = _LaneIndex(maps, cfg.lane_grid_cell, cfg.lane_simplify_tol)
         lim = torch.zeros(len(AgentKind), 5)
@@ -912,22 +889,27 @@ class CounterfactualWorld:
         max_accel, max_brake, max_speed = f32(max(max_accel, 0.0)), f32(max(max_brake, 0.0)), f32(max(max_speed, 0.0))
         max_steer = f32(min(max(max_steer, 0.0), _STEER_ABS_CAP))
         max_delta = float(torch.tensor(max(max_steer_rate, 0.0), dtype=dtype) * dt)
+        c = EgoConsts(dt=dt, stop_speed=tc.stop_speed, integral_band=tc.integral_band,
+                      integral_limit=tc.integral_limit, kp=tc.kp, ki=tc.ki, kd=tc.kd, stop_decel=tc.stop_decel,
+                      lookahead_min=tc.lookahead_min, lookahead_gain=tc.lookahead_gain,
+                      lookahead_max=tc.lookahead_max, max_delta=max_delta, max_steer=max_steer, max_brake=max_brake,
+                      max_accel=max_accel, max_speed=max_speed)
         wb_track = ego["wheelbase"].clamp_min(1e-3)  # the tracker's clamp, then the bicycle's
-        wb_bike = wb_track.clamp_min(_MIN_WHEELBASE)
-        two_wb = 2.0 * wb_track
         S = g.seg_len.shape[1]
         # segment-major (S, Q) copies: the per-step (segment, candidate) ops then run along Q (vectorised)
-        ax, ay, sx, sy, l2c = (x.t().contiguous() for x in (g.ax, g.ay, g.sx, g.sy, g.seg_len2c))
-        cum = g.cum.t().contiguous()  # (S + 1, Q)
-        tab = torch.stack([cum[:S], g.seg_len.t(), ax, sx, ay, sy], 0).view(6, S * Q)  # rows: one gather
-        col = torch.arange(Q, device=dev)
-        total, end_x, end_y = g.total, g.points[:, -1, 0], g.points[:, -1, 1]
-        dir_x, dir_y = g.direction[:, 0], g.direction[:, 1]
-        stationary, final_yaw = g.stationary, g.final_yaw
-        stat_idx = stationary.nonzero().squeeze(1)  # the stop-in-place plans (usually few)
-        any_stat = stat_idx.shape[0] > 0
-        if any_stat:
-            two_wb_stat, final_yaw_stat = (2.0 * wb_track).index_select(0, stat_idx), final_yaw.index_select(0, stat_idx)
+        plan = {k: x.t().contiguous() for k, x in (("ax", g.ax), ("ay", g.ay), ("sx", g.sx), ("sy", g.sy),
+                                                   ("l2c", g.seg_len2c), ("cum", g.cum))}  # cum: (S + 1, Q)
+        plan["tab"] = torch.stack([plan["cum"][:S], g.seg_len.t(), plan["ax"], plan["sx"], plan["ay"], plan["sy"]],
+                                  0).view(6, S * Q)  # rows: one gather
+        plan.update(col=torch.arange(Q, device=dev), total=g.total, end_x=g.points[:, -1, 0].contiguous(),
+                    end_y=g.points[:, -1, 1].contiguous(), dir_x=g.direction[:, 0].contiguous(),
+                    dir_y=g.direction[:, 1].contiguous(), stationary=g.stationary, two_wb=2.0 * wb_track,
+                    wb_bike=wb_track.clamp_min(_MIN_WHEELBASE))
+        stat_idx = g.stationary.nonzero().squeeze(1)  # the stop-in-place plans (usually few)
+        stat = None
+        if stat_idx.shape[0] > 0:
+            stat = {"idx": stat_idx, "two_wb": plan["two_wb"].index_select(0, stat_idx),
+                    "final_yaw": g.final_yaw.index_select(0, stat_idx)}
         seg_speed = g.seg_speed.t().contiguous().t()  # (Q, T) with contiguous columns (read one per step)
         ts = ego["tracker"]
         integral, prev_error, prev_valid = ts.integral, ts.prev_error, ts.prev_valid()
@@ -937,67 +919,12 @@ class CounterfactualWorld:
         P = ego["pos"].new_empty(H, Q, 2)
         Y = yaw.new_empty(H, Q)
         V = speed.new_empty(H, Q)
-        zero = torch.zeros((), dtype=dtype, device=dev)
-        two_pi = 2.0 * math.pi
+        step = self.kernels.ego_step
         for h in range(H):
-            # ---- the tracker (track_prepared): PID on the plan's speed ahead in time
-            target = _plan_speed_scalar(seg_speed, h * dt + 0.0, tc, dtype)
-            stopping = stationary | (target < tc.stop_speed)
-            error = target - speed
-            integrate = error.abs() <= tc.integral_band
-            integral = torch.where(integrate, integral + error * dt, integral).clamp_(-tc.integral_limit,
-                                                                                      tc.integral_limit)
-            derivative = (error - prev_error) / dt
-            if not (h > 0 or first_valid):
-                derivative = torch.where(prev_valid, derivative, zero)
-            pid = (tc.kp * error).add_(tc.ki * integral).add_(tc.kd * derivative)
-            accel_cmd = torch.where(stopping, -tc.stop_decel, pid)
-            integral = torch.where(stopping, 0.0, integral)
-            prev_error = error
-            # pure pursuit: the lookahead point on the plan's polyline
-            ld = (tc.lookahead_min + tc.lookahead_gain * speed).clamp_(tc.lookahead_min, tc.lookahead_max)
-            pxc, pyc = px[None], py[None]
-            rx, ry = pxc - ax, pyc - ay
-            u = (rx * sx).add_(ry * sy).div_(l2c).clamp_(0.0, 1.0)
-            fx = pxc - (ax + u * sx)
-            fy = pyc - (ay + u * sy)
-            k = _min0(fx.mul_(fx).add_(fy.mul_(fy)))[1]  # (Q,) the nearest segment (first minimum)
-            kr = k * Q + col
-            ck, lk = tab[0].index_select(0, kr), tab[1].index_select(0, kr)
-            s_target = (ck + u.view(-1).index_select(0, kr) * lk).add_(ld)
-            # searchsorted(cum, s) - 1 on the sorted arc lengths: the count of cum < s (sign(s - cum) = 1), - 1
-            j = ((s_target - cum).sign_().clamp_min_(0.0).sum(0).long() - 1).clamp_(0, S - 1)
-            tj = tab.index_select(1, j * Q + col)  # (6, Q): cum, len, ax, sx, ay, sy at j
-            j_frac = ((s_target - tj[0]) / tj[1].clamp_min(_TRACK_EPS)).clamp_(0.0, 1.0)
-            over = (s_target - total).clamp_min_(0.0)
-            past = s_target > total
-            goal_x = torch.where(past, end_x + over * dir_x, tj[2] + j_frac * tj[3])
-            goal_y = torch.where(past, end_y + over * dir_y, tj[4] + j_frac * tj[5])
-            c, s = torch.cos(yaw), torch.sin(yaw)
-            dx, dy = goal_x.sub_(px), goal_y.sub_(py)
-            gx = (c * dx).add_(s * dy)
-            gy = (-s).mul_(dx).add_(c * dy)
-            dist = (gx * gx).add_(gy * gy).sqrt_().clamp_min_(_TRACK_EPS)
-            sin_alpha = torch.where(gx < 0, torch.where(gy >= 0, 1.0, -1.0), gy / dist)
-            steer_cmd = torch.atan_((two_wb * sin_alpha).div_(dist))
-            if any_stat:  # a stop-in-place plan turns toward its final yaw (computed for those plans only)
-                y_s, ld_s = yaw.index_select(0, stat_idx), ld.index_select(0, stat_idx)
-                align = torch.atan_((two_wb_stat * torch.sin(wrap_angle(final_yaw_stat - y_s))).div_(ld_s))
-                steer_cmd = steer_cmd.index_copy(0, stat_idx, align)
-            accel_cmd = torch.nan_to_num_(accel_cmd, nan=0.0, posinf=0.0, neginf=0.0)
-            steer_cmd = torch.nan_to_num_(steer_cmd, nan=0.0, posinf=0.0, neginf=0.0)
-            # ---- the bicycle (bicycle_step with the EGO limits)
-            new_steer = (steer + (steer_cmd - steer).clamp_(-max_delta, max_delta)).clamp_(-max_steer, max_steer)
-            accel = accel_cmd.clamp_(-max_brake, max_accel)
-            new_speed = (speed + accel.mul_(dt)).clamp_(0.0, max_speed)
-            dist = (0.5 * (speed + new_speed)).mul_(dt)
-            dyaw = (dist * torch.tan(new_steer)).div_(wb_bike)
-            chord = dist.mul_(torch.sinc(dyaw / two_pi))
-            mid = yaw + 0.5 * dyaw
-            px = px + chord * torch.cos(mid)
-            py = py + chord.mul_(torch.sin(mid))
-            yaw = wrap_angle(yaw + dyaw)
-            speed, steer = new_speed, new_steer
+            target = _plan_speed_scalar(seg_speed, h * dt + 0.0, tc, dtype)  # the plan's speed ahead in time
+            dmask = prev_valid if not (h > 0 or first_valid) else None  # no derivative without history
+            px, py, yaw, speed, steer, integral, prev_error = step(px, py, yaw, speed, steer, integral, prev_error,
+                                                                   target, dmask, plan, stat, c)
             P[h, :, 0], P[h, :, 1] = px, py
             Y[h], V[h] = yaw, speed
         return P, Y, V
@@ -1090,7 +1017,7 @@ class CounterfactualWorld:
         has_route = route.has_route
         rdist, s_now, rc, rs = (pos.new_empty(H, Q) for _ in range(4))
         j = j0.index_select(0, bq)
-        step = route.tracker(bq, cfg.route_search_back, cfg.route_search_ahead, self.reference)
+        step = route.tracker(bq, cfg.route_search_back, cfg.route_search_ahead, self.reference, self.kernels.route_step)
         for h in range(H):  # the projection window follows the previous step's segment
             j, rdist[h], s_now[h], rc[h], rs[h] = step(j, pos[h])
         hr = has_route.index_select(0, bq)  # (Q,)
@@ -1100,9 +1027,9 @@ class CounterfactualWorld:
         offroute = hr & (rdist > ecfg.offroute_dist)
 
         # ---- lane terms: one query on the snapshots' egos, one on all H * Q points
-        lane0 = self.lanes.query(st.map_id, e_pos0, e_yaw0, ecfg, self.reference)
+        lane0 = self.lanes.query(st.map_id, e_pos0, e_yaw0, ecfg, self.reference, pair_kernel=self.kernels.lane_pairs)
         lane = self.lanes.query(st.map_id.view(1, Bc, 1), pos.view(H, Bc, G, 2), yaw.view(H, Bc, G), ecfg,
-                                self.reference, cos_sin=(cy, sy))
+                                self.reference, cos_sin=(cy, sy), pair_kernel=self.kernels.lane_pairs)
         lane = {k: v.view(H, Q) for k, v in lane.items()}
         center = lane["center_dist"]
         head0 = torch.atan2(torch.sin(e_yaw0) * rc0 - torch.cos(e_yaw0) * rs0,
