@@ -377,3 +377,74 @@ def test_min0_is_min_with_the_first_index():
     m, k = _min0(y)
     ref = y.min(0)
     assert torch.equal(m, ref.values) and torch.equal(k, ref.indices)
+
+
+def test_lane_query_on_candidate_layout_matches_flat_reference_query(town, monkeypatch):
+    """The default lane query on time-major candidate points ``(H, B, G)`` with per-state map ids ``(1, B, 1)``
+    (crowded cells padded into larger kernel calls, or not at all) returns exactly what the reference kernel
+    returns on the same points flattened with per-point map ids, on two maps at once."""
+    import craft.finetune.proxy as proxy_mod
+
+    mb = MapBatch([straight_road(400.0), town])
+    cw = CounterfactualWorld(mb)
+    g = torch.Generator().manual_seed(7)
+    H, B, G = 5, 4, 300
+    map_b = torch.tensor([1, 0, 1, 1])
+    x0, y0, x1, y1 = town.bounds
+    lo = torch.tensor([[0.0, -8.0], [x0, y0]])[map_b]  # (B, 2): the road's strip, the whole town
+    hi = torch.tensor([[400.0, 8.0], [x1, y1]])[map_b]
+    centre = lo + torch.rand(B, 2, generator=g) * (hi - lo)
+    pos = centre[None, :, None] + torch.randn(H, B, G, 2, generator=g) * 12.0  # on and off the road
+    yaw = (torch.rand(H, B, G, generator=g) * 2 - 1) * math.pi
+    flat_map = map_b[None, :, None].expand(H, B, G).reshape(-1)
+    ref = cw.lanes.query(flat_map, pos.reshape(-1, 2), yaw.reshape(-1), cw.cfg.events, reference=True)
+    for min_group in (1, proxy_mod._MIN_GROUP, 10**9):  # no padding, the default, everything padded
+        monkeypatch.setattr(proxy_mod, "_MIN_GROUP", min_group)
+        out = cw.lanes.query(map_b.view(1, B, 1), pos, yaw, cw.cfg.events, cos_sin=(torch.cos(yaw), torch.sin(yaw)))
+        for k in ref:
+            assert out[k].shape == (H, B, G), k
+            assert torch.equal(out[k].reshape(-1), ref[k]), (k, min_group)
+    assert 0.05 < float(ref["offroad"].float().mean()) < 0.95 and bool((ref["lane"] >= 0).any())
+
+
+def test_kernel_falls_back_to_eager_with_one_line(capsys):
+    """A compiled kernel that fails runs its eager function, says so once on stderr, and stays eager."""
+    from craft.finetune.proxy_kernels import Kernel
+
+    def double(x):
+        return 2 * x
+
+    k = Kernel(double)
+    assert k.compiled is None and torch.equal(k(torch.ones(2)), 2 * torch.ones(2))
+
+    def broken(*a, **kw):
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    k.compiled = broken
+    assert torch.equal(k(torch.ones(3)), 2 * torch.ones(3))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "double" in err[0] and "no C++ compiler" in err[0] and "eagerly" in err[0]
+    assert k.compiled is None
+    assert torch.equal(k(torch.ones(1)), 2 * torch.ones(1)) and capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_compiled_kernels_match_eager(town):
+    """CounterfactualWorld(compile=True) (torch.compile of the ego and route steps) scores like the eager path
+    within float tolerance, with and without tracker memory and with stop-in-place plans."""
+    from craft.world.tracker import TrackerState
+
+    mb, st, traj, valid = _town_batch(town, B=4, G=64, seed=3)
+    traj[:, :3] = 0.0
+    g = torch.Generator().manual_seed(5)
+    memory = TrackerState(torch.randn(4, generator=g) * 0.5, torch.randn(4, generator=g),
+                          torch.tensor([True, False, True, True]))
+    eager, comp = CounterfactualWorld(mb), CounterfactualWorld(mb, compile=True)
+    assert comp.compile and not eager.compile
+    for tr in (None, memory):
+        a, b = eager.score(st, traj, valid, tr), comp.score(st, traj, valid, tr)
+        assert torch.allclose(a.returns, b.returns, atol=2e-3, rtol=2e-3)
+        assert float((a.collided != b.collided).float().mean()) <= 0.01
+        for x, y in zip(eager.ego_rollout(st, traj, tr), comp.ego_rollout(st, traj, tr)):
+            assert torch.allclose(x, y, atol=2e-3, rtol=0)
+    assert comp.kernels.ego_step.compiled is not None  # it did compile (no silent fallback)

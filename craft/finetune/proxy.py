@@ -59,13 +59,20 @@ candidate and the mask of the steps after it. The route projection keeps its ste
 window in a small loop of its own (a few ops per step on ``B * G`` windows).
 
 Speed: the H-step ego loop is the tracker and the bicycle written out for this use
-(:meth:`CounterfactualWorld._ego_loop_fused`: the same operations in the same order as
-``track_prepared`` + ``bicycle_step``, so the same rounding, with the plan tables laid out segment-major
-``(T, Q)`` so that every per-step op runs along the candidates, and plain minima instead of indexed
-reductions, :func:`_min0`); the route tracking is laid out window-major the same way, and the lane
-query's pair kernel segment-major (:meth:`_LaneIndex._dense_kmajor`). On CPU, PyTorch's
-reductions with indices, ``torch.where`` and ops broadcasting along a short last axis are several times
-slower than plain element-wise ops, which is what these layouts avoid. ``CounterfactualWorld(...,
+(:func:`craft.finetune.proxy_kernels.ego_step`, driven by :meth:`CounterfactualWorld._ego_loop_fused`:
+the same operations in the same order as ``track_prepared`` + ``bicycle_step``, so the same rounding, with
+the plan tables laid out segment-major ``(T, Q)`` so that every per-step op runs along the candidates,
+and plain minima instead of indexed reductions, :func:`_min0`; a stop-in-place plan's heading alignment
+is computed for those plans only); the route tracking is laid out window-major the same way
+(:func:`~craft.finetune.proxy_kernels.route_step`), and the lane query's pair kernel segment-major
+(:func:`~craft.finetune.proxy_kernels.lane_pairs`, on-road and reach tests as arithmetic), called on the
+candidate layout ``(H, B, G)`` with one map id per state (no per-point map gathers), reusing the
+caller's cos / sin of the headings, with the rare crowded cells padded into larger calls. The stop-sign
+rule runs only on candidates that enter a trigger area. On CPU, PyTorch's reductions with indices,
+``torch.where``, bool ops and ops broadcasting along a short last axis are several times slower than
+plain element-wise ops, which is what these layouts avoid. ``CounterfactualWorld(..., compile=True)``
+runs the ego and route steps through ``torch.compile`` (:mod:`craft.finetune.proxy_kernels`; opt-in,
+scores within float tolerance of the eager path). ``CounterfactualWorld(...,
 reference=True)`` runs the previous, unoptimised path (the world's functions called step by step, the
 point-major lane kernel); the two give the same scores (tested).
 """
@@ -187,11 +194,6 @@ class ProxyConfig:
     """Nearest reachable red lights checked per state."""
     stop_slots: int = 2
     """Nearest reachable stop signs checked per state."""
-    compile: bool = False
-    """Run the hot kernels (lane pairs, ego step, route step; :mod:`craft.finetune.proxy_kernels`) through
-    ``torch.compile``: faster once compiled (tens of seconds per process, once), scores equal to the eager
-    path within float tolerance, not bit for bit. Falls back to eager, with one stderr line, if compiling
-    fails."""
     events: EventConfig = field(default_factory=EventConfig)
     """Thresholds shared with the closed-loop world's event rules (off-route distance, wrong-direction
     angle, red-light radius, stop speed, collision minimum speed, lane-distance cap)."""
@@ -711,17 +713,22 @@ class CounterfactualWorld:
     tracker_cfg: the closed-loop tracker's :class:`TrackerConfig` (default config if None); reference:
     run the unoptimised path (the world's ``track_prepared`` / ``bicycle_step`` per step, candidate-major
     route windows, point-major lane kernel) that the default path is tested against; same scores, slower.
+    compile: run the ego step and the route step through ``torch.compile``
+    (:mod:`craft.finetune.proxy_kernels`): faster once compiled (tens of seconds per process, once, on the
+    first :meth:`score`), scores equal to the eager path within float tolerance, not bit for bit; falls
+    back to eager, with one stderr line, if compiling fails. A run setting, not a hyper-parameter: it is not
+    part of :class:`ProxyConfig` (a run resumes with or without it).
     """
 
     def __init__(self, maps: MapBatch, cfg: ProxyConfig = ProxyConfig(), tracker_cfg: TrackerConfig | None = None,
-                 reference: bool = False, compile: bool | None = None):
+                 reference: bool = False, compile: bool = False):
         if not isinstance(maps, MapBatch):
             raise CraftError("CounterfactualWorld needs a MapBatch (the one the snapshots' map_id index)")
         self.maps = maps
         self.cfg = cfg
         self.tracker_cfg = tracker_cfg or TrackerConfig()
         self.reference = bool(reference)
-        self.compile = bool(cfg.compile if compile is None else compile) and not self.reference
+        self.compile = bool(compile) and not self.reference
         self.kernels = Kernels.make(self.compile)
         self.device = maps.device
         self.lanes = _LaneIndex(maps, cfg.lane_grid_cell, cfg.lane_simplify_tol)

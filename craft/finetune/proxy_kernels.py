@@ -2,14 +2,15 @@
 
 Three kernels carry most of a chunk's time: the lane query's (segment, point) pair kernel
 (:func:`lane_pairs`), one virtual step of the ego's tracker + kinematic bicycle (:func:`ego_step`) and one
-step of the route tracking (:func:`route_step`). They run eagerly by default; ``CounterfactualWorld(...,
-compile=True)`` (``ProxyConfig.compile``) runs the same functions through ``torch.compile`` (one graph per
-kernel with dynamic shapes, so the batch size, the candidate count and the lane group sizes do not
-recompile), which fuses their element-wise chains into single loops and reads the gathered lane features
-in place. The compiled kernels round differently from the eager ones (fused multiply-adds, vectorised
-transcendental functions), so their scores agree with the eager path to float tolerance, not bit for bit.
-If compilation fails (no C++ compiler, an unsupported torch build), :class:`Kernel` prints one line to
-stderr and runs the eager function from then on.
+step of the route tracking (:func:`route_step`). They run eagerly by default. ``CounterfactualWorld(...,
+compile=True)`` (``craft finetune --compile-proxy``) runs the ego and route steps through ``torch.compile``
+(one graph per kernel with dynamic shapes, so the batch size and the candidate count do not recompile),
+which fuses their element-wise chains into single loops; the lane kernel stays eager (compiled, it ran no
+faster: its time is the per-pair feature copies and the grouping around it, not the arithmetic). The
+compiled kernels round differently from the eager ones (fused multiply-adds, vectorised transcendental
+functions), so their scores agree with the eager path to float tolerance, not bit for bit. If compilation
+fails (no C++ compiler, an unsupported torch build), :class:`Kernel` prints one line to stderr and runs the
+eager function from then on.
 
 Everything here is branch-free over candidates and points; the Python-level branches (``edge is None``,
 ``dmask is None``, ``stat is None``) specialise a compiled graph at most twice.
