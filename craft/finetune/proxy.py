@@ -88,6 +88,7 @@ import torch
 from torch import Tensor
 
 from craft.errors import CraftError
+from craft.finetune import proxy_native
 from craft.finetune.proxy_kernels import (
     _AX,
     _AY,
@@ -731,6 +732,8 @@ class CounterfactualWorld:
         self.compile = bool(compile) and not self.reference
         self.kernels = Kernels.make(self.compile)
         self.device = maps.device
+        # the lane query and the route tracking as C loops (CPU only; None: the tensor code)
+        self.native = proxy_native.load() if self.compile and self.device.type == "cpu" else None
         self.lanes = _LaneIndex(maps, cfg.lane_grid_cell, cfg.lane_simplify_tol)
         lim = torch.zeros(len(AgentKind), 5)
         for k, v in _LIMITS.items():
@@ -1022,11 +1025,16 @@ class CounterfactualWorld:
         j0, rd0, s0, rc0, rs0 = route.project(b0, torch.zeros(Bc, dtype=torch.long, device=dev), e_pos0, 0,
                                               route.nseg - 1)
         has_route = route.has_route
-        rdist, s_now, rc, rs = (pos.new_empty(H, Q) for _ in range(4))
-        j = j0.index_select(0, bq)
-        step = route.tracker(bq, cfg.route_search_back, cfg.route_search_ahead, self.reference, self.kernels.route_step)
-        for h in range(H):  # the projection window follows the previous step's segment
-            j, rdist[h], s_now[h], rc[h], rs[h] = step(j, pos[h])
+        if self.native is not None:  # the same tracking as one C loop per candidate
+            rdist, s_now, rc, rs = proxy_native.route_track(self.native, route, pos, bq, j0.index_select(0, bq),
+                                                            cfg.route_search_back, cfg.route_search_ahead)
+        else:
+            rdist, s_now, rc, rs = (pos.new_empty(H, Q) for _ in range(4))
+            j = j0.index_select(0, bq)
+            step = route.tracker(bq, cfg.route_search_back, cfg.route_search_ahead, self.reference,
+                                 self.kernels.route_step)
+            for h in range(H):  # the projection window follows the previous step's segment
+                j, rdist[h], s_now[h], rc[h], rs[h] = step(j, pos[h])
         hr = has_route.index_select(0, bq)  # (Q,)
         rdist = torch.where(hr, rdist, zero)  # (H, Q)
         head = torch.where(hr, torch.atan2(sy * rc - cy * rs, cy * rc + sy * rs).abs(), zero)
@@ -1034,9 +1042,17 @@ class CounterfactualWorld:
         offroute = hr & (rdist > ecfg.offroute_dist)
 
         # ---- lane terms: one query on the snapshots' egos, one on all H * Q points
-        lane0 = self.lanes.query(st.map_id, e_pos0, e_yaw0, ecfg, self.reference, pair_kernel=self.kernels.lane_pairs)
-        lane = self.lanes.query(st.map_id.view(1, Bc, 1), pos.view(H, Bc, G, 2), yaw.view(H, Bc, G), ecfg,
-                                self.reference, cos_sin=(cy, sy), pair_kernel=self.kernels.lane_pairs)
+        if self.native is not None:  # the same rules as one C loop per point (no sort, no pair copies)
+            cos_wrong = math.cos(math.radians(ecfg.wrong_direction_deg))
+            lane0 = proxy_native.lane_query(self.native, self.lanes, st.map_id, 1, e_pos0, torch.cos(e_yaw0),
+                                            torch.sin(e_yaw0), cos_wrong, ecfg.lane_dist_cap)
+            lane = proxy_native.lane_query(self.native, self.lanes, st.map_id, G, pos.view(H * Q, 2), cy.view(-1),
+                                           sy.view(-1), cos_wrong, ecfg.lane_dist_cap)
+        else:
+            lane0 = self.lanes.query(st.map_id, e_pos0, e_yaw0, ecfg, self.reference,
+                                     pair_kernel=self.kernels.lane_pairs)
+            lane = self.lanes.query(st.map_id.view(1, Bc, 1), pos.view(H, Bc, G, 2), yaw.view(H, Bc, G), ecfg,
+                                    self.reference, cos_sin=(cy, sy), pair_kernel=self.kernels.lane_pairs)
         lane = {k: v.view(H, Q) for k, v in lane.items()}
         center = lane["center_dist"]
         head0 = torch.atan2(torch.sin(e_yaw0) * rc0 - torch.cos(e_yaw0) * rs0,
