@@ -373,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     _ray_args(f, "collect and score on N Ray workers (1: in this process)")
     f.add_argument("--compile-proxy", action="store_true",
-                   help="run the proxy's ego and route steps through torch.compile (faster after tens of seconds of "
-                        "compiling per process; scores equal within float tolerance)")
+                   help="the proxy's fast path: C kernels for the lane query and route tracking (needs a C compiler) "
+                        "and torch.compile of the ego step and reward sums (tens of seconds of compiling per process); "
+                        "scores equal within float tolerance")
     f.add_argument("--out", required=True)
     f.set_defaults(func=cmd_finetune)
 
@@ -392,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--proxy-states", type=int, default=64,
                     help="snapshots for the proxy throughput figure at G = 512, H = 20 (0: skip)")
     fb.add_argument("--compile-proxy", action="store_true",
-                    help="run the proxy's ego and route steps through torch.compile (in the runs and the proxy figure)")
+                    help="the proxy's fast path (C kernels + torch.compile; see finetune --compile-proxy), in the runs "
+                         "and the proxy figure")
     fb.add_argument("--seed", type=_seed, default=0)
     fb.add_argument("--device", type=_device, default="cpu")
     fb.add_argument("--address", help="join this Ray cluster (auto or HOST:PORT) instead of a local Ray")

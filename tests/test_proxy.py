@@ -448,3 +448,51 @@ def test_compiled_kernels_match_eager(town):
         for x, y in zip(eager.ego_rollout(st, traj, tr), comp.ego_rollout(st, traj, tr)):
             assert torch.allclose(x, y, atol=2e-3, rtol=0)
     assert comp.kernels.ego_step.compiled is not None  # it did compile (no silent fallback)
+
+
+def test_native_kernels_match_the_tensor_code(town):
+    """The C lane query and route tracking (used by CounterfactualWorld(compile=True) on CPU) give the tensor
+    code's results: identical flags and lanes, distances within float rounding, on varied states."""
+    import craft.finetune.proxy_native as native
+    from craft.finetune.proxy import _Route
+
+    lib = native.load()
+    if lib is None:
+        pytest.skip("no C compiler: the native kernels fall back to the tensor code")
+    cw = CounterfactualWorld(MapBatch([straight_road(400.0), town]))
+    g = torch.Generator().manual_seed(11)
+    H, B, G = 4, 3, 500
+    map_b = torch.tensor([1, 0, 1])
+    x0, y0, x1, y1 = town.bounds
+    lo = torch.tensor([[0.0, -8.0], [x0, y0]])[map_b]
+    hi = torch.tensor([[400.0, 8.0], [x1, y1]])[map_b]
+    pos = (lo + torch.rand(B, 2, generator=g) * (hi - lo))[None, :, None] + torch.randn(H, B, G, 2, generator=g) * 15.0
+    yaw = (torch.rand(H, B, G, generator=g) * 2 - 1) * math.pi
+    ref = cw.lanes.query(map_b.view(1, B, 1), pos, yaw, cw.cfg.events)
+    cos_wrong = math.cos(math.radians(cw.cfg.events.wrong_direction_deg))
+    out = native.lane_query(lib, cw.lanes, map_b, G, pos.reshape(-1, 2), torch.cos(yaw).reshape(-1),
+                            torch.sin(yaw).reshape(-1), cos_wrong, cw.cfg.events.lane_dist_cap)
+    for k in ("offroad", "opposite", "emergency", "lane"):
+        assert torch.equal(out[k], ref[k].reshape(-1)), k
+    assert torch.allclose(out["center_dist"], ref["center_dist"].reshape(-1), atol=1e-5, rtol=0)
+    assert 0.05 < float(out["offroad"].float().mean()) < 0.95 and bool(out["opposite"].any())
+    # route tracking over a horizon, from the snapshots of a town batch
+    mb, st, traj, valid = _town_batch(town, B=3, G=40, seed=4)
+    cw = CounterfactualWorld(mb)
+    pos_h, _, _ = cw.ego_rollout(st, traj)  # (B, G, H, 2)
+    Hh = pos_h.shape[2]
+    pos_t = pos_h.permute(2, 0, 1, 3).reshape(Hh, -1, 2).contiguous()  # (H, Q, 2) time-major
+    route = _Route(st, cw.cfg.route_window)
+    j0 = route.project(torch.arange(3), torch.zeros(3, dtype=torch.long), st.pos[:, 0], 0, route.nseg - 1)[0]
+    bq = torch.arange(3).repeat_interleave(40)
+    back, ahead = cw.cfg.route_search_back, cw.cfg.route_search_ahead
+    step = route.tracker(bq, back, ahead)
+    j = j0.index_select(0, bq)
+    want = [torch.empty(Hh, 120) for _ in range(4)]
+    for h in range(Hh):
+        j, *r = step(j, pos_t[h])
+        for w, x in zip(want, r):
+            w[h] = x
+    got = native.route_track(lib, route, pos_t, bq, j0.index_select(0, bq), back, ahead)
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, atol=1e-5, rtol=0)

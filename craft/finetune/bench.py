@@ -48,8 +48,8 @@ class BenchConfig:
     proxy_states: int = 64
     """Snapshots for the proxy figure (0: skip)."""
     compile_proxy: bool = False
-    """The proxy's kernels through ``torch.compile`` (``CounterfactualWorld(..., compile=True)``), in the runs
-    and in the proxy figure (whose first, compiling, call is not timed)."""
+    """The proxy's fast path (``CounterfactualWorld(..., compile=True)``: C kernels and ``torch.compile``), in the
+    runs and in the proxy figure (whose first, compiling, call is not timed)."""
 
     def __post_init__(self):
         if not self.workers or min(self.workers) < 1 or self.iters < 1:

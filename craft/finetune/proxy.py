@@ -71,8 +71,10 @@ caller's cos / sin of the headings, with the rare crowded cells padded into larg
 rule runs only on candidates that enter a trigger area. On CPU, PyTorch's reductions with indices,
 ``torch.where``, bool ops and ops broadcasting along a short last axis are several times slower than
 plain element-wise ops, which is what these layouts avoid. ``CounterfactualWorld(..., compile=True)``
-runs the ego and route steps through ``torch.compile`` (:mod:`craft.finetune.proxy_kernels`; opt-in,
-scores within float tolerance of the eager path). ``CounterfactualWorld(...,
+(opt-in; scores within float tolerance of the default path, not bit for bit) runs the lane query and
+the route tracking as C loops (:mod:`craft.finetune.proxy_native`, one loop per point / candidate: no
+sort, no pair copies) and the ego step and the reward sums through ``torch.compile``
+(:mod:`craft.finetune.proxy_kernels`). ``CounterfactualWorld(...,
 reference=True)`` runs the previous, unoptimised path (the world's functions called step by step, the
 point-major lane kernel); the two give the same scores (tested).
 """
@@ -119,7 +121,6 @@ from craft.finetune.proxy_kernels import (
 from craft.finetune.rewards import (
     RewardConfig,
     collision_penalty,
-    dense_step_reward,
     group_normalise,
 )
 from craft.world.collision import candidate_collision_pairs, ego_collisions
@@ -714,10 +715,12 @@ class CounterfactualWorld:
     tracker_cfg: the closed-loop tracker's :class:`TrackerConfig` (default config if None); reference:
     run the unoptimised path (the world's ``track_prepared`` / ``bicycle_step`` per step, candidate-major
     route windows, point-major lane kernel) that the default path is tested against; same scores, slower.
-    compile: run the ego step and the route step through ``torch.compile``
-    (:mod:`craft.finetune.proxy_kernels`): faster once compiled (tens of seconds per process, once, on the
-    first :meth:`score`), scores equal to the eager path within float tolerance, not bit for bit; falls
-    back to eager, with one stderr line, if compiling fails. A run setting, not a hyper-parameter: it is not
+    compile: the fast path: on CPU the lane query and the route tracking as C loops
+    (:mod:`craft.finetune.proxy_native`, built once per machine with the system C compiler, under a second),
+    and the ego step and the reward sums through ``torch.compile`` (:mod:`craft.finetune.proxy_kernels`;
+    tens of seconds per process, once, on the first :meth:`score`); scores equal to the default path
+    within float tolerance, not bit for bit; each part falls back to the tensor code, with one stderr
+    line, if it cannot be built. A run setting, not a hyper-parameter: it is not
     part of :class:`ProxyConfig` (a run resumes with or without it).
     """
 
@@ -1036,10 +1039,6 @@ class CounterfactualWorld:
             for h in range(H):  # the projection window follows the previous step's segment
                 j, rdist[h], s_now[h], rc[h], rs[h] = step(j, pos[h])
         hr = has_route.index_select(0, bq)  # (Q,)
-        rdist = torch.where(hr, rdist, zero)  # (H, Q)
-        head = torch.where(hr, torch.atan2(sy * rc - cy * rs, cy * rc + sy * rs).abs(), zero)
-        dp = torch.where(hr, torch.diff(s_now, dim=0, prepend=s0.index_select(0, bq)[None]), zero)
-        offroute = hr & (rdist > ecfg.offroute_dist)
 
         # ---- lane terms: one query on the snapshots' egos, one on all H * Q points
         if self.native is not None:  # the same rules as one C loop per point (no sort, no pair copies)
@@ -1054,16 +1053,8 @@ class CounterfactualWorld:
             lane = self.lanes.query(st.map_id.view(1, Bc, 1), pos.view(H, Bc, G, 2), yaw.view(H, Bc, G), ecfg,
                                     self.reference, cos_sin=(cy, sy), pair_kernel=self.kernels.lane_pairs)
         lane = {k: v.view(H, Q) for k, v in lane.items()}
-        center = lane["center_dist"]
         head0 = torch.atan2(torch.sin(e_yaw0) * rc0 - torch.cos(e_yaw0) * rs0,
                             torch.cos(e_yaw0) * rc0 + torch.sin(e_yaw0) * rs0).abs()
-        p_route = torch.cat([torch.where(has_route, rd0, zero).index_select(0, bq)[None], rdist[:-1]])
-        p_center = torch.cat([lane0["center_dist"].index_select(0, bq)[None], center[:-1]])
-        p_head = torch.cat([torch.where(has_route, head0, zero).index_select(0, bq)[None], head[:-1]])
-        no_col = torch.zeros((), dtype=torch.bool, device=dev)
-        _, terms = dense_step_reward(dp, rdist, center, head, p_route, p_center, p_head,
-                                     lane["offroad"], lane["opposite"], offroute, lane["emergency"], no_col, zero,
-                                     rcfg)
 
         # ---- lights and stop signs within reach of the horizon, from the whole trajectory
         t_h = H * dt
@@ -1149,8 +1140,13 @@ class CounterfactualWorld:
         else:
             alive = None
             w = disc[:, None]
-        names = ("progress", "recovery", "offroad", "opposite", "offroute", "emergency")
-        out = {k: (terms[k] * w).sum(0).view(Bc, G) for k in names}
+        # the dense rewards of every step and their discounted sums (one fused kernel when compiled)
+        sums = self.kernels.reward_sums(hr, rdist, s_now, rc, rs, cy, sy, lane["center_dist"], lane["offroad"],
+                                        lane["opposite"], lane["emergency"], torch.where(has_route, rd0, zero)
+                                        .index_select(0, bq), s0.index_select(0, bq),
+                                        torch.where(has_route, head0, zero).index_select(0, bq),
+                                        lane0["center_dist"].index_select(0, bq), w, ecfg.offroute_dist, rcfg)
+        out = {k: v.view(Bc, G) for k, v in sums.items()}
         fc = first.clamp(max=H - 1)
         v_hit = speed.gather(0, fc[None]).squeeze(0)
         out["collision"] = torch.where(collided, collision_penalty(v_hit, rcfg) * disc.index_select(0, fc),

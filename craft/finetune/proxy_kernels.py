@@ -2,11 +2,13 @@
 
 Three kernels carry most of a chunk's time: the lane query's (segment, point) pair kernel
 (:func:`lane_pairs`), one virtual step of the ego's tracker + kinematic bicycle (:func:`ego_step`) and one
-step of the route tracking (:func:`route_step`). They run eagerly by default. ``CounterfactualWorld(...,
-compile=True)`` (``craft finetune --compile-proxy``) runs the ego and route steps through ``torch.compile``
-(one graph per kernel with dynamic shapes, so the batch size and the candidate count do not recompile),
-which fuses their element-wise chains into single loops; the lane kernel stays eager (compiled, it ran no
-faster: its time is the per-pair feature copies and the grouping around it, not the arithmetic). The
+step of the route tracking (:func:`route_step`); :func:`reward_sums` adds up the dense rewards. They run
+eagerly by default. ``CounterfactualWorld(..., compile=True)`` (``craft finetune --compile-proxy``) runs the
+ego step, the reward sums and (where the C kernels of :mod:`craft.finetune.proxy_native` are not available)
+the route step through ``torch.compile`` (one graph per kernel with dynamic shapes, so the batch size and
+the candidate count do not recompile), which fuses their element-wise chains into single loops; the lane
+pair kernel stays eager (compiled, it ran no faster: its time is the per-pair feature copies and the
+grouping around it, not the arithmetic; the C lane query replaces the whole query instead). The
 compiled kernels round differently from the eager ones (fused multiply-adds, vectorised transcendental
 functions), so their scores agree with the eager path to float tolerance, not bit for bit. If compilation
 fails (no C++ compiler, an unsupported torch build), :class:`Kernel` prints one line to stderr and runs the
@@ -26,6 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from craft.finetune.rewards import RewardConfig, dense_step_reward
 from craft.world.dynamics import wrap_angle
 from craft.world.tracker import _EPS as _TRACK_EPS
 
@@ -239,6 +242,40 @@ def route_step(winT: Tensor, base: Tensor, colq: Tensor, out: tuple[Tensor, Tens
     return j_new, d2min.sqrt_(), cum + u.view(-1).index_select(0, k * Q + colq) * length, cos, sin
 
 
+# ---------------------------------------------------------------------- the dense rewards and their sums
+DENSE_NAMES = ("progress", "recovery", "offroad", "opposite", "offroute", "emergency")
+"""The per-step terms :func:`reward_sums` returns (the collision, red-light and stop-sign terms are per
+candidate, computed by the caller)."""
+
+
+def reward_sums(hr: Tensor, rdist: Tensor, s_now: Tensor, rc: Tensor, rs: Tensor, cy: Tensor, sy: Tensor,
+                center: Tensor, offroad: Tensor, opposite: Tensor, emergency: Tensor, rd0: Tensor, s0: Tensor,
+                head0: Tensor, center0: Tensor, w: Tensor, offroute_dist: float, rcfg: RewardConfig
+                ) -> dict[str, Tensor]:
+    """The dense reward terms of ``H`` steps of ``Q`` candidates and their weighted sums over the steps.
+
+    hr: (Q,) bool, the state has a route; rdist, s_now, rc, rs: (H, Q) route distance, arc length and
+    direction of the route projection after each step; cy, sy: (H, Q) cos / sin of the ego's heading;
+    center, offroad, opposite, emergency: (H, Q) lane terms; rd0, s0, head0, center0: (Q,) the route
+    distance (0 without a route), arc length, heading error (0 without a route) and lane-centre distance
+    at the snapshot (the first step's "previous" deviations); w: (H, Q) step weights (discount, 0 after a
+    counted collision). Returns ``{name: (Q,)}`` for :data:`DENSE_NAMES`
+    (:func:`craft.finetune.rewards.dense_step_reward` per step, times ``w``, summed).
+    """
+    zero = torch.zeros((), dtype=rdist.dtype, device=rdist.device)
+    rdist = torch.where(hr, rdist, zero)
+    head = torch.where(hr, torch.atan2(sy * rc - cy * rs, cy * rc + sy * rs).abs(), zero)
+    dp = torch.where(hr, torch.diff(s_now, dim=0, prepend=s0[None]), zero)
+    offroute = hr & (rdist > offroute_dist)
+    p_route = torch.cat([rd0[None], rdist[:-1]])
+    p_center = torch.cat([center0[None], center[:-1]])
+    p_head = torch.cat([head0[None], head[:-1]])
+    no_col = torch.zeros((), dtype=torch.bool, device=rdist.device)
+    _, terms = dense_step_reward(dp, rdist, center, head, p_route, p_center, p_head, offroad, opposite, offroute,
+                                 emergency, no_col, zero, rcfg)
+    return {k: (terms[k] * w).sum(0) for k in DENSE_NAMES}
+
+
 # ---------------------------------------------------------------------- eager or compiled
 class Kernel:
     """A kernel function run eagerly, or through ``torch.compile(dynamic=True, fullgraph=True)`` when
@@ -264,14 +301,16 @@ class Kernel:
 
 @dataclass
 class Kernels:
-    """The three hot kernels of one :class:`~craft.finetune.proxy.CounterfactualWorld`."""
+    """The hot kernels of one :class:`~craft.finetune.proxy.CounterfactualWorld`."""
 
     lane_pairs: Kernel
     ego_step: Kernel
     route_step: Kernel
+    reward_sums: Kernel
 
     @classmethod
     def make(cls, compile: bool = False) -> "Kernels":
         # the lane kernel stays eager: compiled, it ran no faster (its time is the per-pair feature reads and
         # the per-point grouping around it, not the arithmetic chain)
-        return cls(Kernel(lane_pairs, False), Kernel(ego_step, compile), Kernel(route_step, compile))
+        return cls(Kernel(lane_pairs, False), Kernel(ego_step, compile), Kernel(route_step, compile),
+                   Kernel(reward_sums, compile))

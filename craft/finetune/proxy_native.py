@@ -30,25 +30,90 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from craft.errors import CraftError
+
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define FAR 1e30f
 
+/* c ? a : b without a branch (the compiler vectorises loops of these) */
+static inline float sel(int c, float a, float b)
+{
+    union { float f; int32_t i; } ua = {a}, ub = {b}, r;
+    int32_t m = -c;
+    r.i = (ua.i & m) | (ub.i & ~m);
+    return r.f;
+}
+
+/* One segment (features f, index kf in its cell's list) against the L points of a run: the pair terms and
+   the running first minima; branch-free, so the compiler vectorises it along the points. */
+static void sweep(int64_t L, const float *restrict X, const float *restrict Y, const float *restrict C,
+                  const float *restrict S, const float *restrict f, float kf, float *restrict DMIN,
+                  float *restrict NEAR, float *restrict CBEST, float *restrict BEST, float *restrict DBEST,
+                  float *restrict EMIN, float *restrict ESEG, int32_t *restrict ON)
+{
+    const float ax = f[0], ay = f[1], dx = f[2], dy = f[3], il2 = f[4], hw2 = f[5], reach = f[6];
+    const float ch = f[7], shd = f[8], tlo = f[9], thi = f[10], edge = f[13];
+        for (int64_t j = 0; j < L; j++) {  /* branch-free: vectorised along the run's points */
+            float rx = X[j] - ax, ry = Y[j] - ay;
+            float t = rx * dx;
+            t = t + ry * dy;
+            t = t * il2;
+            float u = sel(t < 0.0f, 0.0f, t);
+            u = sel(u > 1.0f, 1.0f, u);
+            float ex = rx - u * dx, ey = ry - u * dy;
+            float d2 = ex * ex;
+            d2 = d2 + ey * ey;
+            ON[j] |= (t > tlo) & (t < thi) & (d2 <= hw2);
+            float d = sqrtf(d2);
+            float cand = d + sel(d > reach, FAR, 0.0f);  /* FAR + d beyond the pick's reach */
+            int lt = cand < DMIN[j];
+            DMIN[j] = sel(lt, cand, DMIN[j]);
+            NEAR[j] = sel(lt, kf, NEAR[j]);
+            float cosd = C[j] * ch;
+            cosd = cosd + S[j] * shd;
+            float cost = cand + (-2.0f) * cosd;
+            int lb = cost < CBEST[j];
+            CBEST[j] = sel(lb, cost, CBEST[j]);
+            BEST[j] = sel(lb, kf, BEST[j]);
+            DBEST[j] = sel(lb, d, DBEST[j]);
+            float ec = d + sel(d > edge, FAR, 0.0f);
+            int le = ec < EMIN[j];
+            EMIN[j] = sel(le, ec, EMIN[j]);
+            ESEG[j] = sel(le, kf, ESEG[j]);
+        }
+}
+
 /* The proxy's lane rules at Q points (craft/finetune/proxy.py, _LaneIndex.query and lane_pairs).
    Point i lies on map mb[(i / group) % nb]. feat: (S1, 16) float32, one 64-byte row per segment of the
-   segment table (AX AY DX DY IL2 HW2 REACH CH SH TLO THI JUNCTION SHOULDER EDGE_REACH HW, pad), so a pair
-   reads one cache line; lane_of: (S1,) lane of each segment; grid: origin (M, 2), shape (M, 2), cell_offset (M,), start / count (cells,), items.
-   Outputs (Q,): offroad, opposite, emergency (0 / 1), center, lane. */
-void lane_query(int64_t Q, const float *px, const float *py, const float *cy, const float *sy,
-                const int64_t *mb, int64_t group, int64_t nb,
-                const float *origin, const int64_t *shape, const int64_t *cell_offset, float cell, int64_t ncells,
-                const int64_t *start, const int64_t *count, const int64_t *items,
-                const float *feat, const int64_t *lane_of, float cos_wrong, float cap,
-                uint8_t *offroad, uint8_t *opposite, uint8_t *emergency, float *center, int64_t *lane)
+   segment table (AX AY DX DY IL2 HW2 REACH CH SH TLO THI JUNCTION SHOULDER EDGE_REACH HW, pad);
+   lane_of: (S1,) lane of each segment; grid: origin (M, 2), shape (M, 2), cell_offset (M,), start / count
+   (cells,), items. Outputs (Q,): offroad, opposite, emergency (0 / 1), center, lane.
+   The points are sorted by cell (two 16-bit radix passes); each run of points in one cell is then swept
+   segment by segment, the inner loop running along the run's points (vectorised by the compiler), with
+   the running first minima kept per point. Returns 0, or -1 if out of memory (nothing written then). */
+int lane_query(int64_t Q, const float *px, const float *py, const float *cy, const float *sy,
+               const int64_t *mb, int64_t group, int64_t nb,
+               const float *origin, const int64_t *shape, const int64_t *cell_offset, float cell, int64_t ncells,
+               const int64_t *start, const int64_t *count, const int64_t *items,
+               const float *feat, const int64_t *lane_of, float cos_wrong, float cap,
+               uint8_t *offroad, uint8_t *opposite, uint8_t *emergency, float *center, int64_t *lane)
 {
-    int64_t gi = 0, bi = 0;  /* i = (. * nb + bi) * group + gi, without divisions */
+    uint32_t *key = malloc(sizeof(uint32_t) * 2 * Q);
+    int32_t *ord = malloc(sizeof(int32_t) * 2 * Q);
+    uint32_t *hist = malloc(sizeof(uint32_t) * 65536);
+    float *buf = malloc(sizeof(float) * 11 * (Q > 0 ? Q : 1));
+    int32_t *ibuf = malloc(sizeof(int32_t) * (Q > 0 ? Q : 1));
+    if (!key || !ord || !hist || !buf || !ibuf) {
+        free(key); free(ord); free(hist); free(buf); free(ibuf);
+        return -1;
+    }
+    /* 1. the cell of every point; points outside the grid or in an empty cell keep the defaults */
+    int64_t n = 0, gi = 0, bi = 0;  /* i = (. * nb + bi) * group + gi, without divisions */
     for (int64_t i = 0; i < Q; i++, gi++) {
         if (gi == group) { gi = 0; if (++bi == nb) bi = 0; }
         int64_t m = mb[bi];
@@ -57,58 +122,70 @@ void lane_query(int64_t Q, const float *px, const float *py, const float *cy, co
         offroad[i] = 1; opposite[i] = 0; emergency[i] = 0; center[i] = cap; lane[i] = -1;
         /* floor(f) >= 0 iff f >= 0, and floor(f) < n iff f < n for an integer n; NaN fails both */
         if (!(fx >= 0.0f && fy >= 0.0f && fx < (float)shape[2 * m] && fy < (float)shape[2 * m + 1]))
-            continue;  /* outside the map's grid: off-road, no lane */
-        int64_t cid = cell_offset[m] + (int64_t)fx * shape[2 * m + 1] + (int64_t)fy;  /* truncation = floor here */
-        if (cid < 0 || cid >= ncells)
             continue;
-        int64_t K = count[cid];
-        const int64_t *it = items + start[cid];
-        float x = px[i], y = py[i], c = cy[i], s = sy[i];
-        int on = 0;
-        /* running first minima (strict <); every pick value is finite, so k = 0 always takes them */
-        float dmin = INFINITY, cbest = INFINITY, dbest = 0.0f, emin = INFINITY;
-        int64_t near = 0, best = 0, eseg = 0;
-        for (int64_t k = 0; k < K; k++) {
-            int64_t g = it[k];
-            const float *f = feat + 16 * g;
-            float dx = f[2], dy = f[3];
-            float rx = x - f[0], ry = y - f[1];
-            float t = rx * dx;
-            t = t + ry * dy;
-            t = t * f[4];
-            float u = t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t);
-            float ex = rx - u * dx, ey = ry - u * dy;
-            float d2 = ex * ex;
-            d2 = d2 + ey * ey;
-            on |= (t > f[9]) & (t < f[10]) & (d2 <= f[5]);
-            float d = sqrtf(d2);
-            float cand = d > f[6] ? FAR + d : d;
-            int lt = cand < dmin;
-            dmin = lt ? cand : dmin;
-            near = lt ? g : near;
-            float cosd = c * f[7];
-            cosd = cosd + s * f[8];
-            float cost = cand + (-2.0f) * cosd;
-            int lb = cost < cbest;
-            cbest = lb ? cost : cbest;
-            best = lb ? g : best;
-            dbest = lb ? d : dbest;
-            float ec = d > f[13] ? FAR + d : d;
-            int le = ec < emin;
-            emin = le ? ec : emin;
-            eseg = le ? g : eseg;
-        }
-        offroad[i] = !on;
-        if (K > 0 && dmin < 0.5f * FAR) {
-            const float *f = feat + 16 * near;
-            float cn = c * f[7] + s * f[8];
-            opposite[i] = cn < cos_wrong && !(f[11] > 0.0f);
-            center[i] = dbest;
-            lane[i] = lane_of[best];
-        }
-        if (K > 0 && emin < 0.5f * FAR && feat[16 * eseg + 12] > 0.0f && emin <= feat[16 * eseg + 14])
-            emergency[i] = 1;
+        int64_t cid = cell_offset[m] + (int64_t)fx * shape[2 * m + 1] + (int64_t)fy;  /* truncation = floor */
+        if (cid < 0 || cid >= ncells || count[cid] == 0)
+            continue;
+        key[n] = (uint32_t)cid;
+        ord[n] = (int32_t)i;
+        n++;
     }
+    /* 2. sort (cell, point) by cell: LSD radix, 2 x 16 bits (cells < 2^32, checked by the caller) */
+    uint32_t *k0 = key, *k1 = key + Q;
+    int32_t *o0 = ord, *o1 = ord + Q;
+    for (int pass = 0; pass < 2; pass++) {
+        int sh = 16 * pass;
+        memset(hist, 0, sizeof(uint32_t) * 65536);
+        for (int64_t j = 0; j < n; j++) hist[(k0[j] >> sh) & 0xFFFF]++;
+        uint32_t acc = 0;
+        for (int b = 0; b < 65536; b++) { uint32_t c = hist[b]; hist[b] = acc; acc += c; }
+        for (int64_t j = 0; j < n; j++) {
+            uint32_t d = hist[(k0[j] >> sh) & 0xFFFF]++;
+            k1[d] = k0[j]; o1[d] = o0[j];
+        }
+        uint32_t *kt = k0; k0 = k1; k1 = kt;
+        int32_t *ot = o0; o0 = o1; o1 = ot;
+    }
+    /* 3. runs of one cell: segment by segment, along the run's points */
+    float *restrict X = buf, *restrict Y = buf + Q, *restrict C = buf + 2 * Q, *restrict S = buf + 3 * Q;
+    float *restrict DMIN = buf + 4 * Q, *restrict CBEST = buf + 5 * Q, *restrict DBEST = buf + 6 * Q;
+    float *restrict EMIN = buf + 7 * Q;
+    float *restrict NEAR = buf + 8 * Q, *restrict BEST = buf + 9 * Q, *restrict ESEG = buf + 10 * Q;  /* k as float */
+    int32_t *restrict ON = ibuf;
+    for (int64_t r0 = 0; r0 < n;) {
+        int64_t r1 = r0 + 1;
+        while (r1 < n && k0[r1] == k0[r0]) r1++;
+        int64_t L = r1 - r0, cid = k0[r0], K = count[cid];
+        const int64_t *it = items + start[cid];
+        for (int64_t j = 0; j < L; j++) {
+            int64_t i = o0[r0 + j];
+            X[j] = px[i]; Y[j] = py[i]; C[j] = cy[i]; S[j] = sy[i];
+            /* running first minima (strict <); every pick value is finite, so k = 0 always takes them */
+            DMIN[j] = INFINITY; CBEST[j] = INFINITY; EMIN[j] = INFINITY; DBEST[j] = 0.0f;
+            NEAR[j] = 0.0f; BEST[j] = 0.0f; ESEG[j] = 0.0f; ON[j] = 0;
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const float *f = feat + 16 * it[k];
+            sweep(L, X, Y, C, S, f, (float)k, DMIN, NEAR, CBEST, BEST, DBEST, EMIN, ESEG, ON);
+        }
+        for (int64_t j = 0; j < L; j++) {
+            int64_t i = o0[r0 + j];
+            offroad[i] = !ON[j];
+            if (DMIN[j] < 0.5f * FAR) {
+                const float *f = feat + 16 * it[(int64_t)NEAR[j]];
+                float cn = C[j] * f[7] + S[j] * f[8];
+                opposite[i] = cn < cos_wrong && !(f[11] > 0.0f);
+                center[i] = DBEST[j];
+                lane[i] = lane_of[it[(int64_t)BEST[j]]];
+            }
+            const float *fe = feat + 16 * it[(int64_t)ESEG[j]];
+            if (EMIN[j] < 0.5f * FAR && fe[12] > 0.0f && EMIN[j] <= fe[14])
+                emergency[i] = 1;
+        }
+        r0 = r1;
+    }
+    free(key); free(ord); free(hist); free(buf); free(ibuf);
+    return 0;
 }
 
 /* The proxy's route tracking (craft/finetune/proxy.py, _Route.tracker / route_step) over H steps.
@@ -171,7 +248,9 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (cc / gcc, or set $CC)")
-    flags = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
+    # no fused multiply-adds (the tensor code's rounding); no errno / FP-trap semantics (neither changes a
+    # value, both let the compiler vectorise the pair loop)
+    flags = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     key = hashlib.sha256((_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
     out = _cache_dir() / f"proxy_native_{key}.so"
     if not out.exists():
@@ -185,7 +264,7 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"{cc} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
             os.replace(tmp, out)  # atomic: a concurrent build by another worker is harmless
     lib = ctypes.CDLL(str(out))
-    lib.lane_query.restype = None
+    lib.lane_query.restype = ctypes.c_int
     lib.lane_query.argtypes = [_I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _F, _I, _P, _P, _P, _P, _P, _F, _F,
                                _P, _P, _P, _P, _P]
     lib.route_track.restype = None
@@ -234,13 +313,17 @@ def lane_query(lib: ctypes.CDLL, index, map_b: Tensor, group: int, pos: Tensor, 
     out = {"offroad": torch.empty(Q, dtype=torch.bool), "opposite": torch.empty(Q, dtype=torch.bool),
            "emergency": torch.empty(Q, dtype=torch.bool), "center_dist": torch.empty(Q),
            "lane": torch.empty(Q, dtype=torch.int64)}
+    if index.start.shape[0] >= 2**32 or Q >= 2**31:
+        raise CraftError("the native lane query handles < 2^32 grid cells and < 2^31 points per call")
     if Q:
-        lib.lane_query(Q, _ptr(px), _ptr(py), _ptr(cos), _ptr(sin), _ptr(map_b), group, map_b.shape[0],
+        rc = lib.lane_query(Q, _ptr(px), _ptr(py), _ptr(cos), _ptr(sin), _ptr(map_b), group, map_b.shape[0],
                        _ptr(index.origin), _ptr(index.shape), _ptr(index.cell_offset), index.cell,
                        index.start.shape[0], _ptr(index.start), _ptr(index.count), _ptr(index.items),
                        _ptr(_feat16(index)), _ptr(index.lane), cos_wrong, cap,
                        _ptr(out["offroad"]), _ptr(out["opposite"]), _ptr(out["emergency"]),
                        _ptr(out["center_dist"]), _ptr(out["lane"]))
+        if rc != 0:
+            raise MemoryError("the native lane query could not allocate its work buffers")
     return out
 
 
