@@ -496,3 +496,34 @@ def test_native_kernels_match_the_tensor_code(town):
     got = native.route_track(lib, route, pos_t, bq, j0.index_select(0, bq), back, ahead)
     for x, y in zip(got, want):
         assert torch.allclose(x, y, atol=1e-5, rtol=0)
+
+
+def test_native_red_light_rule_matches_the_tensor_rule():
+    """The C red-light rule gives the tensor rule's flags, on random crossings of random stop lines."""
+    import craft.finetune.proxy_native as native
+    from craft.finetune.proxy_kernels import red_light_runs
+
+    lib = native.load()
+    if lib is None:
+        pytest.skip("no C compiler: the native kernels fall back to the tensor code")
+    g = torch.Generator().manual_seed(2)
+    H, Qs, n = 8, 300, 3
+    yaw = (torch.rand(Qs, generator=g) * 2 - 1) * 0.4
+    speed = torch.rand(Qs, generator=g) * 12.0
+    t = torch.arange(1, H + 1, dtype=torch.float32)[:, None] * 0.1
+    x0 = torch.rand(Qs, generator=g) * 10.0 - 5.0
+    pos = torch.stack([x0 + speed * t * torch.cos(yaw), speed * t * torch.sin(yaw)], -1)  # (H, Qs, 2)
+    yaw_h = yaw.expand(H, Qs)
+    lights = {"heading": (torch.rand(Qs, n, generator=g) * 2 - 1) * 0.5,
+              "pos": torch.stack([torch.rand(Qs, n, generator=g) * 8.0, torch.randn(Qs, n, generator=g)], -1),
+              "lane": torch.randint(0, 4, (Qs, n), generator=g), "k": torch.randint(0, 6, (Qs, n), generator=g),
+              "ok": torch.rand(Qs, n, generator=g) > 0.2, "half_width": torch.full((Qs, n), 1.75)}
+    cur = torch.randint(-1, 4, (H, Qs), generator=g)
+    ctrl = torch.randint(-1, 6, (H, Qs), generator=g)
+    half = torch.full((Qs,), 2.4)
+    rear0 = torch.stack([x0 - 2.4 * torch.cos(yaw), -2.4 * torch.sin(yaw)], -1)
+    args = (pos, torch.cos(yaw_h), torch.sin(yaw_h), half, rear0, cur, ctrl, lights, 15.0)
+    want = red_light_runs(*args)
+    got = native.red_light_runs(lib, *args)
+    assert torch.equal(got, want)
+    assert 10 < int(want.sum()) < want.numel() // 2  # the rule is exercised both ways

@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -116,6 +117,7 @@ from craft.finetune.proxy_kernels import (
     _beyond,
     _min0,
     lane_pairs,
+    red_light_runs,
     route_step,
 )
 from craft.finetune.rewards import (
@@ -1074,29 +1076,15 @@ class CounterfactualWorld:
             # candidates of states with a red light in reach, only the slots in use (they come first)
             qs, bs, n = rows(lights["ok"])
             L = {k: v[:, :n].index_select(0, bs) for k, v in lights.items()}  # (Qs, n[, 2])
-            lux, luy = torch.cos(L["heading"]), torch.sin(L["heading"])
-            lpx, lpy = L["pos"][..., 0], L["pos"][..., 1]
             p_s, cy_s, sy_s = pos.index_select(1, qs), cy.index_select(1, qs), sy.index_select(1, qs)
             half = 0.5 * st.length[:, 0].index_select(0, bs)
             e_rear = e_pos0 - 0.5 * st.length[:, 0:1] * torch.stack([torch.cos(e_yaw0), torch.sin(e_yaw0)], -1)
-            rx = torch.cat([e_rear[:, 0].index_select(0, bs)[None], p_s[..., 0] - half * cy_s])  # (H + 1, Qs)
-            ry = torch.cat([e_rear[:, 1].index_select(0, bs)[None], p_s[..., 1] - half * sy_s])
-            relx = rx[..., None] - lpx  # (H + 1, Qs, n)
-            rely = ry[..., None] - lpy
-            along_all = relx * lux + rely * luy
-            along, prev_along = along_all[1:], along_all[:-1]
-            lateral = lux * rely[1:] - luy * relx[1:]
             cur = lane["lane"].index_select(1, qs)
             ctrl = torch.where(cur >= 0, take(mb.lane_light, st.map_id.index_select(0, bs)[None], cur.clamp_min(0)),
                                torch.full_like(cur, -1))
-            match = (cur[..., None] >= 0) & ((L["lane"] == cur[..., None]) | (ctrl[..., None] == L["k"]))
-            heading_ok = (cy_s[..., None] * lux + sy_s[..., None] * luy) > 0
-            nx = p_s[..., 0:1] - lpx
-            ny = p_s[..., 1:2] - lpy
-            near = torch.sqrt(nx * nx + ny * ny) <= ecfg.red_light_radius
-            run = L["ok"] & (prev_along < 0) & (along >= 0) & heading_ok & near & \
-                (match | (lateral.abs() <= L["half_width"]))
-            red = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, run.any(-1))
+            rule = red_light_runs if self.native is None else partial(proxy_native.red_light_runs, self.native)
+            run = rule(p_s, cy_s, sy_s, half, e_rear.index_select(0, bs), cur, ctrl, L, ecfg.red_light_radius)
+            red = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, run)
         if stops is not None:
             # leaving the trigger area without having stopped in it (events._stop_signs)
             qs, bs, n = rows(stops["ok"])

@@ -276,6 +276,38 @@ def reward_sums(hr: Tensor, rdist: Tensor, s_now: Tensor, rc: Tensor, rs: Tensor
     return {k: (terms[k] * w).sum(0) for k in DENSE_NAMES}
 
 
+# ---------------------------------------------------------------------- red lights over a whole trajectory
+def red_light_runs(pos: Tensor, cy: Tensor, sy: Tensor, half: Tensor, rear0: Tensor, cur: Tensor, ctrl: Tensor,
+                   lights: dict[str, Tensor], radius: float) -> Tensor:
+    """The world's red-light rule (``events._red_lights``) at every step of ``Qs`` candidates.
+
+    pos: (H, Qs, 2), cy, sy: (H, Qs) the ego after each step; half: (Qs,) half its length; rear0: (Qs, 2) its
+    rear point at the snapshot; cur: (H, Qs) long its lane (-1: none), ctrl: (H, Qs) the light controlling
+    that lane (-1: none); lights: the checked red lights, each (Qs, n): ``heading``, ``pos`` (Qs, n, 2),
+    ``lane``, ``k`` (light index), ``ok``, ``half_width``. A light is run at step h when the ego's rear point
+    crosses its stop line (along the light's heading, from behind to at-or-past) while the ego heads its
+    way, is within ``radius`` of it and is on its lane (or the lane it controls, or laterally within the
+    lane's half width). Returns (H, Qs) bool.
+    """
+    lux, luy = torch.cos(lights["heading"]), torch.sin(lights["heading"])
+    lpx, lpy = lights["pos"][..., 0], lights["pos"][..., 1]
+    rx = torch.cat([rear0[:, 0][None], pos[..., 0] - half * cy])  # (H + 1, Qs)
+    ry = torch.cat([rear0[:, 1][None], pos[..., 1] - half * sy])
+    relx = rx[..., None] - lpx  # (H + 1, Qs, n)
+    rely = ry[..., None] - lpy
+    along_all = relx * lux + rely * luy
+    along, prev_along = along_all[1:], along_all[:-1]
+    lateral = lux * rely[1:] - luy * relx[1:]
+    match = (cur[..., None] >= 0) & ((lights["lane"] == cur[..., None]) | (ctrl[..., None] == lights["k"]))
+    heading_ok = (cy[..., None] * lux + sy[..., None] * luy) > 0
+    nx = pos[..., 0:1] - lpx
+    ny = pos[..., 1:2] - lpy
+    near = torch.sqrt(nx * nx + ny * ny) <= radius
+    run = lights["ok"] & (prev_along < 0) & (along >= 0) & heading_ok & near & \
+        (match | (lateral.abs() <= lights["half_width"]))
+    return run.any(-1)
+
+
 # ---------------------------------------------------------------------- eager or compiled
 class Kernel:
     """A kernel function run eagerly, or through ``torch.compile(dynamic=True, fullgraph=True)`` when

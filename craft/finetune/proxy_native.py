@@ -188,6 +188,49 @@ int lane_query(int64_t Q, const float *px, const float *py, const float *cy, con
     return 0;
 }
 
+/* The world's red-light rule over whole trajectories (craft/finetune/proxy.py, the lights block of
+   _score_chunk; events._red_lights): for Qs candidates and their n checked red lights, whether step h
+   runs one. pos: (H, Qs, 2), cy, sy: (H, Qs) the ego after each step; half: (Qs,) half its length; rear0:
+   (Qs, 2) its rear point at the snapshot; cur, ctrl: (H, Qs) its lane and the light controlling that lane
+   (-1: none); per (candidate, light), each (Qs, n): lux, luy (light heading), lpx, lpy (position), llane,
+   lk (light index), lok (checked), lhw (lane half width). Output run: (H, Qs) 0 / 1. */
+void red_light_runs(int64_t H, int64_t Qs, int64_t n, const float *pos, const float *cy, const float *sy,
+                    const float *half, const float *rear0, const int64_t *cur, const int64_t *ctrl,
+                    const float *lux, const float *luy, const float *lpx, const float *lpy, const int64_t *llane,
+                    const int64_t *lk, const uint8_t *lok, const float *lhw, float radius, uint8_t *run)
+{
+    for (int64_t q = 0; q < Qs; q++) {
+        for (int64_t l = 0; l < n; l++) {
+            int64_t a = q * n + l;
+            float ux = lux[a], uy = luy[a], lx = lpx[a], ly = lpy[a];
+            /* along-heading coordinate of the rear point at the snapshot (h = -1) */
+            float prx = rear0[2 * q] - lx, pry = rear0[2 * q + 1] - ly;
+            float prev = prx * ux;
+            prev = prev + pry * uy;
+            for (int64_t h = 0; h < H; h++) {
+                int64_t o = h * Qs + q;
+                float c = cy[o], s = sy[o], x = pos[2 * o], y = pos[2 * o + 1];
+                float rx = x - half[q] * c, ry = y - half[q] * s;
+                float relx = rx - lx, rely = ry - ly;
+                float along = relx * ux;
+                along = along + rely * uy;
+                float lateral = ux * rely - uy * relx;
+                int64_t cl = cur[o];
+                int match = cl >= 0 && (llane[a] == cl || ctrl[o] == lk[a]);
+                float hd = c * ux;
+                hd = hd + s * uy;
+                float nx = x - lx, ny = y - ly;
+                float nd = nx * nx;
+                nd = nd + ny * ny;
+                int hit = lok[a] && prev < 0.0f && along >= 0.0f && hd > 0.0f && sqrtf(nd) <= radius &&
+                          (match || fabsf(lateral) <= lhw[a]);
+                if (l == 0) run[o] = (uint8_t)hit; else run[o] |= (uint8_t)hit;
+                prev = along;
+            }
+        }
+    }
+}
+
 /* The proxy's route tracking (craft/finetune/proxy.py, _Route.tracker / route_step) over H steps.
    pos: (H, Q, 2); b: (Q,) state of each candidate; j0: (Q,) segment of the snapshot's projection;
    win: (5, N) start x / y, vector x / y, 1 / length^2 of the N = states * nseg route segments;
@@ -267,6 +310,8 @@ def _build() -> ctypes.CDLL:
     lib.lane_query.restype = ctypes.c_int
     lib.lane_query.argtypes = [_I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _F, _I, _P, _P, _P, _P, _P, _F, _F,
                                _P, _P, _P, _P, _P]
+    lib.red_light_runs.restype = None
+    lib.red_light_runs.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _F, _P]
     lib.route_track.restype = None
     lib.route_track.argtypes = [_I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P]
     return lib
@@ -342,3 +387,23 @@ def route_track(lib: ctypes.CDLL, route, pos: Tensor, b: Tensor, j0: Tensor, bac
         lib.route_track(H, Q, _ptr(pos), _ptr(b), _ptr(j0), _ptr(win), win.shape[1], route.nseg, back,
                         back + ahead + 1, _ptr(cum), _ptr(length), _ptr(cos), _ptr(sin), *(_ptr(x) for x in outs))
     return outs
+
+
+def red_light_runs(lib: ctypes.CDLL, pos: Tensor, cy: Tensor, sy: Tensor, half: Tensor, rear0: Tensor, cur: Tensor,
+                   ctrl: Tensor, lights: dict[str, Tensor], radius: float) -> Tensor:
+    """The red-light rule of :func:`craft.finetune.proxy_kernels.red_light_runs` (same arguments and result:
+    (H, Qs) bool) as one C loop per (candidate, light)."""
+    H, Qs = cy.shape
+    n = lights["ok"].shape[1]
+    c = lambda x, dt=torch.float32: x.to(dt).contiguous()
+    lux, luy = torch.cos(lights["heading"]), torch.sin(lights["heading"])
+    run = torch.empty(H, Qs, dtype=torch.bool)
+    if H and Qs and n:
+        keep = (pos, cy, sy, half, rear0, c(cur, torch.int64), c(ctrl, torch.int64), c(lux), c(luy),
+                c(lights["pos"][..., 0]), c(lights["pos"][..., 1]), c(lights["lane"], torch.int64),
+                c(lights["k"], torch.int64), c(lights["ok"], torch.bool), c(lights["half_width"]))
+        keep = tuple(x.contiguous() for x in keep)
+        lib.red_light_runs(H, Qs, n, *(_ptr(x) for x in keep), radius, _ptr(run))
+    else:
+        run.zero_()
+    return run
