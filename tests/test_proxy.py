@@ -527,3 +527,41 @@ def test_native_red_light_rule_matches_the_tensor_rule():
     got = native.red_light_runs(lib, *args)
     assert torch.equal(got, want)
     assert 10 < int(want.sum()) < want.numel() // 2  # the rule is exercised both ways
+
+
+def test_native_stop_sign_rule_matches_the_tensor_rule():
+    """The C stop-sign rule gives the tensor rule's violations (trigger boxes + _stop_violations), on random
+    trajectories through random trigger boxes, some slow inside, some with the snapshot inside / served."""
+    import craft.finetune.proxy_native as native
+    from craft.finetune.proxy import _stop_violations
+
+    lib = native.load()
+    if lib is None:
+        pytest.skip("no C compiler: the native kernels fall back to the tensor code")
+    g = torch.Generator().manual_seed(3)
+    H, Qs, n = 20, 400, 2
+    yaw = (torch.rand(Qs, generator=g) * 2 - 1) * 0.3
+    v0 = torch.rand(Qs, generator=g) * 8.0
+    acc = -torch.rand(Qs, generator=g) * 4.0
+    t = torch.arange(1, H + 1, dtype=torch.float32)[:, None] * 0.1
+    speed = (v0 + acc * t).clamp_min(0.0)  # (H, Qs), some stop
+    s = torch.cumsum(speed * 0.1, 0)
+    pos = torch.stack([s * torch.cos(yaw), s * torch.sin(yaw)], -1)
+    cy, sy = torch.cos(yaw).expand(H, Qs), torch.sin(yaw).expand(H, Qs)
+    trig = torch.stack([torch.rand(Qs, n, generator=g) * 6.0 - 1.0, torch.randn(Qs, n, generator=g) * 0.5,
+                        torch.randn(Qs, n, generator=g) * 0.2, torch.full((Qs, n), 4.0), torch.full((Qs, n), 3.0)], -1)
+    heading = torch.randn(Qs, n, generator=g) * 0.3 + (torch.rand(Qs, n, generator=g) < 0.1) * math.pi
+    ok = torch.rand(Qs, n, generator=g) > 0.1
+    inside0 = (torch.rand(Qs, n, generator=g) < 0.3) & ok
+    served0 = torch.rand(Qs, n, generator=g) < 0.5
+    bux, buy = torch.cos(trig[..., 2]), torch.sin(trig[..., 2])
+    relx = pos[..., 0:1] - trig[..., 0]
+    rely = pos[..., 1:2] - trig[..., 1]
+    in_box = ((relx * bux + rely * buy).abs() <= 0.5 * trig[..., 3]) & ((bux * rely - buy * relx).abs() <= 0.5 * trig[..., 4])
+    inside = ok & in_box & ((cy[..., None] * torch.cos(heading) + sy[..., None] * torch.sin(heading)) > 0)
+    slow = inside & (speed.abs() < 0.1)[..., None]
+    want = _stop_violations(inside, slow, inside0, served0).any(-1)
+    got = native.stop_violations(lib, pos, cy, sy, speed, trig, bux, buy, torch.cos(heading), torch.sin(heading), ok,
+                                 inside0, served0, 0.1)
+    assert torch.equal(got, want)
+    assert 5 < int(want.sum()) and bool(slow.any())  # violations and stops both happen

@@ -1092,6 +1092,12 @@ class CounterfactualWorld:
             p_s, cy_s, sy_s = pos.index_select(1, qs), cy.index_select(1, qs), sy.index_select(1, qs)
             trig = S["trig"]
             sux, suy = torch.cos(trig[..., 2]), torch.sin(trig[..., 2])
+        if stops is not None and self.native is not None:  # the same rule as one C loop per (candidate, sign)
+            viol = proxy_native.stop_violations(self.native, p_s, cy_s, sy_s, speed.index_select(1, qs), trig, sux,
+                                                suy, torch.cos(S["heading"]), torch.sin(S["heading"]), S["ok"],
+                                                S["inside"] & S["ok"], S["served"], ecfg.stop_speed)
+            stp = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, viol)
+        elif stops is not None:
             relx = p_s[..., 0:1] - trig[..., 0]  # (H, Qs, n)
             rely = p_s[..., 1:2] - trig[..., 1]
             in_box = ((relx * sux + rely * suy).abs() <= 0.5 * trig[..., 3]) & \

@@ -231,6 +231,46 @@ void red_light_runs(int64_t H, int64_t Qs, int64_t n, const float *pos, const fl
     }
 }
 
+/* The world's stop-sign rule over whole trajectories (craft/finetune/proxy.py, the stop-sign block of
+   _score_chunk with _stop_violations; events._stop_signs): the ego is inside a sign's trigger box (heading
+   its way) after a step, and slow there below stop_speed; leaving the box without a slow step since
+   entering it (or, before the first exit, without the snapshot's served flag) is a violation.
+   pos: (H, Qs, 2), cy, sy, speed: (H, Qs); per (candidate, sign), (Qs, n): trig (.., 5) box centre x / y,
+   heading, length, width; bux, buy: cos / sin of the box heading; hc, hs: of the sign's heading; ok,
+   inside0, served0: 0 / 1. Output viol: (H, Qs) 0 / 1, a violation of any sign at step h. */
+void stop_violations(int64_t H, int64_t Qs, int64_t n, const float *pos, const float *cy, const float *sy,
+                     const float *speed, const float *trig, const float *bux, const float *buy, const float *hc,
+                     const float *hs, const uint8_t *ok, const uint8_t *inside0, const uint8_t *served0,
+                     float stop_speed, uint8_t *viol)
+{
+    for (int64_t o = 0; o < H * Qs; o++) viol[o] = 0;
+    for (int64_t q = 0; q < Qs; q++) {
+        for (int64_t l = 0; l < n; l++) {
+            int64_t a = q * n + l;
+            if (!ok[a]) continue;  /* an unchecked slot: never inside, never left */
+            const float *tb = trig + 5 * a;
+            float ux = bux[a], uy = buy[a], hl = 0.5f * tb[3], hw = 0.5f * tb[4];
+            int was = inside0[a], served = served0[a];
+            for (int64_t h = 0; h < H; h++) {
+                int64_t o = h * Qs + q;
+                float relx = pos[2 * o] - tb[0], rely = pos[2 * o + 1] - tb[1];
+                float al = relx * ux;
+                al = al + rely * uy;
+                float la = ux * rely - uy * relx;
+                float hd = cy[o] * hc[a];
+                hd = hd + sy[o] * hs[a];
+                int in = fabsf(al) <= hl && fabsf(la) <= hw && hd > 0.0f;
+                if (in && fabsf(speed[o]) < stop_speed) served = 1;
+                if (was && !in) {  /* leaving the box */
+                    if (!served) viol[o] = 1;
+                    served = 0;
+                }
+                was = in;
+            }
+        }
+    }
+}
+
 /* The proxy's route tracking (craft/finetune/proxy.py, _Route.tracker / route_step) over H steps.
    pos: (H, Q, 2); b: (Q,) state of each candidate; j0: (Q,) segment of the snapshot's projection;
    win: (5, N) start x / y, vector x / y, 1 / length^2 of the N = states * nseg route segments;
@@ -312,6 +352,8 @@ def _build() -> ctypes.CDLL:
                                _P, _P, _P, _P, _P]
     lib.red_light_runs.restype = None
     lib.red_light_runs.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _F, _P]
+    lib.stop_violations.restype = None
+    lib.stop_violations.argtypes = [_I, _I, _I] + [_P] * 12 + [_F, _P]
     lib.route_track.restype = None
     lib.route_track.argtypes = [_I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P]
     return lib
@@ -407,3 +449,20 @@ def red_light_runs(lib: ctypes.CDLL, pos: Tensor, cy: Tensor, sy: Tensor, half: 
     else:
         run.zero_()
     return run
+
+
+def stop_violations(lib: ctypes.CDLL, pos: Tensor, cy: Tensor, sy: Tensor, speed: Tensor, trig: Tensor, bux: Tensor,
+                    buy: Tensor, hc: Tensor, hs: Tensor, ok: Tensor, inside0: Tensor, served0: Tensor,
+                    stop_speed: float) -> Tensor:
+    """The stop-sign rule of the proxy (trigger boxes, :func:`craft.finetune.proxy._stop_violations`) as one C
+    loop per (candidate, sign). pos: (H, Qs, 2); cy, sy, speed: (H, Qs); trig: (Qs, n, 5); bux, buy, hc, hs,
+    ok, inside0, served0: (Qs, n). Returns (H, Qs) bool, a violation of any sign at each step."""
+    H, Qs = cy.shape
+    n = ok.shape[1]
+    viol = torch.zeros(H, Qs, dtype=torch.bool)
+    if H and Qs and n:
+        f = lambda x: x.to(torch.float32).contiguous()
+        b = lambda x: x.to(torch.bool).contiguous()
+        keep = (f(pos), f(cy), f(sy), f(speed), f(trig), f(bux), f(buy), f(hc), f(hs), b(ok), b(inside0), b(served0))
+        lib.stop_violations(H, Qs, n, *(_ptr(x) for x in keep), stop_speed, _ptr(viol))
+    return viol
