@@ -271,6 +271,27 @@ void stop_violations(int64_t H, int64_t Qs, int64_t n, const float *pos, const f
     }
 }
 
+/* Squared distances and projection parameters of one point to A consecutive route segments (branch-free:
+   vectorised along the segments). */
+static void window_d2(int64_t A, float x, float y, const float *restrict wx, const float *restrict wy,
+                      const float *restrict wdx, const float *restrict wdy, const float *restrict wil,
+                      float *restrict d2s, float *restrict us)
+{
+    for (int64_t a = 0; a < A; a++) {
+        float rx = x - wx[a], ry = y - wy[a];
+        float u = rx * wdx[a];
+        u = u + ry * wdy[a];
+        u = u * wil[a];
+        u = sel(u < 0.0f, 0.0f, u);
+        u = sel(u > 1.0f, 1.0f, u);
+        float ex = rx - u * wdx[a], ey = ry - u * wdy[a];
+        float d2 = ex * ex;
+        d2 = d2 + ey * ey;
+        d2s[a] = d2;
+        us[a] = u;
+    }
+}
+
 /* The proxy's route tracking (craft/finetune/proxy.py, _Route.tracker / route_step) over H steps.
    pos: (H, Q, 2); b: (Q,) state of each candidate; j0: (Q,) segment of the snapshot's projection;
    win: (5, N) start x / y, vector x / y, 1 / length^2 of the N = states * nseg route segments;
@@ -288,7 +309,15 @@ void route_track(int64_t H, int64_t Q, const float *pos, const int64_t *b, const
             float x = pos[2 * (h * Q + q)], y = pos[2 * (h * Q + q) + 1];
             float d2min = 0.0f, ubest = 0.0f;
             int64_t kbest = -1;
-            for (int64_t a = 0; a < A; a++) {
+            int64_t lo = j - back;
+            if (A <= 32 && lo >= 0 && lo + A <= nseg) {  /* the window lies inside the route: contiguous rows */
+                float d2s[32], us[32];
+                int64_t r = base + lo;
+                window_d2(A, x, y, WX + r, WY + r, WDX + r, WDY + r, WIL + r, d2s, us);
+                d2min = d2s[0]; ubest = us[0]; kbest = 0;
+                for (int64_t a = 1; a < A; a++)
+                    if (d2s[a] < d2min) { d2min = d2s[a]; kbest = a; ubest = us[a]; }
+            } else for (int64_t a = 0; a < A; a++) {
                 int64_t jj = j - back + a;
                 jj = jj < 0 ? 0 : (jj > nseg - 1 ? nseg - 1 : jj);
                 int64_t r = base + jj;
