@@ -152,12 +152,13 @@ def main() -> None:
                 ref = [n for n, _ in worlds if n.startswith("baseline")] or [worlds[0][0]]
                 ret = {n: cw.score(st, traj, valid).returns for n, cw in worlds}
                 for n in ret:
-                    print(f"  max |return - {ref[0].strip()}| of {n.strip() or 'default'}: "
+                    print(f"  max |return - {ref[0].strip() or 'default'}| of {n.strip() or 'default'}: "
                           f"{float((ret[n] - ret[ref[0]]).abs().max()):.2e}")
             for name, _ in worlds:
                 rate = B * args.groups * cfg.horizon / best[name]
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                print(f"{name or 'default '}threads={threads} B={B:4d} G={args.groups} H={cfg.horizon}: {best[name]:7.3f} s  "
+                print(f"{name or 'default '}threads={threads} B={B:4d} G={args.groups} H={cfg.horizon}: "
+                      f"{best[name]:7.3f} s  "
                       f"{rate / 1e6:6.2f} M candidate-steps/s  (cpu {best_cpu[name]:6.3f} s)  peak RSS {rss:7.0f} MB  "
                       f"load {os.getloadavg()[0]:.2f}  "
                       f"collided {float(sc.collided.float().mean()):.3f}  "

@@ -557,7 +557,8 @@ def test_native_stop_sign_rule_matches_the_tensor_rule():
     bux, buy = torch.cos(trig[..., 2]), torch.sin(trig[..., 2])
     relx = pos[..., 0:1] - trig[..., 0]
     rely = pos[..., 1:2] - trig[..., 1]
-    in_box = ((relx * bux + rely * buy).abs() <= 0.5 * trig[..., 3]) & ((bux * rely - buy * relx).abs() <= 0.5 * trig[..., 4])
+    in_box = ((relx * bux + rely * buy).abs() <= 0.5 * trig[..., 3]) & \
+        ((bux * rely - buy * relx).abs() <= 0.5 * trig[..., 4])
     inside = ok & in_box & ((cy[..., None] * torch.cos(heading) + sy[..., None] * torch.sin(heading)) > 0)
     slow = inside & (speed.abs() < 0.1)[..., None]
     want = _stop_violations(inside, slow, inside0, served0).any(-1)

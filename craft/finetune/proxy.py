@@ -71,10 +71,10 @@ caller's cos / sin of the headings, with the rare crowded cells padded into larg
 rule runs only on candidates that enter a trigger area. On CPU, PyTorch's reductions with indices,
 ``torch.where``, bool ops and ops broadcasting along a short last axis are several times slower than
 plain element-wise ops, which is what these layouts avoid. ``CounterfactualWorld(..., compile=True)``
-(opt-in; scores within float tolerance of the default path, not bit for bit) runs the lane query and
-the route tracking as C loops (:mod:`craft.finetune.proxy_native`, one loop per point / candidate: no
-sort, no pair copies) and the ego step and the reward sums through ``torch.compile``
-(:mod:`craft.finetune.proxy_kernels`). ``CounterfactualWorld(...,
+(opt-in; scores within float tolerance of the default path, not bit for bit) runs the lane query, the
+route tracking and the red-light / stop-sign rules as C loops (:mod:`craft.finetune.proxy_native`: no
+tensor temporaries, the lane pairs vectorised by the C compiler) and the ego step and the reward sums
+through ``torch.compile`` (:mod:`craft.finetune.proxy_kernels`). ``CounterfactualWorld(...,
 reference=True)`` runs the previous, unoptimised path (the world's functions called step by step, the
 point-major lane kernel); the two give the same scores (tested).
 """
@@ -99,7 +99,6 @@ from craft.finetune.proxy_kernels import (
     _DX,
     _DY,
     _EDGE_REACH,
-    _FAR,
     _HW,
     _HW2,
     _IL2,
@@ -112,9 +111,7 @@ from craft.finetune.proxy_kernels import (
     _THI,
     _TLO,
     EgoConsts,
-    Kernel,
     Kernels,
-    _beyond,
     _min0,
     lane_pairs,
     red_light_runs,
@@ -126,7 +123,7 @@ from craft.finetune.rewards import (
     group_normalise,
 )
 from craft.world.collision import candidate_collision_pairs, ego_collisions
-from craft.world.dynamics import _MIN_WHEELBASE, _STEER_ABS_CAP, bicycle_step, pedestrian_step, wrap_angle
+from craft.world.dynamics import _MIN_WHEELBASE, _STEER_ABS_CAP, bicycle_step, pedestrian_step
 from craft.world.events import EventConfig
 from craft.world.kinds import AgentKind
 from craft.world.map import (
@@ -138,7 +135,6 @@ from craft.world.map import (
     take,
 )
 from craft.world.state import Mode, WorldState
-from craft.world.tracker import _EPS as _TRACK_EPS
 from craft.world.tracker import (
     TrackerConfig,
     TrackerState,
@@ -408,7 +404,8 @@ class _LaneIndex:
 
         map_id: long, broadcastable to ``pos``'s leading shape ``(...)``: ``(Q,)`` for points ``(Q, 2)``, or
         ``(1, B, 1)`` for the points ``(H, B, G, 2)`` of G candidates of B states (the map is then never
-        gathered per point). Returns, each of the leading shape ``(...)``, ``offroad`` (not on a driving / parking / shoulder lane: :func:`drivable`),
+        gathered per point). Returns, each of the leading shape ``(...)``, ``offroad`` (not on a driving /
+        parking / shoulder lane: :func:`drivable`),
         ``opposite`` (nearest driving lane by distance is not a connector and heads > wrong_direction_deg
         away), ``emergency`` (nearest driving-or-shoulder lane is a shoulder and we are within its half
         width), ``center_dist`` (distance to the heading-aware driving lane pick, ``lane_dist_cap`` if
@@ -492,7 +489,8 @@ class _LaneIndex:
     def _dense_kmajor(self, pos: Tensor, cy: Tensor, sy: Tensor, cid: Tensor, K: int, cos_wrong: float,
                       cap: float, kernel: Callable = lane_pairs) -> dict[str, Tensor]:
         """:meth:`_dense` with the (segment, point) pairs laid out segment-major ``(K, Q')``, so the pair ops run
-        along the points instead of along a short K axis; the reach tests as arithmetic (:func:`_beyond`) and
+        along the points instead of along a short K axis; the reach tests as arithmetic
+        (:func:`~craft.finetune.proxy_kernels._beyond`) and
         the picks by :func:`_min0` (:func:`~craft.finetune.proxy_kernels.lane_pairs`). Cells holding fewer than
         K segments are padded with the dummy segment. The picked segments and every returned value are
         :meth:`_dense`'s."""
@@ -717,7 +715,8 @@ class CounterfactualWorld:
     tracker_cfg: the closed-loop tracker's :class:`TrackerConfig` (default config if None); reference:
     run the unoptimised path (the world's ``track_prepared`` / ``bicycle_step`` per step, candidate-major
     route windows, point-major lane kernel) that the default path is tested against; same scores, slower.
-    compile: the fast path: on CPU the lane query and the route tracking as C loops
+    compile: the fast path: on CPU the lane query, the route tracking and the red-light / stop-sign rules
+    as C loops
     (:mod:`craft.finetune.proxy_native`, built once per machine with the system C compiler, under a second),
     and the ego step and the reward sums through ``torch.compile`` (:mod:`craft.finetune.proxy_kernels`;
     tens of seconds per process, once, on the first :meth:`score`); scores equal to the default path

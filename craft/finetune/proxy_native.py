@@ -1,17 +1,21 @@
-"""Native CPU kernels of the counterfactual world: the lane query and the route tracking as plain C loops.
+"""Native CPU kernels of the counterfactual world: the lane query, the route tracking and the red-light /
+stop-sign rules as plain C loops.
 
 The eager lane query (:meth:`craft.finetune.proxy._LaneIndex.query`) sorts the ``H * B * G`` points by
 grid cell, copies every (point, segment) pair's features and runs some forty tensor ops per pair; the
-route tracking runs a dozen ops per step on ``(window, candidate)`` blocks. The same rules written as one
-loop per point (lane) and per candidate (route) need no sort, no copies and no temporaries: each point
-reads its cell's segment list in place and keeps its running picks in registers. Here they are, in C,
+route tracking runs a dozen ops per step on ``(window, candidate)`` blocks, the light and stop-sign rules
+some thirty bool ops on ``(step, candidate, slot)`` blocks. The same rules as C loops need no copies and no
+temporaries: the lane query radix-sorts the points by cell and sweeps each cell's points segment by segment
+in a branch-free loop the compiler vectorises (the running picks kept per point); the route tracking, light
+and stop-sign rules run one loop per candidate (and light / sign) over the steps. Here they are, in C,
 compiled once per machine with the system C compiler (``cc``, or ``$CC``) into a shared library cached
 under ``$XDG_CACHE_HOME/craft`` (``~/.cache/craft``; written to a temporary name and renamed), and called
 through :mod:`ctypes` on the tensors' memory (CPU, contiguous, float32 / int64).
 
 The loops apply the same float32 operations in the same order as the tensor code (no fused multiply-adds:
-``-ffp-contract=off``) and the same first-index tie rule, so they give the eager path's results (the tests
-compare them on varied states). Used when ``CounterfactualWorld(..., compile=True)`` and the tensors are
+``-ffp-contract=off``) and the same first-index tie rule: their flags, lane picks and light / stop-sign
+violations are the tensor code's, their distances within float rounding of it (the tests compare them on
+varied states). Used when ``CounterfactualWorld(..., compile=True)`` and the tensors are
 on the CPU; if the compiler is missing or the build fails, :func:`load` prints one line to stderr and
 returns None, and the tensor code runs instead.
 """
