@@ -1,7 +1,11 @@
 """Throughput of the counterfactual world (craft.finetune.proxy).
 
-Run with ``python benchmarks/proxy_bench.py [--batches 64 256] [--threads 1 2] [--groups 512] [--reference]``
-(``--reference`` also times the unoptimised path, alternating with the default one).
+Run with ``python benchmarks/proxy_bench.py [--batches 64 256] [--threads 1 2] [--groups 512] [--reference]
+[--compile] [--baseline REV]``: ``--reference`` also times the unoptimised path, ``--compile`` the compiled
+kernels (``CounterfactualWorld(compile=True)``; the compiling call is untimed and its seconds printed),
+``--baseline REV`` the proxy module of git revision REV (``craft/finetune/proxy.py`` as committed there,
+the rest of the package as checked out: a before / after comparison in one process); every path
+alternates with the default one, so that all see the same machine load.
 
 Builds realistic snapshots: worlds on a few generated towns with ~30 background vehicles and
 pedestrians, stepped a few seconds with the lane-follow driver (``route_plan`` through the shared
@@ -15,9 +19,14 @@ load, or the process CPU time, also printed).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -63,6 +72,22 @@ def candidate_set(state, G: int, seed: int = 0, T: int = 6) -> torch.Tensor:
     return traj
 
 
+def load_baseline(rev: str):
+    """The module ``craft/finetune/proxy.py`` of git revision ``rev`` (imports resolve in the checked-out tree)."""
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:craft/finetune/proxy.py"], cwd=root, capture_output=True,
+                         text=True)
+    if src.returncode != 0:
+        sys.exit(f"proxy_bench: --baseline {rev}: {src.stderr.strip()}")
+    path = Path(tempfile.mkdtemp()) / "proxy_baseline.py"
+    path.write_text(src.stdout)
+    spec = importlib.util.spec_from_file_location("proxy_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
@@ -74,6 +99,10 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true",
                     help="also time the unoptimised path (CounterfactualWorld(reference=True)), alternating with the "
                          "default one in the same process")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time CounterfactualWorld(compile=True) (torch.compile of the ego and route steps)")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also time craft/finetune/proxy.py of this git revision (e.g. main), alternating")
     args = ap.parse_args()
 
     from craft.finetune.proxy import CounterfactualWorld, ProxyConfig
@@ -84,7 +113,18 @@ def main() -> None:
     worlds = [("", CounterfactualWorld(mb, cfg))]
     if args.reference:
         worlds.append(("reference ", CounterfactualWorld(mb, cfg, reference=True)))
+    if args.baseline:
+        base = load_baseline(args.baseline)
+        worlds.insert(0, (f"baseline {args.baseline} ", base.CounterfactualWorld(mb, base.ProxyConfig(
+            chunk_states=cfg.chunk_states))))
     traj_all = candidate_set(state_all, args.groups)
+    if args.compile:
+        cw = CounterfactualWorld(mb, cfg, compile=True)
+        n = min(state_all.batch_size, cfg.chunk_states)
+        t0 = time.perf_counter()
+        cw.score(state_all.index(slice(0, n)), traj_all[:n], torch.ones(n, args.groups, dtype=torch.bool))
+        print(f"compiled: first call (compiling) {time.perf_counter() - t0:.1f} s")
+        worlds.append(("compiled ", cw))
     print(f"snapshots: {state_all.batch_size} states, {state_all.num_agents} agent slots, G={args.groups}, "
           f"H={cfg.horizon}, chunk={cfg.chunk_states}")
     for threads in args.threads:
@@ -108,10 +148,17 @@ def main() -> None:
                     sc = cw.score(st, traj, valid)
                     best[name] = min(best[name], time.perf_counter() - t0)
                     best_cpu[name] = min(best_cpu[name], time.process_time() - c0)
+            if args.baseline or args.compile or args.reference:
+                ref = [n for n, _ in worlds if n.startswith("baseline")] or [worlds[0][0]]
+                ret = {n: cw.score(st, traj, valid).returns for n, cw in worlds}
+                for n in ret:
+                    print(f"  max |return - {ref[0].strip() or 'default'}| of {n.strip() or 'default'}: "
+                          f"{float((ret[n] - ret[ref[0]]).abs().max()):.2e}")
             for name, _ in worlds:
                 rate = B * args.groups * cfg.horizon / best[name]
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                print(f"{name}threads={threads} B={B:4d} G={args.groups} H={cfg.horizon}: {best[name]:7.3f} s  "
+                print(f"{name or 'default '}threads={threads} B={B:4d} G={args.groups} H={cfg.horizon}: "
+                      f"{best[name]:7.3f} s  "
                       f"{rate / 1e6:6.2f} M candidate-steps/s  (cpu {best_cpu[name]:6.3f} s)  peak RSS {rss:7.0f} MB  "
                       f"load {os.getloadavg()[0]:.2f}  "
                       f"collided {float(sc.collided.float().mean()):.3f}  "

@@ -191,7 +191,7 @@ def cmd_finetune(args) -> int:
                       use_distill=not args.no_distill)
     check_out_dir(args.out)
     hist = finetune(args.init, args.out, cfg, device=args.device, resume=args.resume, workers=args.workers,
-                    address=args.address)
+                    address=args.address, compile_proxy=args.compile_proxy)
     last = hist[-1] if hist and isinstance(hist[-1], dict) else {}
 
     def sec(k: str) -> str:
@@ -210,7 +210,8 @@ def cmd_finetune_bench(args) -> int:
     cfg = BenchConfig(init=args.init, method=args.method, workers=tuple(args.workers), iters=args.iters,
                       worlds=args.worlds, buffer=args.buffer, split=args.split,
                       town_seeds=tuple(args.town_seeds) if args.town_seeds else None, routes=args.routes,
-                      seed=args.seed, device=args.device, address=args.address, proxy_states=args.proxy_states)
+                      seed=args.seed, device=args.device, address=args.address, proxy_states=args.proxy_states,
+                      compile_proxy=args.compile_proxy)
     if args.json:
         check_out_file(args.json, "--json")
     res = finetune_bench(cfg)
@@ -224,7 +225,7 @@ def cmd_finetune_bench(args) -> int:
     px = res.get("proxy")
     if px:
         print(f"proxy: {px['candidate_steps_per_s'] / 1e6:.2f}M candidate-steps/s (B={px['states']}, G={px['G']}, "
-              f"H={px['H']}, 1 thread)")
+              f"H={px['H']}, 1 thread{', compiled' if px.get('compiled') else ''})")
     if args.json:
         write_json_atomic(args.json, res)
         print(f"-> {args.json}")
@@ -375,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", type=_device, default="cpu")
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     _ray_args(f, "collect and score on N Ray workers (1: in this process)")
+    f.add_argument("--compile-proxy", action="store_true",
+                   help="the proxy's fast path: C kernels for the lane query and route tracking (needs a C compiler) "
+                        "and torch.compile of the ego step and reward sums (tens of seconds of compiling per process); "
+                        "scores equal within float tolerance")
     f.add_argument("--out", required=True)
     f.set_defaults(func=cmd_finetune)
 
@@ -391,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--routes", type=_positive_int, help="routes per scenario type")
     fb.add_argument("--proxy-states", type=int, default=64,
                     help="snapshots for the proxy throughput figure at G = 512, H = 20 (0: skip)")
+    fb.add_argument("--compile-proxy", action="store_true",
+                    help="the proxy's fast path (C kernels + torch.compile; see finetune --compile-proxy), in the runs "
+                         "and the proxy figure")
     fb.add_argument("--seed", type=_seed, default=0)
     fb.add_argument("--device", type=_device, default="cpu")
     fb.add_argument("--address", help="join this Ray cluster (auto or HOST:PORT) instead of a local Ray")

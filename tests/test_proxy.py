@@ -377,3 +377,192 @@ def test_min0_is_min_with_the_first_index():
     m, k = _min0(y)
     ref = y.min(0)
     assert torch.equal(m, ref.values) and torch.equal(k, ref.indices)
+
+
+def test_lane_query_on_candidate_layout_matches_flat_reference_query(town, monkeypatch):
+    """The default lane query on time-major candidate points ``(H, B, G)`` with per-state map ids ``(1, B, 1)``
+    (crowded cells padded into larger kernel calls, or not at all) returns exactly what the reference kernel
+    returns on the same points flattened with per-point map ids, on two maps at once."""
+    import craft.finetune.proxy as proxy_mod
+
+    mb = MapBatch([straight_road(400.0), town])
+    cw = CounterfactualWorld(mb)
+    g = torch.Generator().manual_seed(7)
+    H, B, G = 5, 4, 300
+    map_b = torch.tensor([1, 0, 1, 1])
+    x0, y0, x1, y1 = town.bounds
+    lo = torch.tensor([[0.0, -8.0], [x0, y0]])[map_b]  # (B, 2): the road's strip, the whole town
+    hi = torch.tensor([[400.0, 8.0], [x1, y1]])[map_b]
+    centre = lo + torch.rand(B, 2, generator=g) * (hi - lo)
+    pos = centre[None, :, None] + torch.randn(H, B, G, 2, generator=g) * 12.0  # on and off the road
+    yaw = (torch.rand(H, B, G, generator=g) * 2 - 1) * math.pi
+    flat_map = map_b[None, :, None].expand(H, B, G).reshape(-1)
+    ref = cw.lanes.query(flat_map, pos.reshape(-1, 2), yaw.reshape(-1), cw.cfg.events, reference=True)
+    for min_group in (1, proxy_mod._MIN_GROUP, 10**9):  # no padding, the default, everything padded
+        monkeypatch.setattr(proxy_mod, "_MIN_GROUP", min_group)
+        out = cw.lanes.query(map_b.view(1, B, 1), pos, yaw, cw.cfg.events, cos_sin=(torch.cos(yaw), torch.sin(yaw)))
+        for k in ref:
+            assert out[k].shape == (H, B, G), k
+            assert torch.equal(out[k].reshape(-1), ref[k]), (k, min_group)
+    assert 0.05 < float(ref["offroad"].float().mean()) < 0.95 and bool((ref["lane"] >= 0).any())
+
+
+def test_kernel_falls_back_to_eager_with_one_line(capsys):
+    """A compiled kernel that fails runs its eager function, says so once on stderr, and stays eager."""
+    from craft.finetune.proxy_kernels import Kernel
+
+    def double(x):
+        return 2 * x
+
+    k = Kernel(double)
+    assert k.compiled is None and torch.equal(k(torch.ones(2)), 2 * torch.ones(2))
+
+    def broken(*a, **kw):
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    k.compiled = broken
+    assert torch.equal(k(torch.ones(3)), 2 * torch.ones(3))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "double" in err[0] and "no C++ compiler" in err[0] and "eagerly" in err[0]
+    assert k.compiled is None
+    assert torch.equal(k(torch.ones(1)), 2 * torch.ones(1)) and capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_compiled_kernels_match_eager(town):
+    """CounterfactualWorld(compile=True) (torch.compile of the ego and route steps) scores like the eager path
+    within float tolerance, with and without tracker memory and with stop-in-place plans."""
+    from craft.world.tracker import TrackerState
+
+    mb, st, traj, valid = _town_batch(town, B=4, G=64, seed=3)
+    traj[:, :3] = 0.0
+    g = torch.Generator().manual_seed(5)
+    memory = TrackerState(torch.randn(4, generator=g) * 0.5, torch.randn(4, generator=g),
+                          torch.tensor([True, False, True, True]))
+    eager, comp = CounterfactualWorld(mb), CounterfactualWorld(mb, compile=True)
+    assert comp.compile and not eager.compile
+    for tr in (None, memory):
+        a, b = eager.score(st, traj, valid, tr), comp.score(st, traj, valid, tr)
+        assert torch.allclose(a.returns, b.returns, atol=2e-3, rtol=2e-3)
+        assert float((a.collided != b.collided).float().mean()) <= 0.01
+        for x, y in zip(eager.ego_rollout(st, traj, tr), comp.ego_rollout(st, traj, tr)):
+            assert torch.allclose(x, y, atol=2e-3, rtol=0)
+    assert comp.kernels.ego_step.compiled is not None  # it did compile (no silent fallback)
+
+
+def test_native_kernels_match_the_tensor_code(town):
+    """The C lane query and route tracking (used by CounterfactualWorld(compile=True) on CPU) give the tensor
+    code's results: identical flags and lanes, distances within float rounding, on varied states."""
+    import craft.finetune.proxy_native as native
+    from craft.finetune.proxy import _Route
+
+    lib = native.load()
+    if lib is None:
+        pytest.skip("no C compiler: the native kernels fall back to the tensor code")
+    cw = CounterfactualWorld(MapBatch([straight_road(400.0), town]))
+    g = torch.Generator().manual_seed(11)
+    H, B, G = 4, 3, 500
+    map_b = torch.tensor([1, 0, 1])
+    x0, y0, x1, y1 = town.bounds
+    lo = torch.tensor([[0.0, -8.0], [x0, y0]])[map_b]
+    hi = torch.tensor([[400.0, 8.0], [x1, y1]])[map_b]
+    pos = (lo + torch.rand(B, 2, generator=g) * (hi - lo))[None, :, None] + torch.randn(H, B, G, 2, generator=g) * 15.0
+    yaw = (torch.rand(H, B, G, generator=g) * 2 - 1) * math.pi
+    ref = cw.lanes.query(map_b.view(1, B, 1), pos, yaw, cw.cfg.events)
+    cos_wrong = math.cos(math.radians(cw.cfg.events.wrong_direction_deg))
+    out = native.lane_query(lib, cw.lanes, map_b, G, pos.reshape(-1, 2), torch.cos(yaw).reshape(-1),
+                            torch.sin(yaw).reshape(-1), cos_wrong, cw.cfg.events.lane_dist_cap)
+    for k in ("offroad", "opposite", "emergency", "lane"):
+        assert torch.equal(out[k], ref[k].reshape(-1)), k
+    assert torch.allclose(out["center_dist"], ref["center_dist"].reshape(-1), atol=1e-5, rtol=0)
+    assert 0.05 < float(out["offroad"].float().mean()) < 0.95 and bool(out["opposite"].any())
+    # route tracking over a horizon, from the snapshots of a town batch
+    mb, st, traj, valid = _town_batch(town, B=3, G=40, seed=4)
+    cw = CounterfactualWorld(mb)
+    pos_h, _, _ = cw.ego_rollout(st, traj)  # (B, G, H, 2)
+    Hh = pos_h.shape[2]
+    pos_t = pos_h.permute(2, 0, 1, 3).reshape(Hh, -1, 2).contiguous()  # (H, Q, 2) time-major
+    route = _Route(st, cw.cfg.route_window)
+    j0 = route.project(torch.arange(3), torch.zeros(3, dtype=torch.long), st.pos[:, 0], 0, route.nseg - 1)[0]
+    bq = torch.arange(3).repeat_interleave(40)
+    back, ahead = cw.cfg.route_search_back, cw.cfg.route_search_ahead
+    step = route.tracker(bq, back, ahead)
+    j = j0.index_select(0, bq)
+    want = [torch.empty(Hh, 120) for _ in range(4)]
+    for h in range(Hh):
+        j, *r = step(j, pos_t[h])
+        for w, x in zip(want, r):
+            w[h] = x
+    got = native.route_track(lib, route, pos_t, bq, j0.index_select(0, bq), back, ahead)
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, atol=1e-5, rtol=0)
+
+
+def test_native_red_light_rule_matches_the_tensor_rule():
+    """The C red-light rule gives the tensor rule's flags, on random crossings of random stop lines."""
+    import craft.finetune.proxy_native as native
+    from craft.finetune.proxy_kernels import red_light_runs
+
+    lib = native.load()
+    if lib is None:
+        pytest.skip("no C compiler: the native kernels fall back to the tensor code")
+    g = torch.Generator().manual_seed(2)
+    H, Qs, n = 8, 300, 3
+    yaw = (torch.rand(Qs, generator=g) * 2 - 1) * 0.4
+    speed = torch.rand(Qs, generator=g) * 12.0
+    t = torch.arange(1, H + 1, dtype=torch.float32)[:, None] * 0.1
+    x0 = torch.rand(Qs, generator=g) * 10.0 - 5.0
+    pos = torch.stack([x0 + speed * t * torch.cos(yaw), speed * t * torch.sin(yaw)], -1)  # (H, Qs, 2)
+    yaw_h = yaw.expand(H, Qs)
+    lights = {"heading": (torch.rand(Qs, n, generator=g) * 2 - 1) * 0.5,
+              "pos": torch.stack([torch.rand(Qs, n, generator=g) * 8.0, torch.randn(Qs, n, generator=g)], -1),
+              "lane": torch.randint(0, 4, (Qs, n), generator=g), "k": torch.randint(0, 6, (Qs, n), generator=g),
+              "ok": torch.rand(Qs, n, generator=g) > 0.2, "half_width": torch.full((Qs, n), 1.75)}
+    cur = torch.randint(-1, 4, (H, Qs), generator=g)
+    ctrl = torch.randint(-1, 6, (H, Qs), generator=g)
+    half = torch.full((Qs,), 2.4)
+    rear0 = torch.stack([x0 - 2.4 * torch.cos(yaw), -2.4 * torch.sin(yaw)], -1)
+    args = (pos, torch.cos(yaw_h), torch.sin(yaw_h), half, rear0, cur, ctrl, lights, 15.0)
+    want = red_light_runs(*args)
+    got = native.red_light_runs(lib, *args)
+    assert torch.equal(got, want)
+    assert 10 < int(want.sum()) < want.numel() // 2  # the rule is exercised both ways
+
+
+def test_native_stop_sign_rule_matches_the_tensor_rule():
+    """The C stop-sign rule gives the tensor rule's violations (trigger boxes + _stop_violations), on random
+    trajectories through random trigger boxes, some slow inside, some with the snapshot inside / served."""
+    import craft.finetune.proxy_native as native
+    from craft.finetune.proxy import _stop_violations
+
+    lib = native.load()
+    if lib is None:
+        pytest.skip("no C compiler: the native kernels fall back to the tensor code")
+    g = torch.Generator().manual_seed(3)
+    H, Qs, n = 20, 400, 2
+    yaw = (torch.rand(Qs, generator=g) * 2 - 1) * 0.3
+    v0 = torch.rand(Qs, generator=g) * 8.0
+    acc = -torch.rand(Qs, generator=g) * 4.0
+    t = torch.arange(1, H + 1, dtype=torch.float32)[:, None] * 0.1
+    speed = (v0 + acc * t).clamp_min(0.0)  # (H, Qs), some stop
+    s = torch.cumsum(speed * 0.1, 0)
+    pos = torch.stack([s * torch.cos(yaw), s * torch.sin(yaw)], -1)
+    cy, sy = torch.cos(yaw).expand(H, Qs), torch.sin(yaw).expand(H, Qs)
+    trig = torch.stack([torch.rand(Qs, n, generator=g) * 6.0 - 1.0, torch.randn(Qs, n, generator=g) * 0.5,
+                        torch.randn(Qs, n, generator=g) * 0.2, torch.full((Qs, n), 4.0), torch.full((Qs, n), 3.0)], -1)
+    heading = torch.randn(Qs, n, generator=g) * 0.3 + (torch.rand(Qs, n, generator=g) < 0.1) * math.pi
+    ok = torch.rand(Qs, n, generator=g) > 0.1
+    inside0 = (torch.rand(Qs, n, generator=g) < 0.3) & ok
+    served0 = torch.rand(Qs, n, generator=g) < 0.5
+    bux, buy = torch.cos(trig[..., 2]), torch.sin(trig[..., 2])
+    relx = pos[..., 0:1] - trig[..., 0]
+    rely = pos[..., 1:2] - trig[..., 1]
+    in_box = ((relx * bux + rely * buy).abs() <= 0.5 * trig[..., 3]) & \
+        ((bux * rely - buy * relx).abs() <= 0.5 * trig[..., 4])
+    inside = ok & in_box & ((cy[..., None] * torch.cos(heading) + sy[..., None] * torch.sin(heading)) > 0)
+    slow = inside & (speed.abs() < 0.1)[..., None]
+    want = _stop_violations(inside, slow, inside0, served0).any(-1)
+    got = native.stop_violations(lib, pos, cy, sy, speed, trig, bux, buy, torch.cos(heading), torch.sin(heading), ok,
+                                 inside0, served0, 0.1)
+    assert torch.equal(got, want)
+    assert 5 < int(want.sum()) and bool(slow.any())  # violations and stops both happen

@@ -47,6 +47,9 @@ class BenchConfig:
     """torch threads of the driver process (workers always use one)."""
     proxy_states: int = 64
     """Snapshots for the proxy figure (0: skip)."""
+    compile_proxy: bool = False
+    """The proxy's fast path (``CounterfactualWorld(..., compile=True)``: C kernels and ``torch.compile``), in the
+    runs and in the proxy figure (whose first, compiling, call is not timed)."""
 
     def __post_init__(self):
         if not self.workers or min(self.workers) < 1 or self.iters < 1:
@@ -91,7 +94,7 @@ def finetune_bench(cfg: BenchConfig) -> dict:
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
             tr = Trainer(cfg.init, Path(d) / "run", fcfg, device=cfg.device, progress=False, workers=w,
-                         address=cfg.address)
+                         address=cfg.address, compile_proxy=cfg.compile_proxy)
             startup = time.perf_counter() - t0
             rows, ray_rss = [], None
             try:
@@ -124,14 +127,16 @@ def finetune_bench(cfg: BenchConfig) -> dict:
         res["speedup"] = {"workers": m["workers"], "ratio": m["s_per_iter"] / one[0]["s_per_iter"],
                           "ratio_with_startup": m["s_per_iter_with_startup"] / one[0]["s_per_iter_with_startup"]}
     if proxy is None and cfg.proxy_states > 0:
-        proxy = _proxy_figure(None, cfg.proxy_states, fcfg, cfg.device, cfg.init)
+        proxy = _proxy_figure(None, cfg.proxy_states, fcfg, cfg.device, cfg.init, cfg.compile_proxy)
     if proxy is not None:
         res["proxy"] = proxy
     return res
 
 
-def _proxy_figure(tr, states: int, fcfg=None, device: str = "cpu", init: str | None = None) -> dict:
-    """Candidate-steps/s of the proxy on ``states`` snapshots of one collected buffer (1 thread, best of 2)."""
+def _proxy_figure(tr, states: int, fcfg=None, device: str = "cpu", init: str | None = None,
+                  compile_proxy: bool = False) -> dict:
+    """Candidate-steps/s of the proxy on ``states`` snapshots of one collected buffer (1 thread, best of 2;
+    a compiled proxy is called once before, untimed, so that compiling is not counted)."""
     from craft.finetune.collector import Collector
     from craft.finetune.proxy import CounterfactualWorld
     from craft.policies.base import load_policy
@@ -141,7 +146,7 @@ def _proxy_figure(tr, states: int, fcfg=None, device: str = "cpu", init: str | N
         collector, proxy, policy = tr.collector, tr.proxy, tr.policy
     else:
         collector = Collector(dataclasses.replace(fcfg.collector, buffer_size=states), device=device)
-        proxy = CounterfactualWorld(collector.world.maps, fcfg.proxy)
+        proxy = CounterfactualWorld(collector.world.maps, fcfg.proxy, compile=compile_proxy)
         policy = load_policy(init, device=device)
     buf = collector.collect(policy)
     n = min(states, buf.size)
@@ -152,6 +157,8 @@ def _proxy_figure(tr, states: int, fcfg=None, device: str = "cpu", init: str | N
     torch.set_num_threads(1)
     best = float("inf")
     try:
+        if proxy.compile:
+            proxy.score(snap, traj, valid, trk)
         for _ in range(2):
             t = time.perf_counter()
             proxy.score(snap, traj, valid, trk)
@@ -159,7 +166,8 @@ def _proxy_figure(tr, states: int, fcfg=None, device: str = "cpu", init: str | N
     finally:
         torch.set_num_threads(threads)
     G, H = traj.shape[1], proxy.cfg.horizon
-    return {"states": n, "G": G, "H": H, "seconds": best, "candidate_steps_per_s": n * G * H / best}
+    return {"states": n, "G": G, "H": H, "seconds": best, "candidate_steps_per_s": n * G * H / best,
+            "compiled": proxy.compile}
 
 
 __all__ = ["BenchConfig", "finetune_bench"]

@@ -61,7 +61,8 @@ class CollectWorker:
     """One Ray actor: a policy copy, a :class:`~craft.finetune.collector.Collector` over shard ``(index,
     count)`` and a counterfactual world on its maps. Created through :class:`RayCollector`."""
 
-    def __init__(self, checkpoint: dict, cfg, index: int, count: int, device: str = "cpu"):
+    def __init__(self, checkpoint: dict, cfg, index: int, count: int, device: str = "cpu",
+                 compile_proxy: bool = False):
         torch.set_num_threads(1)
         from craft.finetune.collector import Collector
         from craft.finetune.proxy import CounterfactualWorld
@@ -73,7 +74,7 @@ class CollectWorker:
         # routes, is what makes n workers faster
         col = dataclasses.replace(cfg.collector, buffer_size=_share(cfg.collector.buffer_size, index, count))
         self.collector = Collector(col, device=device, shard=(index, count))
-        self.proxy = CounterfactualWorld(self.collector.world.maps, cfg.proxy)
+        self.proxy = CounterfactualWorld(self.collector.world.maps, cfg.proxy, compile=compile_proxy)
         self.index = index
 
     def ready(self) -> dict:
@@ -195,7 +196,7 @@ class RayCollector:
     """
 
     def __init__(self, policy, cfg, workers: int, device: str = "cpu", address: str | None = None,
-                 max_restarts: int = 3, restart_timeout: float = 300.0):
+                 max_restarts: int = 3, restart_timeout: float = 300.0, compile_proxy: bool = False):
         import ray
 
         if workers < 1:
@@ -210,7 +211,7 @@ class RayCollector:
             self._ck = ray.put(policy.checkpoint())  # kept alive: a restarted actor is rebuilt from it
             actor = ray.remote(num_cpus=1, max_restarts=max_restarts, max_task_retries=0,
                                **gpu_options(device, workers))(CollectWorker)
-            self.workers = [actor.remote(self._ck, cfg, i, workers, device) for i in range(workers)]
+            self.workers = [actor.remote(self._ck, cfg, i, workers, device, compile_proxy) for i in range(workers)]
             try:
                 self.info = self._get([w.ready.remote() for w in self.workers], "start")
             except ray.exceptions.RayActorError as e:  # the constructor raised: say why in one line

@@ -59,13 +59,22 @@ candidate and the mask of the steps after it. The route projection keeps its ste
 window in a small loop of its own (a few ops per step on ``B * G`` windows).
 
 Speed: the H-step ego loop is the tracker and the bicycle written out for this use
-(:meth:`CounterfactualWorld._ego_loop_fused`: the same operations in the same order as
-``track_prepared`` + ``bicycle_step``, so the same rounding, with the plan tables laid out segment-major
-``(T, Q)`` so that every per-step op runs along the candidates, and plain minima instead of indexed
-reductions, :func:`_min0`); the route tracking is laid out window-major the same way, and the lane
-query's pair kernel segment-major (:meth:`_LaneIndex._dense_kmajor`). On CPU, PyTorch's
-reductions with indices, ``torch.where`` and ops broadcasting along a short last axis are several times
-slower than plain element-wise ops, which is what these layouts avoid. ``CounterfactualWorld(...,
+(:func:`craft.finetune.proxy_kernels.ego_step`, driven by :meth:`CounterfactualWorld._ego_loop_fused`:
+the same operations in the same order as ``track_prepared`` + ``bicycle_step``, so the same rounding, with
+the plan tables laid out segment-major ``(T, Q)`` so that every per-step op runs along the candidates,
+and plain minima instead of indexed reductions, :func:`_min0`; a stop-in-place plan's heading alignment
+is computed for those plans only); the route tracking is laid out window-major the same way
+(:func:`~craft.finetune.proxy_kernels.route_step`), and the lane query's pair kernel segment-major
+(:func:`~craft.finetune.proxy_kernels.lane_pairs`, on-road and reach tests as arithmetic), called on the
+candidate layout ``(H, B, G)`` with one map id per state (no per-point map gathers), reusing the
+caller's cos / sin of the headings, with the rare crowded cells padded into larger calls. The stop-sign
+rule runs only on candidates that enter a trigger area. On CPU, PyTorch's reductions with indices,
+``torch.where``, bool ops and ops broadcasting along a short last axis are several times slower than
+plain element-wise ops, which is what these layouts avoid. ``CounterfactualWorld(..., compile=True)``
+(opt-in; scores within float tolerance of the default path, not bit for bit) runs the lane query, the
+route tracking and the red-light / stop-sign rules as C loops (:mod:`craft.finetune.proxy_native`: no
+tensor temporaries, the lane pairs vectorised by the C compiler) and the ego step and the reward sums
+through ``torch.compile`` (:mod:`craft.finetune.proxy_kernels`). ``CounterfactualWorld(...,
 reference=True)`` runs the previous, unoptimised path (the world's functions called step by step, the
 point-major lane kernel); the two give the same scores (tested).
 """
@@ -74,20 +83,47 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from craft.errors import CraftError
+from craft.finetune import proxy_native
+from craft.finetune.proxy_kernels import (
+    _AX,
+    _AY,
+    _CH,
+    _DX,
+    _DY,
+    _EDGE_REACH,
+    _HW,
+    _HW2,
+    _IL2,
+    _JUNCTION,
+    _NF,
+    _NPAIR,
+    _REACH,
+    _SH,
+    _SHOULDER,
+    _THI,
+    _TLO,
+    EgoConsts,
+    Kernels,
+    _min0,
+    lane_pairs,
+    red_light_runs,
+    route_step,
+)
 from craft.finetune.rewards import (
     RewardConfig,
     collision_penalty,
-    dense_step_reward,
     group_normalise,
 )
 from craft.world.collision import candidate_collision_pairs, ego_collisions
-from craft.world.dynamics import _MIN_WHEELBASE, _STEER_ABS_CAP, bicycle_step, pedestrian_step, wrap_angle
+from craft.world.dynamics import _MIN_WHEELBASE, _STEER_ABS_CAP, bicycle_step, pedestrian_step
 from craft.world.events import EventConfig
 from craft.world.kinds import AgentKind
 from craft.world.map import (
@@ -99,7 +135,6 @@ from craft.world.map import (
     take,
 )
 from craft.world.state import Mode, WorldState
-from craft.world.tracker import _EPS as _TRACK_EPS
 from craft.world.tracker import (
     TrackerConfig,
     TrackerState,
@@ -221,22 +256,10 @@ def _simplify(p: np.ndarray, tol: float) -> np.ndarray:
     return np.nonzero(keep)[0]
 
 
-# feature columns of the segment table
-(_AX, _AY, _DX, _DY, _IL2, _HW2, _REACH, _CH, _SH, _TLO, _THI, _JUNCTION, _SHOULDER, _EDGE_REACH, _HW) = range(15)
-_NF = 15
-_NPAIR = 11
-"""The first _NPAIR columns are the ones the lane query reads for every (point, segment) pair."""
 _PIECE = 1 << 16
 """(point, segment) pairs the lane query processes at once (keeps its temporaries in cache)."""
-_FAR = 1e30
-"""Added to a lane distance beyond a pick's reach: it then never wins a pick (distances are < 1e10 m)."""
-
-
-def _beyond(d: Tensor, reach: Tensor) -> Tensor:
-    """``d`` where ``d <= reach``, else ``d + _FAR`` (same shapes): ``torch.where(d <= reach, d, inf)`` without
-    ``torch.where`` (slow on CPU). sign(d - reach) is 1 exactly when d > reach, and d + 0 is d, so the picks
-    and the picked distances are the same."""
-    return (d - reach).sign_().clamp_min_(0.0).mul_(_FAR).add_(d)
+_MIN_GROUP = 4096
+"""Fewest points the default lane kernel is called on: smaller count groups are padded into the next one."""
 
 
 def _bin_segments(a: np.ndarray, b: np.ndarray, reach: np.ndarray, cell: float):
@@ -355,7 +378,10 @@ class _LaneIndex:
         self.feat = torch.from_numpy(feat).to(dev)
         self.featT = self.feat.t().contiguous()  # (F, S + 1)
         self.cols = list(self.featT.unbind(0))  # 1-D feature columns (they gather fastest)
+        self.pair_cols = {"ch": self.cols[_CH], "sh": self.cols[_SH], "junction": self.cols[_JUNCTION],
+                          "shoulder": self.cols[_SHOULDER], "hw": self.cols[_HW]}
         self.lane = torch.from_numpy(np.concatenate(lanes + [np.array([-1])]).astype(np.int64)).to(dev)
+        self.pair_cols["lane"] = self.lane
         self.start = torch.from_numpy(np.concatenate(starts).astype(np.int64)).to(dev)
         self.count = torch.from_numpy(np.concatenate(counts).astype(np.int64)).to(dev)
         self.items = torch.from_numpy(np.concatenate(items + [np.array([seg_base])]).astype(np.int64)).to(dev)
@@ -372,28 +398,43 @@ class _LaneIndex:
         self.pad = self.items.shape[0] - 1  # items[pad] is the dummy row
         self._key32 = (int(self.count.max()) + 1) * self.start.shape[0] < 2**31  # (count, cell) sort keys fit int32
 
-    def query(self, map_id: Tensor, pos: Tensor, yaw: Tensor, cfg: EventConfig,
-              reference: bool = False) -> dict[str, Tensor]:
-        """The world's lane rules at points ``pos (Q, 2)`` heading ``yaw (Q,)`` on maps ``map_id (Q,)``.
+    def query(self, map_id: Tensor, pos: Tensor, yaw: Tensor, cfg: EventConfig, reference: bool = False,
+              cos_sin: tuple[Tensor, Tensor] | None = None, pair_kernel: Callable | None = None) -> dict[str, Tensor]:
+        """The world's lane rules at points ``pos (..., 2)`` heading ``yaw (...)`` on maps ``map_id``.
 
-        Returns (Q,) ``offroad`` (not on a driving / parking / shoulder lane: :func:`drivable`),
+        map_id: long, broadcastable to ``pos``'s leading shape ``(...)``: ``(Q,)`` for points ``(Q, 2)``, or
+        ``(1, B, 1)`` for the points ``(H, B, G, 2)`` of G candidates of B states (the map is then never
+        gathered per point). Returns, each of the leading shape ``(...)``, ``offroad`` (not on a driving /
+        parking / shoulder lane: :func:`drivable`),
         ``opposite`` (nearest driving lane by distance is not a connector and heads > wrong_direction_deg
         away), ``emergency`` (nearest driving-or-shoulder lane is a shoulder and we are within its half
         width), ``center_dist`` (distance to the heading-aware driving lane pick, ``lane_dist_cap`` if
         none) and ``lane`` (that lane, -1 if none).
 
+        cos_sin: ``(cos(yaw), sin(yaw))`` when the caller has them already (same values); pair_kernel: the
+        (segment, point) kernel of the default path (:func:`~craft.finetune.proxy_kernels.lane_pairs`, eager
+        when None, or a compiled :class:`~craft.finetune.proxy_kernels.Kernel`).
+
         Points are sorted by the number of segments in their cell and processed in groups of equal
-        count (no padding), in pieces of at most ``_PIECE`` (point, segment) pairs so that the
-        temporaries stay in cache; points in empty cells keep the defaults (off-road, no lane).
+        count, in pieces of at most ``_PIECE`` (point, segment) pairs so that the temporaries stay in
+        cache; points in empty cells keep the defaults (off-road, no lane). Groups of fewer than
+        ``_MIN_GROUP`` points (the rare crowded cells) are merged into the next count's group, their
+        cells' lists padded with the dummy segment (it never wins a pick nor puts a point on the road),
+        so that the kernel runs a few large calls instead of one small call per count (the reference
+        kernel keeps one group per count, unpadded).
         """
-        Q = pos.shape[0]
+        lead = pos.shape[:-1]
         dev = pos.device
-        c = ((pos - self.origin.index_select(0, map_id)) / self.cell).floor_().long()
-        shape = self.shape.index_select(0, map_id)
-        cx, cy_ = c[:, 0], c[:, 1]
-        inside = (cx >= 0) & (cy_ >= 0) & (cx < shape[:, 0]) & (cy_ < shape[:, 1])
-        cid = self.cell_offset.index_select(0, map_id) + cx.clamp(min=0) * shape[:, 1] + cy_.clamp(min=0)
-        cid = cid.clamp_(0, self.start.shape[0] - 1)
+        c = ((pos - self.origin[map_id]) / self.cell).floor_().long()  # (..., 2)
+        shape = self.shape[map_id]
+        cx, cy_ = c[..., 0], c[..., 1]
+        inside = ((cx >= 0) & (cy_ >= 0) & (cx < shape[..., 0]) & (cy_ < shape[..., 1])).reshape(-1)
+        cid = self.cell_offset[map_id] + cx.clamp(min=0) * shape[..., 1] + cy_.clamp(min=0)
+        cid = cid.reshape(-1).clamp_(0, self.start.shape[0] - 1)
+        pos, yaw = pos.reshape(-1, 2), yaw.reshape(-1)
+        if cos_sin is not None:
+            cos_sin = (cos_sin[0].reshape(-1), cos_sin[1].reshape(-1))
+        Q = pos.shape[0]
         count = torch.where(inside, self.count.index_select(0, cid), torch.zeros((), dtype=torch.long, device=dev))
         out = {
             "offroad": torch.ones(Q, dtype=torch.bool, device=dev),
@@ -403,7 +444,7 @@ class _LaneIndex:
             "lane": torch.full((Q,), -1, dtype=torch.long, device=dev),
         }
         if Q == 0:
-            return out
+            return {k: v.view(lead) for k, v in out.items()}
         # sorted by count, then by cell: neighbours in a group share their segments (cache-friendly gathers)
         key = count * self.start.shape[0] + cid
         order = torch.argsort(key.int() if self._key32 else key)  # int32 keys sort about twice as fast
@@ -411,78 +452,61 @@ class _LaneIndex:
         kmax = int(sc[-1])
         cuts = torch.searchsorted(sc, torch.arange(kmax + 1, device=dev), right=True).tolist()
         if cuts[0] == Q:  # every point in an empty cell
-            return out
+            return {k: v.view(lead) for k, v in out.items()}
         rest = order[cuts[0]:]  # points with at least one segment, in (count, cell) order
         cs = cid.index_select(0, rest)
         ps = pos.index_select(0, rest)
-        ys = yaw.index_select(0, rest)
-        cos_y, sin_y = torch.cos(ys), torch.sin(ys)
+        if cos_sin is None:
+            ys = yaw.index_select(0, rest)
+            cos_y, sin_y = torch.cos(ys), torch.sin(ys)
+        else:
+            cos_y, sin_y = cos_sin[0].index_select(0, rest), cos_sin[1].index_select(0, rest)
         buf = {k: torch.empty_like(v[:rest.shape[0]]) for k, v in out.items()}  # every entry is written below
         cos_wrong = math.cos(math.radians(cfg.wrong_direction_deg))
         base = cuts[0]
-        kernel = self._dense if reference else self._dense_kmajor
-        for K in range(1, kmax + 1):  # points whose cell holds exactly K segments
-            lo, hi = cuts[K - 1] - base, cuts[K] - base
+        if reference:
+            kernel = self._dense
+        else:
+            pk = pair_kernel or lane_pairs
+            kernel = lambda *a: self._dense_kmajor(*a, kernel=pk)
+        min_group = 1 if reference else _MIN_GROUP
+        lo = 0
+        for K in range(1, kmax + 1):  # points whose cell holds K segments (fewer: padded, default path)
+            hi = cuts[K] - base
+            if hi - lo < min_group and K < kmax:
+                continue  # too few points yet: merged into the next count's group
             step = max(1, _PIECE // K)
             for a in range(lo, hi, step):
                 sl = slice(a, min(hi, a + step))
                 r = kernel(ps[sl], cos_y[sl], sin_y[sl], cs[sl], K, cos_wrong, cfg.lane_dist_cap)
                 for name, v in r.items():
                     buf[name][sl] = v
+            lo = hi
         for name, v in buf.items():
             out[name].index_copy_(0, rest, v)
-        return out
+        return {k: v.view(lead) for k, v in out.items()}
 
     def _dense_kmajor(self, pos: Tensor, cy: Tensor, sy: Tensor, cid: Tensor, K: int, cos_wrong: float,
-                      cap: float) -> dict[str, Tensor]:
+                      cap: float, kernel: Callable = lane_pairs) -> dict[str, Tensor]:
         """:meth:`_dense` with the (segment, point) pairs laid out segment-major ``(K, Q')``, so the pair ops run
-        along the points instead of along a short K axis; the reach tests as arithmetic (:func:`_beyond`) and
-        the picks by :func:`_min0`. The picked segments and every returned value are :meth:`_dense`'s."""
-        Qb = pos.shape[0]
+        along the points instead of along a short K axis; the reach tests as arithmetic
+        (:func:`~craft.finetune.proxy_kernels._beyond`) and
+        the picks by :func:`_min0` (:func:`~craft.finetune.proxy_kernels.lane_pairs`). Cells holding fewer than
+        K segments are padded with the dummy segment. The picked segments and every returned value are
+        :meth:`_dense`'s."""
         dev = pos.device
         ucell, inv = torch.unique_consecutive(cid, return_inverse=True)
         U = ucell.shape[0]
-        useg = self.items.index_select(0, (self.start.index_select(0, ucell)[None, :]
-                                           + torch.arange(K, device=dev)[:, None]).view(-1))  # (K * U,)
-        f = self.featT[:_NPAIR].index_select(1, useg).view(_NPAIR * K, U).index_select(1, inv)
-        f = f.view(_NPAIR, K, Qb)  # one contiguous (K, Qb) block per feature
-        g = lambda i: f[i]
-        dx, dy = g(_DX), g(_DY)
-        rx = pos[:, 0][None] - g(_AX)
-        ry = pos[:, 1][None] - g(_AY)
-        t = rx * dx
-        t.addcmul_(ry, dy).mul_(g(_IL2))
-        u = t.clamp(0.0, 1.0)
-        ex = rx.addcmul_(u, dx, value=-1.0)  # rx - u dx
-        ey = ry.addcmul_(u, dy, value=-1.0)
-        d2 = ex.mul_(ex).addcmul_(ey, ey)
-        on_road = ((t > g(_TLO)) & (t < g(_THI)) & (d2 <= g(_HW2))).any(0)
-        d = d2.sqrt_()
-        cand = _beyond(d, g(_REACH))  # driving lanes within pick reach (others + _FAR)
-        dmin, near = _min0(cand)
-        found = dmin < 0.5 * _FAR
-        useg = useg.view(K, U)
-        seg_near = useg.view(-1).index_select(0, near * U + inv)
-        col = self.cols
-        cos_near = cy * col[_CH].index_select(0, seg_near) + sy * col[_SH].index_select(0, seg_near)
-        opposite = found & (cos_near < cos_wrong) & ~(col[_JUNCTION].index_select(0, seg_near) > 0)
-        cosd = cy[None] * g(_CH)
-        cosd.addcmul_(sy[None], g(_SH))  # cos(yaw - lane heading)
-        best = _min0(cand.add_(cosd, alpha=-2.0))[1]  # + 2 (1 - cos): pick_lane's heading cost
-        seg_best = useg.view(-1).index_select(0, best * U + inv)
-        center = torch.where(found, d.gather(0, best[None]).squeeze(0), torch.full_like(cy, cap))
-        lane = torch.where(found, self.lane.index_select(0, seg_best),
-                           torch.full((), -1, dtype=torch.long, device=dev))
-        r = {"offroad": ~on_road, "opposite": opposite, "center_dist": center, "lane": lane}
+        k = torch.arange(K, device=dev)[:, None]
+        item = self.start.index_select(0, ucell)[None, :] + k  # (K, U); beyond a cell's count: the dummy
+        item = torch.where(k < self.count.index_select(0, ucell)[None, :], item, torch.full_like(item, self.pad))
+        useg = self.items.index_select(0, item.view(-1))  # (K * U,)
+        # the pair features copied to the points: one contiguous (K, Q') block per feature
+        f = self.featT[:_NPAIR].index_select(1, useg).view(_NPAIR * K, U).index_select(1, inv).view(_NPAIR, K, -1)
+        edge = None
         if self.has_shoulder and bool(self.cell_shoulder.index_select(0, ucell).any()):
-            edge = self.featT[_EDGE_REACH].index_select(0, useg.view(-1)).view(K, U).index_select(1, inv)
-            emin, e = _min0(_beyond(d, edge))
-            seg_e = useg.view(-1).index_select(0, e * U + inv)
-            r["emergency"] = (emin < 0.5 * _FAR) & (col[_SHOULDER].index_select(0, seg_e) > 0) & \
-                (emin <= col[_HW].index_select(0, seg_e))
-        else:  # no shoulder segment in these cells
-            r["emergency"] = torch.zeros(Qb, dtype=torch.bool, device=dev)
-        return r
+            edge = self.featT[_EDGE_REACH].index_select(0, useg).view(K, U).index_select(1, inv)
+        return kernel(f, inv, useg, pos[:, 0], pos[:, 1], cy, sy, self.pair_cols, edge, cos_wrong, cap)
 
     def _dense(self, pos: Tensor, cy: Tensor, sy: Tensor, cid: Tensor, K: int, cos_wrong: float,
                cap: float) -> dict[str, Tensor]:
@@ -538,16 +562,6 @@ class _LaneIndex:
         else:  # no shoulder segment in these cells
             r["emergency"] = torch.zeros(Qb, dtype=torch.bool, device=dev)
         return r
-
-
-def _min0(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``x.min(0)`` of a NaN-free ``x (K, Q)``: the minima ``(Q,)`` and the first index reaching them ``(Q,)``
-    long. Reductions with indices are slow on CPU; this takes two plain minima instead: the values, then
-    the smallest ``k + K * sign(x_k - min)`` (``sign`` is 0 exactly at the minimum, 1 elsewhere)."""
-    m = x.amin(0)
-    K = x.shape[0]
-    key = (x - m).sign_().mul_(K).add_(torch.arange(K, dtype=x.dtype, device=x.device)[:, None])
-    return m, key.amin(0).long()
 
 
 # ---------------------------------------------------------------------- the route
@@ -606,10 +620,11 @@ class _Route:
         s = cum + u.gather(1, k).squeeze(1) * length
         return jj.gather(1, k).squeeze(1), d2min.squeeze(1).sqrt_(), s, cos, sin
 
-    def tracker(self, b: Tensor, back: int, ahead: int, reference: bool = False):
+    def tracker(self, b: Tensor, back: int, ahead: int, reference: bool = False, kernel: Callable = route_step):
         """:meth:`project` for repeated calls with the same states ``b (Q,)`` and window: the windows of
         every (state, segment) are laid out once as contiguous rows ``(5, Bc * nseg, A)``, so each step
-        gathers one block per candidate. Returns ``step(j, pos) -> (j_new, dist, s, cos, sin)``."""
+        gathers one block per candidate (:func:`~craft.finetune.proxy_kernels.route_step`, or ``kernel``, its
+        compiled form). Returns ``step(j, pos) -> (j_new, dist, s, cos, sin)``."""
         n = self.nseg
         off = torch.arange(-back, ahead + 1, device=b.device)
         jj = (torch.arange(n, device=b.device)[:, None] + off).clamp_(0, n - 1)  # (nseg, A)
@@ -638,18 +653,10 @@ class _Route:
         Q = b.shape[0]
         colq = torch.arange(Q, device=b.device)
 
+        out = tuple(self.out)
+
         def step_t(j: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
-            f = winT.index_select(1, base + j).view(5, A, Q)
-            rx = pos[:, 0][None] - f[0]
-            ry = pos[:, 1][None] - f[1]
-            u = (rx * f[2]).add_(ry * f[3]).mul_(f[4]).clamp_(0.0, 1.0)  # as in project (same rounding)
-            ex, ey = rx.sub_(u * f[2]), ry.sub_(u * f[3])
-            d2 = ex.mul_(ex).add_(ey.mul_(ey))
-            d2min, k = _min0(d2)
-            j_new = (j + k - back).clamp_(0, n - 1)
-            r = base + j_new
-            cum, length, cos, sin = (x.index_select(0, r) for x in self.out)
-            return j_new, d2min.sqrt_(), cum + u.view(-1).index_select(0, k * Q + colq) * length, cos, sin
+            return kernel(winT, base, colq, out, j, pos, back, n)
 
         return step_t
 
@@ -708,17 +715,29 @@ class CounterfactualWorld:
     tracker_cfg: the closed-loop tracker's :class:`TrackerConfig` (default config if None); reference:
     run the unoptimised path (the world's ``track_prepared`` / ``bicycle_step`` per step, candidate-major
     route windows, point-major lane kernel) that the default path is tested against; same scores, slower.
+    compile: the fast path: on CPU the lane query, the route tracking and the red-light / stop-sign rules
+    as C loops
+    (:mod:`craft.finetune.proxy_native`, built once per machine with the system C compiler, under a second),
+    and the ego step and the reward sums through ``torch.compile`` (:mod:`craft.finetune.proxy_kernels`;
+    tens of seconds per process, once, on the first :meth:`score`); scores equal to the default path
+    within float tolerance, not bit for bit; each part falls back to the tensor code, with one stderr
+    line, if it cannot be built. A run setting, not a hyper-parameter: it is not
+    part of :class:`ProxyConfig` (a run resumes with or without it).
     """
 
     def __init__(self, maps: MapBatch, cfg: ProxyConfig = ProxyConfig(), tracker_cfg: TrackerConfig | None = None,
-                 reference: bool = False):
+                 reference: bool = False, compile: bool = False):
         if not isinstance(maps, MapBatch):
             raise CraftError("CounterfactualWorld needs a MapBatch (the one the snapshots' map_id index)")
         self.maps = maps
         self.cfg = cfg
         self.tracker_cfg = tracker_cfg or TrackerConfig()
         self.reference = bool(reference)
+        self.compile = bool(compile) and not self.reference
+        self.kernels = Kernels.make(self.compile)
         self.device = maps.device
+        # the lane query and the route tracking as C loops (CPU only; None: the tensor code)
+        self.native = proxy_native.load() if self.compile and self.device.type == "cpu" else None
         self.lanes = _LaneIndex(maps, cfg.lane_grid_cell, cfg.lane_simplify_tol)
         lim = torch.zeros(len(AgentKind), 5)
         for k, v in _LIMITS.items():
@@ -884,19 +903,28 @@ class CounterfactualWorld:
         max_accel, max_brake, max_speed = f32(max(max_accel, 0.0)), f32(max(max_brake, 0.0)), f32(max(max_speed, 0.0))
         max_steer = f32(min(max(max_steer, 0.0), _STEER_ABS_CAP))
         max_delta = float(torch.tensor(max(max_steer_rate, 0.0), dtype=dtype) * dt)
+        c = EgoConsts(dt=dt, stop_speed=tc.stop_speed, integral_band=tc.integral_band,
+                      integral_limit=tc.integral_limit, kp=tc.kp, ki=tc.ki, kd=tc.kd, stop_decel=tc.stop_decel,
+                      lookahead_min=tc.lookahead_min, lookahead_gain=tc.lookahead_gain,
+                      lookahead_max=tc.lookahead_max, max_delta=max_delta, max_steer=max_steer, max_brake=max_brake,
+                      max_accel=max_accel, max_speed=max_speed)
         wb_track = ego["wheelbase"].clamp_min(1e-3)  # the tracker's clamp, then the bicycle's
-        wb_bike = wb_track.clamp_min(_MIN_WHEELBASE)
-        two_wb = 2.0 * wb_track
         S = g.seg_len.shape[1]
         # segment-major (S, Q) copies: the per-step (segment, candidate) ops then run along Q (vectorised)
-        ax, ay, sx, sy, l2c = (x.t().contiguous() for x in (g.ax, g.ay, g.sx, g.sy, g.seg_len2c))
-        cum = g.cum.t().contiguous()  # (S + 1, Q)
-        tab = torch.stack([cum[:S], g.seg_len.t(), ax, sx, ay, sy], 0).view(6, S * Q)  # rows: one gather
-        col = torch.arange(Q, device=dev)
-        total, end_x, end_y = g.total, g.points[:, -1, 0], g.points[:, -1, 1]
-        dir_x, dir_y = g.direction[:, 0], g.direction[:, 1]
-        stationary, final_yaw = g.stationary, g.final_yaw
-        any_stat = bool(stationary.any())
+        plan = {k: x.t().contiguous() for k, x in (("ax", g.ax), ("ay", g.ay), ("sx", g.sx), ("sy", g.sy),
+                                                   ("l2c", g.seg_len2c), ("cum", g.cum))}  # cum: (S + 1, Q)
+        plan["tab"] = torch.stack([plan["cum"][:S], g.seg_len.t(), plan["ax"], plan["sx"], plan["ay"], plan["sy"]],
+                                  0).view(6, S * Q)  # rows: one gather
+        plan.update(col=torch.arange(Q, device=dev), total=g.total, end_x=g.points[:, -1, 0].contiguous(),
+                    end_y=g.points[:, -1, 1].contiguous(), dir_x=g.direction[:, 0].contiguous(),
+                    dir_y=g.direction[:, 1].contiguous(), stationary=g.stationary, two_wb=2.0 * wb_track,
+                    wb_bike=wb_track.clamp_min(_MIN_WHEELBASE))
+        stat_idx = g.stationary.nonzero().squeeze(1)  # the stop-in-place plans (usually few)
+        stat = None
+        if stat_idx.shape[0] > 0:
+            stat = {"idx": stat_idx, "two_wb": plan["two_wb"].index_select(0, stat_idx),
+                    "final_yaw": g.final_yaw.index_select(0, stat_idx)}
+        seg_speed = g.seg_speed.t().contiguous().t()  # (Q, T) with contiguous columns (read one per step)
         ts = ego["tracker"]
         integral, prev_error, prev_valid = ts.integral, ts.prev_error, ts.prev_valid()
         first_valid = bool(prev_valid.all())
@@ -905,66 +933,12 @@ class CounterfactualWorld:
         P = ego["pos"].new_empty(H, Q, 2)
         Y = yaw.new_empty(H, Q)
         V = speed.new_empty(H, Q)
-        zero = torch.zeros((), dtype=dtype, device=dev)
-        two_pi = 2.0 * math.pi
+        step = self.kernels.ego_step
         for h in range(H):
-            # ---- the tracker (track_prepared): PID on the plan's speed ahead in time
-            target = _plan_speed_scalar(g.seg_speed, h * dt + 0.0, tc, dtype)
-            stopping = stationary | (target < tc.stop_speed)
-            error = target - speed
-            integrate = error.abs() <= tc.integral_band
-            integral = torch.where(integrate, integral + error * dt, integral).clamp_(-tc.integral_limit,
-                                                                                      tc.integral_limit)
-            derivative = (error - prev_error) / dt
-            if not (h > 0 or first_valid):
-                derivative = torch.where(prev_valid, derivative, zero)
-            pid = (tc.kp * error).add_(tc.ki * integral).add_(tc.kd * derivative)
-            accel_cmd = torch.where(stopping, -tc.stop_decel, pid)
-            integral = torch.where(stopping, 0.0, integral)
-            prev_error = error
-            # pure pursuit: the lookahead point on the plan's polyline
-            ld = (tc.lookahead_min + tc.lookahead_gain * speed).clamp_(tc.lookahead_min, tc.lookahead_max)
-            pxc, pyc = px[None], py[None]
-            rx, ry = pxc - ax, pyc - ay
-            u = (rx * sx).add_(ry * sy).div_(l2c).clamp_(0.0, 1.0)
-            fx = pxc - (ax + u * sx)
-            fy = pyc - (ay + u * sy)
-            k = _min0(fx.mul_(fx).add_(fy.mul_(fy)))[1]  # (Q,) the nearest segment (first minimum)
-            kr = k * Q + col
-            ck, lk = tab[0].index_select(0, kr), tab[1].index_select(0, kr)
-            s_target = (ck + u.view(-1).index_select(0, kr) * lk).add_(ld)
-            # searchsorted(cum, s) - 1 on the sorted arc lengths: the count of cum < s (sign(s - cum) = 1), - 1
-            j = ((s_target - cum).sign_().clamp_min_(0.0).sum(0).long() - 1).clamp_(0, S - 1)
-            tj = tab.index_select(1, j * Q + col)  # (6, Q): cum, len, ax, sx, ay, sy at j
-            j_frac = ((s_target - tj[0]) / tj[1].clamp_min(_TRACK_EPS)).clamp_(0.0, 1.0)
-            over = (s_target - total).clamp_min_(0.0)
-            past = s_target > total
-            goal_x = torch.where(past, end_x + over * dir_x, tj[2] + j_frac * tj[3])
-            goal_y = torch.where(past, end_y + over * dir_y, tj[4] + j_frac * tj[5])
-            c, s = torch.cos(yaw), torch.sin(yaw)
-            dx, dy = goal_x.sub_(px), goal_y.sub_(py)
-            gx = (c * dx).add_(s * dy)
-            gy = (-s).mul_(dx).add_(c * dy)
-            dist = (gx * gx).add_(gy * gy).sqrt_().clamp_min_(_TRACK_EPS)
-            sin_alpha = torch.where(gx < 0, torch.where(gy >= 0, 1.0, -1.0), gy / dist)
-            steer_cmd = torch.atan_((two_wb * sin_alpha).div_(dist))
-            if any_stat:  # a stop-in-place plan turns toward its final yaw
-                align = torch.atan_((two_wb * torch.sin(wrap_angle(final_yaw - yaw))).div_(ld))
-                steer_cmd = torch.where(stationary, align, steer_cmd)
-            accel_cmd = torch.nan_to_num_(accel_cmd, nan=0.0, posinf=0.0, neginf=0.0)
-            steer_cmd = torch.nan_to_num_(steer_cmd, nan=0.0, posinf=0.0, neginf=0.0)
-            # ---- the bicycle (bicycle_step with the EGO limits)
-            new_steer = (steer + (steer_cmd - steer).clamp_(-max_delta, max_delta)).clamp_(-max_steer, max_steer)
-            accel = accel_cmd.clamp_(-max_brake, max_accel)
-            new_speed = (speed + accel.mul_(dt)).clamp_(0.0, max_speed)
-            dist = (0.5 * (speed + new_speed)).mul_(dt)
-            dyaw = (dist * torch.tan(new_steer)).div_(wb_bike)
-            chord = dist.mul_(torch.sinc(dyaw / two_pi))
-            mid = yaw + 0.5 * dyaw
-            px = px + chord * torch.cos(mid)
-            py = py + chord.mul_(torch.sin(mid))
-            yaw = wrap_angle(yaw + dyaw)
-            speed, steer = new_speed, new_steer
+            target = _plan_speed_scalar(seg_speed, h * dt + 0.0, tc, dtype)  # the plan's speed ahead in time
+            dmask = prev_valid if not (h > 0 or first_valid) else None  # no derivative without history
+            px, py, yaw, speed, steer, integral, prev_error = step(px, py, yaw, speed, steer, integral, prev_error,
+                                                                   target, dmask, plan, stat, c)
             P[h, :, 0], P[h, :, 1] = px, py
             Y[h], V[h] = yaw, speed
         return P, Y, V
@@ -1038,7 +1012,6 @@ class CounterfactualWorld:
         dev = traj.device
         Q = Bc * G
         bq = torch.arange(Bc, device=dev).repeat_interleave(G)  # (Q,) state of each candidate
-        mq = st.map_id.index_select(0, bq)
         zero = torch.zeros((), device=dev)
 
         o_pos, o_yaw, o_valid = others  # the decay rollout of the other agents
@@ -1056,30 +1029,33 @@ class CounterfactualWorld:
         j0, rd0, s0, rc0, rs0 = route.project(b0, torch.zeros(Bc, dtype=torch.long, device=dev), e_pos0, 0,
                                               route.nseg - 1)
         has_route = route.has_route
-        rdist, s_now, rc, rs = (pos.new_empty(H, Q) for _ in range(4))
-        j = j0.index_select(0, bq)
-        step = route.tracker(bq, cfg.route_search_back, cfg.route_search_ahead, self.reference)
-        for h in range(H):  # the projection window follows the previous step's segment
-            j, rdist[h], s_now[h], rc[h], rs[h] = step(j, pos[h])
+        if self.native is not None:  # the same tracking as one C loop per candidate
+            rdist, s_now, rc, rs = proxy_native.route_track(self.native, route, pos, bq, j0.index_select(0, bq),
+                                                            cfg.route_search_back, cfg.route_search_ahead)
+        else:
+            rdist, s_now, rc, rs = (pos.new_empty(H, Q) for _ in range(4))
+            j = j0.index_select(0, bq)
+            step = route.tracker(bq, cfg.route_search_back, cfg.route_search_ahead, self.reference,
+                                 self.kernels.route_step)
+            for h in range(H):  # the projection window follows the previous step's segment
+                j, rdist[h], s_now[h], rc[h], rs[h] = step(j, pos[h])
         hr = has_route.index_select(0, bq)  # (Q,)
-        rdist = torch.where(hr, rdist, zero)  # (H, Q)
-        head = torch.where(hr, torch.atan2(sy * rc - cy * rs, cy * rc + sy * rs).abs(), zero)
-        dp = torch.where(hr, torch.diff(s_now, dim=0, prepend=s0.index_select(0, bq)[None]), zero)
-        offroute = hr & (rdist > ecfg.offroute_dist)
 
-        # ---- lane terms: one query on the snapshots' egos and all H * Q points
-        lane = self.lanes.query(torch.cat([st.map_id, mq.repeat(H)]), torch.cat([e_pos0, pos.view(H * Q, 2)]),
-                                torch.cat([e_yaw0, yaw.view(H * Q)]), ecfg, self.reference)
-        center = lane["center_dist"][Bc:].view(H, Q)
+        # ---- lane terms: one query on the snapshots' egos, one on all H * Q points
+        if self.native is not None:  # the same rules as one C loop per point (no sort, no pair copies)
+            cos_wrong = math.cos(math.radians(ecfg.wrong_direction_deg))
+            lane0 = proxy_native.lane_query(self.native, self.lanes, st.map_id, 1, e_pos0, torch.cos(e_yaw0),
+                                            torch.sin(e_yaw0), cos_wrong, ecfg.lane_dist_cap)
+            lane = proxy_native.lane_query(self.native, self.lanes, st.map_id, G, pos.view(H * Q, 2), cy.view(-1),
+                                           sy.view(-1), cos_wrong, ecfg.lane_dist_cap)
+        else:
+            lane0 = self.lanes.query(st.map_id, e_pos0, e_yaw0, ecfg, self.reference,
+                                     pair_kernel=self.kernels.lane_pairs)
+            lane = self.lanes.query(st.map_id.view(1, Bc, 1), pos.view(H, Bc, G, 2), yaw.view(H, Bc, G), ecfg,
+                                    self.reference, cos_sin=(cy, sy), pair_kernel=self.kernels.lane_pairs)
+        lane = {k: v.view(H, Q) for k, v in lane.items()}
         head0 = torch.atan2(torch.sin(e_yaw0) * rc0 - torch.cos(e_yaw0) * rs0,
                             torch.cos(e_yaw0) * rc0 + torch.sin(e_yaw0) * rs0).abs()
-        p_route = torch.cat([torch.where(has_route, rd0, zero).index_select(0, bq)[None], rdist[:-1]])
-        p_center = torch.cat([lane["center_dist"][:Bc].index_select(0, bq)[None], center[:-1]])
-        p_head = torch.cat([torch.where(has_route, head0, zero).index_select(0, bq)[None], head[:-1]])
-        no_col = torch.zeros((), dtype=torch.bool, device=dev)
-        _, terms = dense_step_reward(dp, rdist, center, head, p_route, p_center, p_head,
-                                     lane["offroad"][Bc:].view(H, Q), lane["opposite"][Bc:].view(H, Q), offroute,
-                                     lane["emergency"][Bc:].view(H, Q), no_col, zero, rcfg)
 
         # ---- lights and stop signs within reach of the horizon, from the whole trajectory
         t_h = H * dt
@@ -1099,29 +1075,15 @@ class CounterfactualWorld:
             # candidates of states with a red light in reach, only the slots in use (they come first)
             qs, bs, n = rows(lights["ok"])
             L = {k: v[:, :n].index_select(0, bs) for k, v in lights.items()}  # (Qs, n[, 2])
-            lux, luy = torch.cos(L["heading"]), torch.sin(L["heading"])
-            lpx, lpy = L["pos"][..., 0], L["pos"][..., 1]
             p_s, cy_s, sy_s = pos.index_select(1, qs), cy.index_select(1, qs), sy.index_select(1, qs)
             half = 0.5 * st.length[:, 0].index_select(0, bs)
             e_rear = e_pos0 - 0.5 * st.length[:, 0:1] * torch.stack([torch.cos(e_yaw0), torch.sin(e_yaw0)], -1)
-            rx = torch.cat([e_rear[:, 0].index_select(0, bs)[None], p_s[..., 0] - half * cy_s])  # (H + 1, Qs)
-            ry = torch.cat([e_rear[:, 1].index_select(0, bs)[None], p_s[..., 1] - half * sy_s])
-            relx = rx[..., None] - lpx  # (H + 1, Qs, n)
-            rely = ry[..., None] - lpy
-            along_all = relx * lux + rely * luy
-            along, prev_along = along_all[1:], along_all[:-1]
-            lateral = lux * rely[1:] - luy * relx[1:]
-            cur = lane["lane"][Bc:].view(H, Q).index_select(1, qs)
+            cur = lane["lane"].index_select(1, qs)
             ctrl = torch.where(cur >= 0, take(mb.lane_light, st.map_id.index_select(0, bs)[None], cur.clamp_min(0)),
                                torch.full_like(cur, -1))
-            match = (cur[..., None] >= 0) & ((L["lane"] == cur[..., None]) | (ctrl[..., None] == L["k"]))
-            heading_ok = (cy_s[..., None] * lux + sy_s[..., None] * luy) > 0
-            nx = p_s[..., 0:1] - lpx
-            ny = p_s[..., 1:2] - lpy
-            near = torch.sqrt(nx * nx + ny * ny) <= ecfg.red_light_radius
-            run = L["ok"] & (prev_along < 0) & (along >= 0) & heading_ok & near & \
-                (match | (lateral.abs() <= L["half_width"]))
-            red = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, run.any(-1))
+            rule = red_light_runs if self.native is None else partial(proxy_native.red_light_runs, self.native)
+            run = rule(p_s, cy_s, sy_s, half, e_rear.index_select(0, bs), cur, ctrl, L, ecfg.red_light_radius)
+            red = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, run)
         if stops is not None:
             # leaving the trigger area without having stopped in it (events._stop_signs)
             qs, bs, n = rows(stops["ok"])
@@ -1129,14 +1091,25 @@ class CounterfactualWorld:
             p_s, cy_s, sy_s = pos.index_select(1, qs), cy.index_select(1, qs), sy.index_select(1, qs)
             trig = S["trig"]
             sux, suy = torch.cos(trig[..., 2]), torch.sin(trig[..., 2])
+        if stops is not None and self.native is not None:  # the same rule as one C loop per (candidate, sign)
+            viol = proxy_native.stop_violations(self.native, p_s, cy_s, sy_s, speed.index_select(1, qs), trig, sux,
+                                                suy, torch.cos(S["heading"]), torch.sin(S["heading"]), S["ok"],
+                                                S["inside"] & S["ok"], S["served"], ecfg.stop_speed)
+            stp = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, viol)
+        elif stops is not None:
             relx = p_s[..., 0:1] - trig[..., 0]  # (H, Qs, n)
             rely = p_s[..., 1:2] - trig[..., 1]
             in_box = ((relx * sux + rely * suy).abs() <= 0.5 * trig[..., 3]) & \
                 ((sux * rely - suy * relx).abs() <= 0.5 * trig[..., 4])
             heading_ok = (cy_s[..., None] * torch.cos(S["heading"]) + sy_s[..., None] * torch.sin(S["heading"])) > 0
             inside = S["ok"] & in_box & heading_ok  # (H, Qs, n)
+            inside0 = S["inside"] & S["ok"]
+            # only a candidate in a trigger area at some step (or at the snapshot) can leave one
+            act = (inside.any(0) | inside0).any(-1).nonzero().squeeze(1)
+            inside, inside0 = inside.index_select(1, act), inside0.index_select(0, act)
+            qs = qs.index_select(0, act)
             slow = inside & (speed.index_select(1, qs).abs() < ecfg.stop_speed)[..., None]
-            viol = _stop_violations(inside, slow, S["inside"] & S["ok"], S["served"])
+            viol = _stop_violations(inside, slow, inside0, S["served"].index_select(0, act))
             stp = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, viol.any(-1))
 
         # ---- collisions against the decay rollout, first counted one per candidate
@@ -1160,8 +1133,13 @@ class CounterfactualWorld:
         else:
             alive = None
             w = disc[:, None]
-        names = ("progress", "recovery", "offroad", "opposite", "offroute", "emergency")
-        out = {k: (terms[k] * w).sum(0).view(Bc, G) for k in names}
+        # the dense rewards of every step and their discounted sums (one fused kernel when compiled)
+        sums = self.kernels.reward_sums(hr, rdist, s_now, rc, rs, cy, sy, lane["center_dist"], lane["offroad"],
+                                        lane["opposite"], lane["emergency"], torch.where(has_route, rd0, zero)
+                                        .index_select(0, bq), s0.index_select(0, bq),
+                                        torch.where(has_route, head0, zero).index_select(0, bq),
+                                        lane0["center_dist"].index_select(0, bq), w, ecfg.offroute_dist, rcfg)
+        out = {k: v.view(Bc, G) for k, v in sums.items()}
         fc = first.clamp(max=H - 1)
         v_hit = speed.gather(0, fc[None]).squeeze(0)
         out["collision"] = torch.where(collided, collision_penalty(v_hit, rcfg) * disc.index_select(0, fc),

@@ -247,9 +247,10 @@ class Trainer:
 
     def __init__(self, init: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(),
                  device: str = "cpu", resume: bool = False, progress: bool = True, workers: int = 1,
-                 address: str | None = None):
+                 address: str | None = None, compile_proxy: bool = False):
         """workers > 1 (or an ``address``): collection and proxy scoring on Ray actors
-        (:mod:`craft.finetune.distributed`); 1: in this process."""
+        (:mod:`craft.finetune.distributed`); 1: in this process. compile_proxy: the counterfactual world's
+        kernels through ``torch.compile`` (``CounterfactualWorld(..., compile=True)``), in every worker."""
         self.cfg = cfg
         self.out = Path(out)
         self.device = device
@@ -274,11 +275,12 @@ class Trainer:
         if workers > 1 or address is not None:  # the collector is a set of Ray actors (same interface)
             from craft.finetune.distributed import RayCollector
 
-            self.collector = RayCollector(self.policy, cfg, workers, device=device, address=address)
+            self.collector = RayCollector(self.policy, cfg, workers, device=device, address=address,
+                                          compile_proxy=compile_proxy)
             self.proxy = None
         else:
             self.collector = Collector(cfg.collector, device=device)
-            self.proxy = CounterfactualWorld(self.collector.world.maps, cfg.proxy)
+            self.proxy = CounterfactualWorld(self.collector.world.maps, cfg.proxy, compile=compile_proxy)
         self.learner_threads = min(workers, os.cpu_count() or 1) if address is None else 1
         """Torch threads of the update (at least the process's own): the local Ray workers' cores are idle
         while the driver learns."""
@@ -705,15 +707,15 @@ def saved_iteration(out: str | os.PathLike) -> int | None:
 
 def finetune(init: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(),
              device: str = "cpu", resume: bool = False, progress: bool = True, workers: int = 1,
-             address: str | None = None) -> list[dict]:
+             address: str | None = None, compile_proxy: bool = False) -> list[dict]:
     """Fine-tune the policy checkpoint ``init`` into ``out``; returns the per-iteration diagnostics.
-    ``workers`` / ``address``: Ray collection (see :class:`Trainer`)."""
+    ``workers`` / ``address``: Ray collection; ``compile_proxy``: compiled proxy kernels (see :class:`Trainer`)."""
     out = check_out_dir(out)
     if not resume and (out / "trainer.pt").exists():
         raise CraftError(f"'{out}' already holds a fine-tuning run: pass --resume to continue it or choose "
                          "another --out")
     return Trainer(init, out, cfg, device=device, resume=resume, progress=progress, workers=workers,
-                   address=address).run()
+                   address=address, compile_proxy=compile_proxy).run()
 
 
 __all__ = ["FinetuneConfig", "Trainer", "finetune", "decision_rewards", "grad_shares", "probe_metrics",
