@@ -273,3 +273,11 @@ def test_archive_restores_finished_runs_without_computing(tmp_path, init, monkey
         sd_a, sd_b = before.get("state_dict", before), after.get("state_dict", after)
         assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a), name
     assert not list((tmp_path / "c" / "runs").glob("*.retrain"))
+    # a run fine-tuned again that differs from its archived copy replaces that copy as a whole on the next archive
+    run_c = next((tmp_path / "c" / "runs").glob("vocab-grpo-s0-*"))
+    (run_c / "diagnostics.csv").write_text((run_c / "diagnostics.csv").read_text() + "\n")
+    stale = tmp_path / "archive" / "runs" / run_c.name / "stale.json"
+    stale.write_text("{}")
+    assert "1 runs fine-tuned again replaced" in run_experiment("archive", cfg, tmp_path / "c")
+    assert (tmp_path / "archive" / "runs" / run_c.name / "diagnostics.csv").read_bytes() == \
+        (run_c / "diagnostics.csv").read_bytes() and not stale.exists()

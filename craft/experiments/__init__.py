@@ -55,7 +55,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | os.PathLike,
 
         n = archive(out)
         return (f"archived {n['runs']} finished runs and {n['evaluations']} new evaluation scores into {ARCHIVE} "
-                f"({n['in_progress']} runs still in progress left out)")
+                f"({n['in_progress']} runs still in progress left out"
+                + (f"; {n['replaced']} runs fine-tuned again replaced their archived copy" if n["replaced"] else "")
+                + ")")
     t0 = time.time()
     for f in fams:
         main_table(replace(cfg, family=f, init="" if f != cfg.family else cfg.init), out)

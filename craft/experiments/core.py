@@ -274,14 +274,15 @@ def archive(root: str | os.PathLike, to: str | os.PathLike | None = None) -> dic
     """Copy the small files of every finished pool folder of ``root/runs`` into ``to/runs`` (the same names):
     a fine-tuning run's ``config.json``, ``diagnostics.csv`` and ``done.json`` (runs still in progress are
     left out), and per evaluation (``eval-*/<protocol>`` anywhere inside) its ``scores.json``. ``to``: default
-    :data:`ARCHIVE`. Existing files
-    are kept (a pool folder's content never changes once written). Returns counts."""
+    :data:`ARCHIVE`. Existing files are kept (a pool folder's content never changes once written), except that
+    an archived run whose diagnostics differ from the pool's (fine-tuned again by :func:`_retrain`) is replaced
+    as a whole. Returns counts."""
     from craft.finetune.trainer import saved_iteration
 
     runs, dst_root = Path(root) / "runs", Path(ARCHIVE if to is None else to) / "runs"
     if not runs.is_dir():
         raise CraftError(f"'{runs}' is not a run pool: nothing to archive (pass the --out of an experiment)")
-    counts = {"runs": 0, "in_progress": 0, "evaluations": 0}
+    counts = {"runs": 0, "in_progress": 0, "evaluations": 0, "replaced": 0}
     for d in sorted(runs.iterdir()):
         if not d.is_dir() or d.name.endswith(".restoring"):
             continue
@@ -292,6 +293,12 @@ def archive(root: str | os.PathLike, to: str | os.PathLike | None = None) -> dic
             if done < iters:
                 counts["in_progress"] += 1
                 continue
+            old = dst / "diagnostics.csv"
+            if old.exists() and (d / "diagnostics.csv").exists() and old.read_bytes() != (d / "diagnostics.csv").read_bytes():
+                import shutil  # the run was fine-tuned again and differs (_retrain): its archived copy is stale
+
+                shutil.rmtree(dst)
+                counts["replaced"] += 1
             for name in ("config.json", "diagnostics.csv"):
                 if (d / name).exists() and not (dst / name).exists():
                     write_bytes(dst / name, (d / name).read_bytes())
