@@ -450,15 +450,23 @@ def test_compiled_kernels_match_eager(town):
     assert comp.kernels.ego_step.compiled is not None  # it did compile (no silent fallback)
 
 
-def test_native_kernels_match_the_tensor_code(town):
+@pytest.fixture
+def lib():
+    """The native kernels' library (built once per machine); the test is skipped where no C compiler exists."""
+    import craft.finetune.proxy_native as native
+
+    built = native.load()
+    if built is None:
+        pytest.skip("no C compiler: the native kernels fall back to the tensor code")
+    return built
+
+
+def test_native_kernels_match_the_tensor_code(town, lib):
     """The C lane query and route tracking (used by CounterfactualWorld(compile=True) on CPU) give the tensor
     code's results: identical flags and lanes, distances within float rounding, on varied states."""
     import craft.finetune.proxy_native as native
     from craft.finetune.proxy import _Route
 
-    lib = native.load()
-    if lib is None:
-        pytest.skip("no C compiler: the native kernels fall back to the tensor code")
     cw = CounterfactualWorld(MapBatch([straight_road(400.0), town]))
     g = torch.Generator().manual_seed(11)
     H, B, G = 4, 3, 500
@@ -498,14 +506,11 @@ def test_native_kernels_match_the_tensor_code(town):
         assert torch.allclose(x, y, atol=1e-5, rtol=0)
 
 
-def test_native_red_light_rule_matches_the_tensor_rule():
+def test_native_red_light_rule_matches_the_tensor_rule(lib):
     """The C red-light rule gives the tensor rule's flags, on random crossings of random stop lines."""
     import craft.finetune.proxy_native as native
     from craft.finetune.proxy_kernels import red_light_runs
 
-    lib = native.load()
-    if lib is None:
-        pytest.skip("no C compiler: the native kernels fall back to the tensor code")
     g = torch.Generator().manual_seed(2)
     H, Qs, n = 8, 300, 3
     yaw = (torch.rand(Qs, generator=g) * 2 - 1) * 0.4
@@ -529,15 +534,12 @@ def test_native_red_light_rule_matches_the_tensor_rule():
     assert 10 < int(want.sum()) < want.numel() // 2  # the rule is exercised both ways
 
 
-def test_native_stop_sign_rule_matches_the_tensor_rule():
+def test_native_stop_sign_rule_matches_the_tensor_rule(lib):
     """The C stop-sign rule gives the tensor rule's violations (trigger boxes + _stop_violations), on random
     trajectories through random trigger boxes, some slow inside, some with the snapshot inside / served."""
     import craft.finetune.proxy_native as native
     from craft.finetune.proxy import _stop_violations
 
-    lib = native.load()
-    if lib is None:
-        pytest.skip("no C compiler: the native kernels fall back to the tensor code")
     g = torch.Generator().manual_seed(3)
     H, Qs, n = 20, 400, 2
     yaw = (torch.rand(Qs, generator=g) * 2 - 1) * 0.3
