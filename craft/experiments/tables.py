@@ -114,7 +114,8 @@ def transfer(cfg: ExperimentConfig, out: str | os.PathLike, fresh_towns: tuple[i
     for src, dst in cases:
         deltas: dict[str, list[float]] = {}
         for seed in cfg.seeds:
-            need = ((sets[dst], (cfg.protocols[0],)),)
+            # every evaluation this run serves, so that a run fine-tuned again serves all rows
+            need = tuple((sets[d], (cfg.protocols[0],)) for s_, d in cases if s_ == src)
             if src == "train":
                 run, policy = run_policy(out, cfg, "craft", seed, need)
             else:  # long-style routes built on the same train towns
