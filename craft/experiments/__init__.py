@@ -79,7 +79,7 @@ def fidelity_experiment(cfg: ExperimentConfig, out: str | os.PathLike, fidelity_
     """The proxy-fidelity oracle on each family's pre-trained policy and on CRAFT fine-tuned from it (the first
     seed of the family's main table, or of ``cfg``; its checkpoint chosen on ``val``); ``fidelity_cfg``: a
     :class:`~craft.experiments.fidelity.FidelityConfig` (default: its defaults)."""
-    from craft.experiments.core import finetune_run, run_policy, selected_policy, write_text
+    from craft.experiments.core import run_policy, write_text
     from craft.experiments.fidelity import FidelityConfig, fidelity
     from craft.experiments.tables import main_config
 
@@ -88,14 +88,9 @@ def fidelity_experiment(cfg: ExperimentConfig, out: str | os.PathLike, fidelity_
     policies, runs = {}, []
     for fam in families:
         fcfg = main_config(out, fam) or replace(cfg, family=fam, init="" if fam != cfg.family else cfg.init)
-        run = finetune_run(out, fcfg, "craft", fcfg.seeds[0])
-        policy, _ = selected_policy(run)  # the checkpoint chosen on val, as the main table evaluates it
+        # the checkpoint chosen on val, as the main table evaluates it (restored from the archive: its export)
         exported = Path(fcfg.export) / f"{fam}-craft.pt" if fcfg.export else None
-        if not policy.exists():  # restored from the archive: its committed export, else fine-tuned again
-            if exported is not None and exported.exists():
-                policy = exported
-            else:
-                run, policy = run_policy(out, fcfg, "craft", fcfg.seeds[0])
+        run, policy = run_policy(out, fcfg, "craft", fcfg.seeds[0], stand_in=exported)
         runs.append(run.name)
         policies[f"{fam} pre-trained"] = fcfg.init_path
         policies[f"{fam} CRAFT"] = str(policy)

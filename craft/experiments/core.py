@@ -277,6 +277,8 @@ def archive(root: str | os.PathLike, to: str | os.PathLike | None = None) -> dic
     :data:`ARCHIVE`. Existing files are kept (a pool folder's content never changes once written), except that
     an archived run whose diagnostics differ from the pool's (fine-tuned again by :func:`_retrain`) is replaced
     as a whole. Returns counts."""
+    import shutil
+
     from craft.finetune.trainer import saved_iteration
 
     runs, dst_root = Path(root) / "runs", Path(ARCHIVE if to is None else to) / "runs"
@@ -293,11 +295,9 @@ def archive(root: str | os.PathLike, to: str | os.PathLike | None = None) -> dic
             if done < iters:
                 counts["in_progress"] += 1
                 continue
-            old = dst / "diagnostics.csv"
-            if old.exists() and (d / "diagnostics.csv").exists() and old.read_bytes() != (d / "diagnostics.csv").read_bytes():
-                import shutil  # the run was fine-tuned again and differs (_retrain): its archived copy is stale
-
-                shutil.rmtree(dst)
+            old, new = dst / "diagnostics.csv", d / "diagnostics.csv"
+            if old.exists() and new.exists() and old.read_bytes() != new.read_bytes():
+                shutil.rmtree(dst)  # fine-tuned again and different (_retrain): the archived copy is stale
                 counts["replaced"] += 1
             for name in ("config.json", "diagnostics.csv"):
                 if (d / name).exists() and not (dst / name).exists():
@@ -599,12 +599,17 @@ def selected_policy(run: Path) -> tuple[Path, int | None]:
 
 
 def run_policy(root: str | os.PathLike, cfg: ExperimentConfig, method: str, seed: int,
-               needs: tuple[tuple[EvalSet, tuple[str, ...]], ...] = (), **kw) -> tuple[Path, Path]:
+               needs: tuple[tuple[EvalSet, tuple[str, ...]], ...] = (), stand_in: Path | None = None,
+               **kw) -> tuple[Path, Path]:
     """``(run, checkpoint chosen on val)`` of one pool run (:func:`finetune_run` with ``kw``). A run restored
     from the archive is fine-tuned again for its checkpoint only when an evaluation of ``needs``
-    (``(eval set, protocols)`` pairs) was never archived; with no ``needs``, whenever the checkpoint is missing."""
+    (``(eval set, protocols)`` pairs) was never archived; with no ``needs``, whenever the checkpoint is missing
+    and ``stand_in`` (that checkpoint's committed copy, e.g. a main table's export) does not exist either; the
+    returned checkpoint is then ``stand_in``."""
     run = finetune_run(root, cfg, method, seed, **kw)
     policy, _ = selected_policy(run)
+    if not policy.exists() and not needs and stand_in is not None and Path(stand_in).exists():
+        return run, Path(stand_in)
     if not policy.exists() and not (needs and all(eval_done(policy.parent / f"eval-{es.key()}" / p)
                                                   for es, protos in needs for p in protos)):
         run = finetune_run(root, cfg, method, seed, checkpoint=True, **kw)

@@ -113,9 +113,9 @@ def transfer(cfg: ExperimentConfig, out: str | os.PathLike, fresh_towns: tuple[i
     raw: dict[str, dict] = {}
     for src, dst in cases:
         deltas: dict[str, list[float]] = {}
+        # every evaluation this source's run serves, so that a run fine-tuned again serves all its rows
+        need = tuple((sets[d], (cfg.protocols[0],)) for s_, d in cases if s_ == src)
         for seed in cfg.seeds:
-            # every evaluation this run serves, so that a run fine-tuned again serves all rows
-            need = tuple((sets[d], (cfg.protocols[0],)) for s_, d in cases if s_ == src)
             if src == "train":
                 run, policy = run_policy(out, cfg, "craft", seed, need)
             else:  # long-style routes built on the same train towns

@@ -114,8 +114,10 @@ from craft.finetune.proxy_kernels import (
     Kernels,
     _min0,
     lane_pairs,
+    _stop_violations,
     red_light_runs,
     route_step,
+    stop_sign_violations,
 )
 from craft.finetune.rewards import (
     RewardConfig,
@@ -662,27 +664,6 @@ class _Route:
 
 
 # ---------------------------------------------------------------------- stop signs over a whole trajectory
-def _stop_violations(inside: Tensor, slow: Tensor, inside0: Tensor, served0: Tensor) -> Tensor:
-    """Stop-sign violations of whole trajectories at once (the per-step rule of ``events._stop_signs``).
-
-    inside, slow: (H, ...) bool, in the trigger area (heading-aware) after each step, and in it below the
-    stop speed; inside0, served0: (...) bool, the snapshot's ``stop_inside`` / ``stop_ok``. The
-    sequential rule: ``served |= slow``; leaving the area (inside before, not now) without ``served`` is
-    a violation; leaving clears ``served``. Equivalently an exit at step h is fine iff a slow step
-    happened since the previous exit, or, before the first exit, the snapshot was already served.
-    Returns (H, ...) bool, the violation steps.
-    """
-    was_inside = torch.cat([inside0[None], inside[:-1]])
-    left = was_inside & ~inside
-    n_slow = slow.to(torch.int32).cumsum(0)  # slow steps so far
-    left_i = left.to(torch.int32)
-    base = torch.where(left, n_slow, torch.zeros_like(n_slow)).cummax(0).values  # n_slow at the last exit
-    base_prev = torch.cat([torch.zeros_like(base[:1]), base[:-1]])  # ... strictly before this step
-    first_exit = (left_i.cumsum(0) - left_i) == 0
-    served = (served0 & first_exit) | (n_slow > base_prev)
-    return left & ~served
-
-
 # ---------------------------------------------------------------------- the counterfactual world
 def _ongoing_contacts(cb: Tensor, cg: Tensor, ch: Tensor, cn: Tensor, overlap0: Tensor, G: int, H: int) -> Tensor:
     """Which colliding ``(b, g, h, n)`` pairs (each ``(P,)``) continue an overlap present at the snapshot.
@@ -1091,26 +1072,10 @@ class CounterfactualWorld:
             p_s, cy_s, sy_s = pos.index_select(1, qs), cy.index_select(1, qs), sy.index_select(1, qs)
             trig = S["trig"]
             sux, suy = torch.cos(trig[..., 2]), torch.sin(trig[..., 2])
-        if stops is not None and self.native is not None:  # the same rule as one C loop per (candidate, sign)
-            viol = proxy_native.stop_violations(self.native, p_s, cy_s, sy_s, speed.index_select(1, qs), trig, sux,
-                                                suy, torch.cos(S["heading"]), torch.sin(S["heading"]), S["ok"],
-                                                S["inside"] & S["ok"], S["served"], ecfg.stop_speed)
+            rule = stop_sign_violations if self.native is None else partial(proxy_native.stop_violations, self.native)
+            viol = rule(p_s, cy_s, sy_s, speed.index_select(1, qs), trig, sux, suy, torch.cos(S["heading"]),
+                        torch.sin(S["heading"]), S["ok"], S["inside"] & S["ok"], S["served"], ecfg.stop_speed)
             stp = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, viol)
-        elif stops is not None:
-            relx = p_s[..., 0:1] - trig[..., 0]  # (H, Qs, n)
-            rely = p_s[..., 1:2] - trig[..., 1]
-            in_box = ((relx * sux + rely * suy).abs() <= 0.5 * trig[..., 3]) & \
-                ((sux * rely - suy * relx).abs() <= 0.5 * trig[..., 4])
-            heading_ok = (cy_s[..., None] * torch.cos(S["heading"]) + sy_s[..., None] * torch.sin(S["heading"])) > 0
-            inside = S["ok"] & in_box & heading_ok  # (H, Qs, n)
-            inside0 = S["inside"] & S["ok"]
-            # only a candidate in a trigger area at some step (or at the snapshot) can leave one
-            act = (inside.any(0) | inside0).any(-1).nonzero().squeeze(1)
-            inside, inside0 = inside.index_select(1, act), inside0.index_select(0, act)
-            qs = qs.index_select(0, act)
-            slow = inside & (speed.index_select(1, qs).abs() < ecfg.stop_speed)[..., None]
-            viol = _stop_violations(inside, slow, inside0, S["served"].index_select(0, act))
-            stp = torch.zeros(H, Q, dtype=torch.bool, device=dev).index_copy_(1, qs, viol.any(-1))
 
         # ---- collisions against the decay rollout, first counted one per candidate
         ep = pos.view(H, Bc, G, 2).permute(1, 2, 0, 3)  # (Bc, G, H, 2) views of the time-major tensors

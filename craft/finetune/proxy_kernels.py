@@ -308,6 +308,52 @@ def red_light_runs(pos: Tensor, cy: Tensor, sy: Tensor, half: Tensor, rear0: Ten
     return run.any(-1)
 
 
+def _stop_violations(inside: Tensor, slow: Tensor, inside0: Tensor, served0: Tensor) -> Tensor:
+    """Stop-sign violations of whole trajectories at once (the per-step rule of ``events._stop_signs``).
+
+    inside, slow: (H, ...) bool, in the trigger area (heading-aware) after each step, and in it below the
+    stop speed; inside0, served0: (...) bool, the snapshot's ``stop_inside`` / ``stop_ok``. The
+    sequential rule: ``served |= slow``; leaving the area (inside before, not now) without ``served`` is
+    a violation; leaving clears ``served``. Equivalently an exit at step h is fine iff a slow step
+    happened since the previous exit, or, before the first exit, the snapshot was already served.
+    Returns (H, ...) bool, the violation steps.
+    """
+    was_inside = torch.cat([inside0[None], inside[:-1]])
+    left = was_inside & ~inside
+    n_slow = slow.to(torch.int32).cumsum(0)  # slow steps so far
+    left_i = left.to(torch.int32)
+    base = torch.where(left, n_slow, torch.zeros_like(n_slow)).cummax(0).values  # n_slow at the last exit
+    base_prev = torch.cat([torch.zeros_like(base[:1]), base[:-1]])  # ... strictly before this step
+    first_exit = (left_i.cumsum(0) - left_i) == 0
+    served = (served0 & first_exit) | (n_slow > base_prev)
+    return left & ~served
+
+
+
+def stop_sign_violations(pos: Tensor, cy: Tensor, sy: Tensor, speed: Tensor, trig: Tensor, bux: Tensor, buy: Tensor,
+                         hc: Tensor, hs: Tensor, ok: Tensor, inside0: Tensor, served0: Tensor, stop_speed: float
+                         ) -> Tensor:
+    """The world's stop-sign rule (``events._stop_signs``) over whole trajectories of ``Qs`` candidates:
+    leaving a sign's trigger area without having stopped in it.
+
+    pos: (H, Qs, 2), cy, sy, speed: (H, Qs) the ego after each step; per candidate and checked sign (Qs, n):
+    trig (Qs, n, 5) the trigger box (x, y, yaw, length, width), bux, buy the cos / sin of its yaw, hc, hs of
+    the sign's heading, ok the sign in use, inside0 / served0 the snapshot's ``stop_inside`` / ``stop_ok``.
+    Only candidates in a trigger area at some step (or at the snapshot) are worked on. Returns (H, Qs) bool.
+    """
+    relx = pos[..., 0:1] - trig[..., 0]  # (H, Qs, n)
+    rely = pos[..., 1:2] - trig[..., 1]
+    in_box = ((relx * bux + rely * buy).abs() <= 0.5 * trig[..., 3]) & \
+        ((bux * rely - buy * relx).abs() <= 0.5 * trig[..., 4])
+    inside = ok & in_box & ((cy[..., None] * hc + sy[..., None] * hs) > 0)  # heading-aware, (H, Qs, n)
+    act = (inside.any(0) | inside0).any(-1).nonzero().squeeze(1)  # only these can leave an area
+    inside = inside.index_select(1, act)
+    slow = inside & (speed.index_select(1, act).abs() < stop_speed)[..., None]
+    viol = _stop_violations(inside, slow, inside0.index_select(0, act), served0.index_select(0, act))
+    out = torch.zeros(speed.shape, dtype=torch.bool, device=speed.device)
+    return out.index_copy_(1, act, viol.any(-1))
+
+
 # ---------------------------------------------------------------------- eager or compiled
 class Kernel:
     """A kernel function run eagerly, or through ``torch.compile(dynamic=True, fullgraph=True)`` when

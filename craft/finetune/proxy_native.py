@@ -487,7 +487,7 @@ def red_light_runs(lib: ctypes.CDLL, pos: Tensor, cy: Tensor, sy: Tensor, half: 
 def stop_violations(lib: ctypes.CDLL, pos: Tensor, cy: Tensor, sy: Tensor, speed: Tensor, trig: Tensor, bux: Tensor,
                     buy: Tensor, hc: Tensor, hs: Tensor, ok: Tensor, inside0: Tensor, served0: Tensor,
                     stop_speed: float) -> Tensor:
-    """The stop-sign rule of the proxy (trigger boxes, :func:`craft.finetune.proxy._stop_violations`) as one C
+    """The stop-sign rule of the proxy (:func:`craft.finetune.proxy_kernels.stop_sign_violations`) as one C
     loop per (candidate, sign). pos: (H, Qs, 2); cy, sy, speed: (H, Qs); trig: (Qs, n, 5); bux, buy, hc, hs,
     ok, inside0, served0: (Qs, n). Returns (H, Qs) bool, a violation of any sign at each step."""
     H, Qs = cy.shape
