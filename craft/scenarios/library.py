@@ -56,9 +56,9 @@ import numpy as np
 
 from craft.world.kinds import AgentKind
 from craft.world.map import JunctionKind, LaneType, LightState
-from craft.world.state import Mode
-from craft.scenarios.base import LEFT, RIGHT, STRAIGHT, Ctx, NoPlace, lane_pose, offset_pose, register
-from craft.scenarios.script import Action, Trigger
+from craft.world.state import QUEUE, Mode
+from craft.scenarios.base import LEFT, RIGHT, STRAIGHT, Ctx, NoPlace, lane_pose, offset_pose, register, wrap
+from craft.scenarios.script import A_NONE, Action, Trigger
 
 SIG, STOP, UNC = JunctionKind.SIGNAL, JunctionKind.STOP, JunctionKind.UNCONTROLLED
 NONSIG = (STOP, UNC)
@@ -205,6 +205,11 @@ def _opens_door(ctx: Ctx):
 
 
 # ====================================================================== Emergency_Brake
+WALKER_TTA = (2.1, 2.3)  # DynamicObjectCrossing's time to arrival (2.1 + 0.1 per 5 degrees of crossing angle), s
+WALKER_MIN_DIST = 6.0  # its minimum trigger distance, m
+WALKER_SPEED = 2.0  # its walker's speed, m/s
+
+
 def _crossing_walker(ctx: Ctx, kind: AgentKind, parking_only: bool = False):
     """A pedestrian / cyclist hidden behind a parked car on the right steps in front of the ego."""
     m = ctx.m
@@ -228,20 +233,27 @@ def _crossing_walker(ctx: Ctx, kind: AgentKind, parking_only: bool = False):
     (px, py), h = offset_pose(m, lane, s + 3.6, car_lat - 0.3)
     walker = ctx.add(kind, pos=(px, py), yaw=h + HALF_PI, mode=Mode.FREE, hold=True, react_ego=False,
                      lane_changes=False)
-    speed = ctx.u(1.5, 3.0) if kind == AgentKind.PEDESTRIAN else ctx.u(3.0, 5.0)
-    ctx.rule(walker, Trigger.near_agent(walker, ctx.u(14.0, 24.0)), Action.free(h + HALF_PI, speed),
+    # Bench2Drive (DynamicObjectCrossing / ParkingCrossingPedestrian): the walker starts at 2 m/s when the ego's
+    # time to arrival at the point of its lane beside the walker falls below 2.1-2.35 s (its crossing_angle
+    # adds 0.1 s per 5 degrees), or the ego is within 6 m of that point
+    cx, cy = lane_pose(m, lane, s + 3.6)[0]
+    tta = ctx.u(*WALKER_TTA) + (0.05 if parking_only else 0.0)
+    ctx.rule(walker, Trigger.arrival(float(cx), float(cy), tta, WALKER_MIN_DIST), Action.free(h + HALF_PI, WALKER_SPEED),
              "steps out")
     ctx.meta.update(walker=walker, walker_yaw=h + HALF_PI)
 
 
 @register("DynamicObjectCrossing", "Emergency_Brake")
 def _doc(ctx: Ctx):
-    _crossing_walker(ctx, AgentKind.PEDESTRIAN if ctx.rng.random() < 0.7 else AgentKind.BICYCLE)
+    _crossing_walker(ctx, AgentKind.PEDESTRIAN)
 
 
 @register("ParkingCrossingPedestrian", "Emergency_Brake")
 def _pcp(ctx: Ctx):
     _crossing_walker(ctx, AgentKind.PEDESTRIAN, parking_only=True)
+
+
+HARD_BREAK_STOP = 10.0  # HardBreakRoute: the vehicles ahead stand this long before they drive on, s
 
 
 @register("HardBreakRoute", "Emergency_Brake")
@@ -255,8 +267,12 @@ def _hard_break(ctx: Ctx):
                    speed_override=ctx.u(6.0, 9.0), ignore_lights=True)
     brake_at = ctx.u(20.0, max(22.0, min(45.0, L - 45.0)))
     ctx.rule(lead, Trigger.progress(brake_at), Action.speed(0.0), "lead brakes")
-    ctx.rule(lead, Trigger.after(0, ctx.u(4.0, 8.0)), Action.speed(ctx.u(6.0, 9.0)), "lead drives on")
+    ctx.rule(lead, Trigger.after(0, HARD_BREAK_STOP), Action.speed(ctx.u(6.0, 9.0)), "lead drives on")
     ctx.meta.update(lead=lead, brake_progress=brake_at)
+
+
+CUT_IN_STATIC = (2.7, 15.0, -1.0)  # (time to arrival s, minimum distance m, speed: -1 = the ego's speed)
+CUT_IN_PARKING = (2.35, 10.0, 20.0 / 3.6)
 
 
 def _cut_in(ctx: Ctx, parking: bool):
@@ -269,12 +285,11 @@ def _cut_in(ctx: Ctx, parking: bool):
         s = ctx.u(20.0, L - 15.0)
         side = p
     else:
-        lanes = [x for x in ctx.road_lanes(min_len=60.0, multi=True) if m.lane_left[x] >= 0]
+        # Bench2Drive's five StaticCutIn routes all have the stopped column on the ego's right
+        lanes = [x for x in ctx.road_lanes(min_len=60.0, multi=True)
+                 if m.lane_left[x] >= 0 and ctx.is_driving(int(m.lane_left[x]))]
         side = ctx.choice(lanes, "multi-lane road lane")
-        lane = int(m.lane_right[side]) if m.lane_right[side] >= 0 and ctx.is_driving(int(m.lane_right[side])) \
-            else None
-        if lane is None:
-            lane, side = side, int(m.lane_left[side])
+        lane = int(m.lane_left[side])
         L = float(m.lane_length[side])
         s = ctx.u(25.0, L - 15.0)
     pre, s0 = ctx.back(lane, s, ctx.u(EVENT_AFTER_START[0], EVENT_AFTER_START[1]))
@@ -289,7 +304,11 @@ def _cut_in(ctx: Ctx, parking: bool):
             ctx.add(AgentKind.CAR, lane=side, s=max(0.0, s - 7.5 * (k + 1)), hold=True)
         ctx.add(AgentKind.CAR, lane=side, s=min(L - 2.0, s + ctx.u(16.0, 22.0)), hold=True)
     car = ctx.add(AgentKind.CAR, lane=side, s=s, hold=True, lane_changes=False, react_ego=True)
-    ctx.rule(car, Trigger.near_agent(car, ctx.u(14.0, 24.0)), Action.cut_in(lane, ctx.u(4.0, 7.0)), "cut in")
+    # Bench2Drive: the cutter goes when the ego's time to arrival at the point of its lane beside the cutter is
+    # below 2.7 s / 15 m (StaticCutIn: at the ego's own speed) or 2.35 s / 10 m (ParkingCutIn: 20 km/h)
+    tta, dmin, speed = CUT_IN_PARKING if parking else CUT_IN_STATIC
+    cx, cy = lane_pose(m, lane, min(s, float(m.lane_length[lane])))[0]
+    ctx.rule(car, Trigger.arrival(float(cx), float(cy), tta, dmin), Action.cut_in(lane, speed), "cut in")
     ctx.meta.update(cutter=car, target_lane=lane,
                     event_progress=ctx.progress_of(lane, min(s, float(m.lane_length[lane]))))
 
@@ -319,7 +338,39 @@ def _control_loss(ctx: Ctx):
     ctx.meta["first_slip_progress"] = at
 
 
-EGO_SPEED = 7.0  # ego speed assumed when timing scripted agents against its arrival, m/s
+# ---------------------------------------------------------------------- Bench2Drive's adversaries and flows
+# (its scenario_runner/srunner/scenarios/*.py and scenarioatomics/atomic_behaviors.py; docs/benchmark.md,
+# "Scenario adversaries", compares every type)
+SYNC_TIME = 2.2  # OppositeVehicleJunction._sync_time: the adversary starts when the ego's time to arrival at the
+# collision location falls below this, s
+MIN_TRIGGER_DIST = 12.0  # ... or when the ego comes this close to it (the fallback for a slow ego), m
+ADVERSARY_SPEED = 60.0 / 3.6  # the crossing adversary's constant velocity, m/s
+ADVERSARY_SOURCE = 30.0  # Bench2Drive starts it this far before its junction entry (see _opposite_vehicle), m
+ADVERSARY_SINK = 10.0  # and is removed this far past the junction exit, m
+FLOW_SOURCE_TIME = 4.0  # a junction flow's source lies flow_speed * this before the junction entry, s
+FLOW_SINK_TIME = 2.5  # and its sink flow_speed * this past the exit, s
+FLOW_DURATION = 30.0  # s during which the source keeps spawning (Bench2Drive: until the ego leaves the junction)
+# flow speed (m/s) and spawn-distance interval (m) per type: the ranges of Bench2Drive's 220 routes
+# (flow_speed, source_dist_interval from / to)
+FLOWS = {
+    "SignalizedJunctionLeftTurn": ((9.0, 11.0), (15.0, 24.0), (25.0, 28.0)),
+    "SignalizedJunctionLeftTurnEnterFlow": ((8.0, 10.0), (16.0, 24.0), (25.0, 30.0)),
+    "SignalizedJunctionRightTurn": ((10.0, 14.0), (19.0, 24.0), (26.0, 38.0)),
+    "NonSignalizedJunctionLeftTurn": ((8.0, 11.0), (15.0, 24.0), (25.0, 30.0)),
+    "NonSignalizedJunctionLeftTurnEnterFlow": ((8.0, 10.0), (15.0, 19.0), (26.0, 30.0)),
+    "NonSignalizedJunctionRightTurn": ((8.0, 14.0), (16.0, 22.0), (25.0, 30.0)),
+    "EnterActorFlow": ((12.0, 19.0), (17.0, 30.0), (30.0, 39.0)),
+    "CrossingBicycleFlow": ((8.0, 12.0), (5.0, 15.0), (25.0, 30.0)),
+    "InterurbanActorFlow": ((15.0, 16.0), (42.0, 53.0), (78.0, 98.0)),
+    "InterurbanAdvancedActorFlow": ((16.0, 18.0), (36.0, 42.0), (84.0, 94.0)),
+    "MergerIntoSlowTraffic": ((9.0, 10.0), (14.0, 16.0), (33.0, 42.0)),
+    "MergerIntoSlowTrafficV2": ((10.0, 10.0), (11.0, 14.0), (30.0, 34.0)),
+    "HighwayExit": ((10.0, 15.0), (11.0, 20.0), (33.0, 46.0)),
+}
+# ActorFlow's vehicles: constant velocity, the traffic manager told to ignore every vehicle (the ego too), light
+# and sign, until one of them collides (craft.world.world: they drive like traffic again after hitting the ego)
+FLOW_FLAGS = dict(ignore_lights=True, ignore_stops=True, ignore_priority=True, ignore_vehicles=True,
+                  react_ego=False, lane_changes=False)
 
 
 def _conflict_s(m, conn: int, other: int) -> tuple[float, float]:
@@ -331,77 +382,196 @@ def _conflict_s(m, conn: int, other: int) -> tuple[float, float]:
     return 0.5 * float(m.lane_length[conn]), 0.5 * float(m.lane_length[other])
 
 
-def _crossing_vehicle(ctx: Ctx, kinds, flags: dict, ego_turn=STRAIGHT, other_turns=(STRAIGHT,),
-                      n: int = 1, kind=AgentKind.CAR, spacing=(10.0, 16.0), speed=(7.0, 11.0),
-                      lights: bool = False, arms=None, streams: int = 1, where=None) -> list[int]:
-    """Ego through a junction; ``n`` vehicles per stream on conflicting connectors (``streams`` different
-    ones), held upstream and released rolling as the ego approaches its stop line, timed to reach the
-    conflict area about when an ego at ~8 m/s would."""
+def _heading_gap(m, a: int, b: int) -> float:
+    """Absolute heading difference of the ends of lanes ``a`` and ``b`` (two incoming lanes of a junction), rad."""
+    return abs(wrap(lane_pose(m, b, float(m.lane_length[b]))[1] - lane_pose(m, a, float(m.lane_length[a]))[1]))
+
+
+def _other_arms(ctx: Ctx, inc: int, conf: list, lo: float = math.radians(30.0), hi: float = math.pi) -> list:
+    """The conflicting movements of ``conf`` that enter from another arm, at a heading ``lo``..``hi`` from the
+    ego's incoming lane ``inc`` (a neighbour lane of the ego's own road conflicts on multi-lane roads too)."""
+    return [c for c in conf if lo <= _heading_gap(ctx.m, inc, c[0]) <= hi + 1e-6]
+
+
+def _flow_lanes(ctx: Ctx, inc: int, after: list[int], back: float) -> tuple[list[int], float, float]:
+    """The lanes of a flow whose source lies ``back`` m before the end of ``inc`` and that then drives the
+    lanes ``after`` (connector, exit, ...). Returns (lanes from the source lane on, source arc length, the
+    distance actually backed up): the source moves closer when the lanes before ``inc`` are too many for an
+    agent's pinned queue."""
+    L_in = float(ctx.m.lane_length[inc])
+    d = back
+    for _ in range(6):
+        lane, s, path = ctx.lane_path_back(inc, L_in, d)
+        if len(path) <= 2:  # the queue (3 lanes) then reaches the connector, whose successor is unique
+            return [lane] + path + list(after), s, d
+        d *= 0.7
+    raise NoPlace("flow source too far from the junction")
+
+
+def _along(m, lanes: list[int], s0: float, x: float) -> tuple[int, float]:
+    """Index into ``lanes`` and arc length of the point ``x`` m downstream of ``(lanes[0], s0)``."""
+    s = s0 + x
+    for i, ln in enumerate(lanes):
+        L = float(m.lane_length[ln])
+        if s <= L or i == len(lanes) - 1:
+            return i, min(s, L)
+        s -= L
+    raise AssertionError("unreachable")
+
+
+def _flow(ctx: Ctx, lanes: list[int], s0: float, length: float, speed: float, interval: tuple[float, float],
+          kind=AgentKind.CAR, duration: float = FLOW_DURATION, flags: dict | None = None, start: float = 0.0,
+          offset: float = 0.0, name: str = "flow") -> list[int]:
+    """Bench2Drive's ``ActorFlow`` from ``(lanes[0], s0)`` along ``lanes`` for ``length`` m: vehicles at
+    ``speed`` spaced by uniform draws from ``interval``, the path populated at the start (``initial_actors``)
+    and a new vehicle at the source whenever the last one is a fresh spacing away, for ``duration`` s; each
+    vehicle is removed at the sink. The source's vehicles are a pool of hidden agents shown in turn (the world
+    has a fixed agent count). ``start`` > 0 delays the pool (the populated path still moves from t = 0).
+    ``offset`` != 0: every vehicle keeps that lateral offset (m, left positive) while it drives.
+    Returns the agent indices."""
+    m = ctx.m
+    flags = FLOW_FLAGS if flags is None else flags
+    out = []
+    x = ctx.u(*interval)
+    nearest = x
+    while x < length:  # the populated path, moving from the start
+        i, s = _along(m, lanes, s0, x)
+        a = ctx.add(kind, lane=lanes[i], s=s, speed=speed, queue=lanes[i + 1:i + 1 + QUEUE], speed_override=speed,
+                    v_des=speed, **flags)
+        ctx.rule(a, Trigger.time((length - x) / speed), Action.valid(False), f"{name}: sink")
+        if offset:
+            ctx.rule(a, Trigger.time(0.0), Action.offset(offset, (length - x) / speed), f"{name}: offset")
+        out.append(a)
+        x += ctx.u(*interval)
+    t = max(0.0, (ctx.u(*interval) - nearest) / speed) + start if out else start
+    while t <= start + duration:  # the source
+        a = ctx.add(kind, lane=lanes[0], s=s0, hold=True, queue=lanes[1:1 + QUEUE], speed_override=speed, v_des=speed,
+                    **flags)
+        ctx.rule(a, Trigger.time(0.0), Action.valid(False), f"{name}: pooled")
+        r = ctx.rule(a, Trigger.time(t), Action.valid(True), f"{name}: source")
+        ctx.rule(a, Trigger.after(r, 0.0), Action.release(speed), f"{name}: drives")
+        ctx.rule(a, Trigger.after(r, length / speed), Action.valid(False), f"{name}: sink")
+        if offset:
+            ctx.rule(a, Trigger.after(r, 0.0), Action.offset(offset, length / speed), f"{name}: offset")
+        out.append(a)
+        t += ctx.u(*interval) / speed
+    return out
+
+
+def _flow_params(ctx: Ctx) -> tuple[float, tuple[float, float]]:
+    """This type's flow speed and spawn interval, drawn within Bench2Drive's ranges."""
+    v, lo, hi = FLOWS[ctx.type]
+    return ctx.u(*v), (ctx.u(*lo), ctx.u(*hi))
+
+
+def _junction_flow(ctx: Ctx, kinds, ego_turn, other_turns, kind=AgentKind.CAR, where=None, streams: int = 1,
+                   arms=None, lights: dict | None = None) -> list[int]:
+    """Ego through a junction of one of ``kinds`` with ``ego_turn``; ``streams`` flows (``_flow``) on
+    conflicting connectors of ``other_turns`` from other arms, source ``FLOW_SOURCE_TIME`` s of driving before
+    their junction entry and sink ``FLOW_SINK_TIME`` s past the exit (Bench2Drive's junction scenarios).
+    ``lights``: forced light states when the ego nears the junction (``"ego"`` / ``"flow"`` keys)."""
     info = ctx.through_junction(kinds, ego_turn, arms=arms, where=where)
-    conf = ctx.conflicting(info["connector"], other_turns)
+    conf = _other_arms(ctx, info["incoming"], ctx.conflicting(info["connector"], other_turns))
     if len(conf) < streams:
         raise NoPlace("not enough conflicting movements")
-    order = ctx.rng.permutation(len(conf))
     m = ctx.m
-    d_trig = ctx.u(22.0, 38.0)  # ego distance to its stop line at release
-    anchor = offset_pose(m, info["incoming"], float(m.lane_length[info["incoming"]]), 0.0)[0]
-    out_ids = []
-    used = []
+    order = ctx.rng.permutation(len(conf))
+    out_ids, used = [], []
     for q in order[:streams]:
         inc, conn, out = conf[int(q)]
+        v, interval = _flow_params(ctx)
+        lanes, s0, back = _flow_lanes(ctx, inc, [conn, out], FLOW_SOURCE_TIME * v)
+        sink = min(FLOW_SINK_TIME * v, float(m.lane_length[out]) - 1.0)
+        length = back + float(m.lane_length[conn]) + sink
+        out_ids += _flow(ctx, lanes, s0, length, v, interval, kind=kind)
         used.append((inc, conn))
-        L_in = float(m.lane_length[inc])
-        v = ctx.u(*speed)
-        s_ego, s_other = _conflict_s(m, info["connector"], conn)
-        # reach the conflict point when an ego cruising at EGO_SPEED would (the first of a flow a bit earlier)
-        t_ego = (d_trig + s_ego) / EGO_SPEED - (ctx.u(0.5, 2.0) if n > 1 else ctx.u(-0.3, 0.3))
-        d = max(3.0, v * t_ego - s_other)
-        for k in range(n):
-            lane, s, path = ctx.lane_path_back(inc, L_in, d)
-            if len(path) > 1:  # the pinned queue (3 lanes) must still reach the junction connector
-                if k == 0:
-                    raise NoPlace("crossing traffic would start too far from the junction")
-                break
-            a = ctx.add(kind, lane=lane, s=s, hold=True, lane_changes=False, queue=(path + [conn, out])[:3],
-                        speed_override=v, **flags)
-            ctx.rule(a, Trigger.near_point(anchor[0], anchor[1], d_trig), Action.release(v), "crossing traffic")
-            out_ids.append(a)
-            d += ctx.u(*spacing)
     inc, conn = used[0]
     if lights:
-        li_ego, li_other = int(m.lane_light[info["incoming"]]), int(m.lane_light[inc])
-        if li_ego >= 0:
-            ctx.rule(li_ego, Trigger.near_point(anchor[0], anchor[1], d_trig + 10.0), Action.light(LightState.GREEN))
-        if li_other >= 0:
-            ctx.rule(li_other, Trigger.near_point(anchor[0], anchor[1], d_trig + 10.0), Action.light(LightState.RED))
-    ctx.meta.update(other_incoming=inc, other_connector=conn, crossing=out_ids, trigger_point=anchor)
+        anchor = lane_pose(m, info["incoming"], float(m.lane_length[info["incoming"]]))[0]
+        trig = Trigger.near_point(float(anchor[0]), float(anchor[1]), 60.0)
+        for who, lane in (("ego", info["incoming"]), ("flow", inc)):
+            li = int(m.lane_light[lane])
+            if who in lights and li >= 0:
+                ctx.rule(li, trig, Action.light(lights[who]), f"{who} light")
+    ctx.meta.update(other_incoming=inc, other_connector=conn, crossing=out_ids)
     return out_ids
+
+
+def _opposite_vehicle(ctx: Ctx, kinds, lights: bool) -> int:
+    """Bench2Drive's ``OppositeVehicleJunction``: an emergency car ``ADVERSARY_SPEED * SYNC_TIME`` m of path before
+    the collision location (Bench2Drive: ``ADVERSARY_SOURCE`` m before its entry of the junction), crossing straight at ``ADVERSARY_SPEED`` ignoring vehicles and lights once the ego's time
+    to arrival at the collision location falls below ``SYNC_TIME`` (or the ego is within ``MIN_TRIGGER_DIST``),
+    removed ``ADVERSARY_SINK`` m past its exit. ``lights``: the ego's light green, the adversary's red."""
+    info = ctx.through_junction(kinds, STRAIGHT)
+    # from the left or the right (Bench2Drive's 'direction'), crossing the ego's path
+    conf = _other_arms(ctx, info["incoming"], ctx.conflicting(info["connector"], (STRAIGHT,)),
+                       math.radians(45.0), math.radians(135.0))
+    if not conf:
+        raise NoPlace("no crossing movement")
+    inc, conn, out = conf[int(ctx.rng.integers(len(conf)))]
+    m = ctx.m
+    s_ego, s_other = _conflict_s(m, info["connector"], conn)
+    cx, cy = (float(v) for v in lane_pose(m, info["connector"], s_ego)[0])
+    # Bench2Drive starts it ADVERSARY_SOURCE m before its entry, and in CARLA's towns the collision location
+    # lies a few metres into the junction, so it gets there about SYNC_TIME after the trigger, with the ego; our
+    # junctions are wider (the conflict point up to 25 m in), so the source keeps that path length instead
+    lanes, s0, back = _flow_lanes(ctx, inc, [conn, out], max(5.0, ADVERSARY_SPEED * SYNC_TIME - s_other))
+    length = back + float(m.lane_length[conn]) + min(ADVERSARY_SINK, float(m.lane_length[out]) - 1.0)
+    v = ADVERSARY_SPEED
+    a = ctx.add(AgentKind.EMERGENCY, lane=lanes[0], s=s0, hold=True, siren=True, queue=lanes[1:1 + QUEUE],
+                speed_override=v, v_des=v, **FLOW_FLAGS)
+    r = ctx.rule(a, Trigger.arrival(cx, cy, SYNC_TIME, MIN_TRIGGER_DIST), Action.release(v), "adversary starts")
+    ctx.rule(a, Trigger.after(r, length / v), Action.valid(False), "adversary removed")
+    if lights:
+        anchor = lane_pose(m, info["incoming"], float(m.lane_length[info["incoming"]]))[0]
+        trig = Trigger.near_point(float(anchor[0]), float(anchor[1]), 60.0)
+        for lane, state in ((info["incoming"], LightState.GREEN), (inc, LightState.RED)):
+            li = int(m.lane_light[lane])
+            if li >= 0:
+                ctx.rule(li, trig, Action.light(state), "light frozen")
+    ctx.meta.update(other_incoming=inc, other_connector=conn, crossing=[a], collision_point=(cx, cy))
+    return a
 
 
 @register("OppositeVehicleRunningRedLight", "Emergency_Brake", traffic_signs=True)
 def _ovrrl(ctx: Ctx):
-    _crossing_vehicle(ctx, (SIG,), dict(ignore_lights=True, ignore_priority=True, react_ego=False), lights=True)
+    _opposite_vehicle(ctx, (SIG,), lights=True)
 
 
 @register("OppositeVehicleTakingPriority", "Emergency_Brake", traffic_signs=True)
 def _ovtp(ctx: Ctx):
-    _crossing_vehicle(ctx, NONSIG, dict(ignore_stops=True, ignore_priority=True, react_ego=False))
+    _opposite_vehicle(ctx, NONSIG, lights=False)
+
+
+TURN_CROSSER = {  # Bench2Drive's BaseVehicleTurning: (metres past the junction exit, time to arrival s, speed m/s)
+    AgentKind.BICYCLE: (11.0, 1.8, 1.8),  # VehicleTurningRoute: a bicycle from the right sidewalk
+    AgentKind.PEDESTRIAN: (0.5, 2.2, 1.8),  # VehicleTurningRoutePedestrian: a walker on the exit crosswalk
+}
+TURN_CROSSER_MIN_DIST = 6.0  # their minimum trigger distance, m
+SIDEWALK_OFFSET = 1.5  # a sidewalk starter's distance beyond the road edge, m
 
 
 def _after_turn_crosser(ctx: Ctx, kind: AgentKind):
+    """After the ego's turn a bicycle (from the right) or a walker (from the far side for a right turn, the right
+    side for a left turn) crosses the exit road when the ego's time to arrival at its crossing point is short."""
     turn = LEFT if ctx.rng.random() < 0.5 else RIGHT
     info = ctx.through_junction((SIG, STOP, UNC), turn, after=(35.0, 70.0))
     m = ctx.m
     out = info["outgoing"]
-    s = ctx.u(6.0, 12.0)
+    s, tta, speed = TURN_CROSSER[kind]
     w = float(m.lane_width[out])
-    lat = -0.5 * w - ctx.u(1.5, 3.0)
+    opp = int(m.lane_left_opposite[out])
+    if kind == AgentKind.PEDESTRIAN and turn == RIGHT:  # from the far sidewalk, across the whole road
+        far = 0.5 * w + (float(m.lane_width[opp]) if opp >= 0 else 0.0) + SIDEWALK_OFFSET
+        lat, side = far, -HALF_PI
+    else:
+        lat, side = -0.5 * w - SIDEWALK_OFFSET, HALF_PI
     (px, py), h = offset_pose(m, out, s, lat)
-    a = ctx.add(kind, pos=(px, py), yaw=h + HALF_PI, mode=Mode.FREE, hold=True, react_ego=False,
-                lane_changes=False)
-    speed = ctx.u(1.4, 2.5) if kind == AgentKind.PEDESTRIAN else ctx.u(3.0, 5.0)
-    ctx.rule(a, Trigger.near_agent(a, ctx.u(18.0, 28.0)), Action.free(h + HALF_PI, speed), "crosses")
-    ctx.meta.update(walker=a, walker_yaw=h + HALF_PI)
+    a = ctx.add(kind, pos=(px, py), yaw=h + side, mode=Mode.FREE, hold=True, react_ego=False, lane_changes=False)
+    cx, cy = lane_pose(m, out, s)[0]
+    ctx.rule(a, Trigger.arrival(float(cx), float(cy), tta, TURN_CROSSER_MIN_DIST), Action.free(h + side, speed),
+             "crosses")
+    ctx.meta.update(walker=a, walker_yaw=h + side)
 
 
 @register("VehicleTurningRoute", "Emergency_Brake", traffic_signs=True)
@@ -414,34 +584,45 @@ def _vtrp(ctx: Ctx):
     _after_turn_crosser(ctx, AgentKind.PEDESTRIAN)
 
 
+PED_CROSSING_TTA = 3.5  # PedestrianCrossing: the walkers start when the ego's time to arrival is below this, s
+PED_CROSSING_MIN_DIST = 12.0  # ... or the ego is within this distance of the crossing, m
+PED_CROSSING_WALKERS = ((0.4, 1.5), (1.0, 2.5), (1.6, 0.5))  # (forward, right) offsets of its 3 walkers, m
+PED_CROSSING_SPEED = (1.3, 2.0)  # m/s
+PED_CROSSING_IDLE = (0.0, 1.5)  # each walker's delay after the trigger, s
+
+
 @register("PedestrianCrossing", "Emergency_Brake", traffic_signs=True)
 def _ped_crossing(ctx: Ctx):
+    """Bench2Drive's ``PedestrianCrossing``: three walkers cross the crosswalk at the ego's junction entry from
+    its right, each after a short idle, once the ego's time to arrival there is below 3.5 s (or within 12 m)."""
     info = ctx.through_junction((SIG, STOP, UNC), STRAIGHT, after=(30.0, 70.0))
     m = ctx.m
     j = ctx.f["junctions"][info["junction"]]
-    out = info["outgoing"]
-    arm = next((a for a in j["arm_info"] if out in a["outgoing"]), None)
+    inc = info["incoming"]
+    arm = next((a for a in j["arm_info"] if inc in a["incoming"]), None)
     if arm is None or not arm["crosswalk"]:
-        raise NoPlace("exit arm without crosswalk")
-    # the crosswalk direction that starts on the ego's right side
-    p_out, h_out = lane_pose(m, out, 0.0)
+        raise NoPlace("entry arm without crosswalk")
+    p_in, h_in = lane_pose(m, inc, float(m.lane_length[inc]))
     best = None
-    for cw in arm["crosswalk"]:
+    for cw in arm["crosswalk"]:  # the crosswalk direction that starts on the ego's right side
         p0, hc = lane_pose(m, cw, 0.0)
-        side = -math.sin(h_out) * (p0[0] - p_out[0]) + math.cos(h_out) * (p0[1] - p_out[1])
+        side = -math.sin(h_in) * (p0[0] - p_in[0]) + math.cos(h_in) * (p0[1] - p_in[1])
         if side < 0:
             best = (cw, p0, hc)
     if best is None:
         raise NoPlace("no crosswalk start on the right")
     cw, p0, hc = best
     mid = lane_pose(m, cw, 0.5 * float(m.lane_length[cw]))[0]
-    d = ctx.u(22.0, 35.0)
+    gate = ctx.rule(0, Trigger.arrival(float(mid[0]), float(mid[1]), PED_CROSSING_TTA, PED_CROSSING_MIN_DIST),
+                    Action(A_NONE), "walkers start")
+    fwd = np.array([math.cos(h_in), math.sin(h_in)])
+    right = np.array([math.sin(h_in), -math.cos(h_in)])
     walkers = []
-    for k in range(int(ctx.rng.integers(1, 4))):
-        q = p0 + 0.7 * k * ctx.u(-1, 1) * np.array([math.cos(hc + HALF_PI), math.sin(hc + HALF_PI)])
+    for f, r in PED_CROSSING_WALKERS:  # the offsets are taken from the crosswalk's start, across the road
+        q = p0 + (f - 1.0) * fwd + (r - 1.5) * right
         a = ctx.add(AgentKind.PEDESTRIAN, pos=(float(q[0]), float(q[1])), yaw=hc, mode=Mode.FREE, hold=True,
                     react_ego=False, lane_changes=False)
-        ctx.rule(a, Trigger.near_point(float(mid[0]), float(mid[1]), d), Action.free(hc, ctx.u(1.2, 2.0)),
+        ctx.rule(a, Trigger.after(gate, ctx.u(*PED_CROSSING_IDLE)), Action.free(hc, ctx.u(*PED_CROSSING_SPEED)),
                  "crossing")
         walkers.append(a)
     ctx.meta.update(walker=walkers[0], walker_yaw=hc, crosswalk=cw)
@@ -460,56 +641,47 @@ def _blocked(ctx: Ctx):
 
 
 # ====================================================================== Merging
-def _junction_flow(ctx: Ctx, kinds, ego_turn, other_turns, n, flags, kind=AgentKind.CAR, arms=None):
-    return _crossing_vehicle(ctx, kinds, flags, ego_turn=ego_turn, other_turns=other_turns, n=n, kind=kind,
-                             arms=arms)
+_BOTH_GREEN = {"ego": LightState.GREEN, "flow": LightState.GREEN}
 
 
 @register("SignalizedJunctionLeftTurn", "Merging", traffic_signs=True)
 def _sjlt(ctx: Ctx):
-    _junction_flow(ctx, (SIG,), LEFT, (STRAIGHT,), int(ctx.rng.integers(1, 3)), dict(ignore_priority=False))
+    _junction_flow(ctx, (SIG,), LEFT, (STRAIGHT,), lights=_BOTH_GREEN)
 
 
 @register("SignalizedJunctionRightTurn", "Merging", traffic_signs=True)
 def _sjrt(ctx: Ctx):
-    _junction_flow(ctx, (SIG,), RIGHT, (STRAIGHT, LEFT), int(ctx.rng.integers(1, 3)),
-                   dict(ignore_lights=True, ignore_priority=True))
+    _junction_flow(ctx, (SIG,), RIGHT, (STRAIGHT, LEFT), lights=_BOTH_GREEN)
 
 
 @register("NonSignalizedJunctionLeftTurn", "Merging", traffic_signs=True)
 def _nsjlt(ctx: Ctx):
-    _junction_flow(ctx, NONSIG, LEFT, (STRAIGHT,), int(ctx.rng.integers(1, 3)),
-                   dict(ignore_priority=True, ignore_stops=True))
+    _junction_flow(ctx, NONSIG, LEFT, (STRAIGHT,))
 
 
 @register("NonSignalizedJunctionRightTurn", "Merging", traffic_signs=True)
 def _nsjrt(ctx: Ctx):
-    _junction_flow(ctx, NONSIG, RIGHT, (STRAIGHT, LEFT), int(ctx.rng.integers(1, 3)),
-                   dict(ignore_priority=True, ignore_stops=True))
+    _junction_flow(ctx, NONSIG, RIGHT, (STRAIGHT, LEFT))
 
 
 @register("SignalizedJunctionLeftTurnEnterFlow", "Merging", traffic_signs=True)
 def _sjltef(ctx: Ctx):
-    _junction_flow(ctx, (SIG,), LEFT, (STRAIGHT, RIGHT, LEFT), int(ctx.rng.integers(4, 7)),
-                   dict(ignore_lights=True, ignore_priority=True))
+    _junction_flow(ctx, (SIG,), LEFT, (STRAIGHT, RIGHT, LEFT), lights=_BOTH_GREEN)
 
 
 @register("NonSignalizedJunctionLeftTurnEnterFlow", "Merging", traffic_signs=True)
 def _nsjltef(ctx: Ctx):
-    _junction_flow(ctx, NONSIG, LEFT, (STRAIGHT, RIGHT, LEFT), int(ctx.rng.integers(4, 7)),
-                   dict(ignore_priority=True, ignore_stops=True))
+    _junction_flow(ctx, NONSIG, LEFT, (STRAIGHT, RIGHT, LEFT))
 
 
 @register("EnterActorFlow", "Merging", traffic_signs=True)
 def _eaf(ctx: Ctx):
-    _junction_flow(ctx, (SIG, STOP, UNC), [LEFT, RIGHT][int(ctx.rng.integers(2))], (STRAIGHT, LEFT, RIGHT),
-                   int(ctx.rng.integers(4, 8)), dict(ignore_priority=True, ignore_stops=True, ignore_lights=True))
+    _junction_flow(ctx, (SIG, STOP, UNC), [LEFT, RIGHT][int(ctx.rng.integers(2))], (STRAIGHT, LEFT, RIGHT))
 
 
 @register("CrossingBicycleFlow", "Merging", traffic_signs=True)
 def _cbf(ctx: Ctx):
     _junction_flow(ctx, (SIG, STOP, UNC), [LEFT, RIGHT][int(ctx.rng.integers(2))], (STRAIGHT, LEFT, RIGHT),
-                   int(ctx.rng.integers(4, 8)), dict(ignore_priority=True, ignore_stops=True, ignore_lights=True),
                    kind=AgentKind.BICYCLE)
 
 
@@ -520,41 +692,31 @@ def _interurban(j: dict) -> bool:
 
 @register("InterurbanActorFlow", "Merging")
 def _iaf(ctx: Ctx):
-    _crossing_vehicle(ctx, (SIG, STOP, UNC), dict(ignore_priority=True, ignore_stops=True, ignore_lights=True),
-                      ego_turn=LEFT, other_turns=(STRAIGHT,), n=int(ctx.rng.integers(4, 8)), where=_interurban,
-                      speed=(9.0, 13.0))
+    _junction_flow(ctx, (SIG, STOP, UNC), LEFT, (STRAIGHT,), where=_interurban)
 
 
 @register("InterurbanAdvancedActorFlow", "Merging")
 def _iaaf(ctx: Ctx):
     # flows from two directions to cross / merge into
-    _crossing_vehicle(ctx, (SIG, STOP, UNC), dict(ignore_priority=True, ignore_stops=True, ignore_lights=True),
-                      ego_turn=LEFT, other_turns=(STRAIGHT, LEFT, RIGHT), n=int(ctx.rng.integers(3, 6)),
-                      where=_interurban, streams=2, speed=(9.0, 13.0))
+    _junction_flow(ctx, (SIG, STOP, UNC), LEFT, (STRAIGHT, LEFT, RIGHT), where=_interurban, streams=2)
 
 
 @register("MergerIntoSlowTrafficV2", "Merging")
 def _merger_v2(ctx: Ctx):
     # turn into a road whose traffic (merging into the same exit lane) is slow and dense
-    _crossing_vehicle(ctx, (SIG, STOP, UNC), dict(ignore_priority=True, ignore_stops=True, ignore_lights=True),
-                      ego_turn=RIGHT, other_turns=(STRAIGHT, LEFT), n=int(ctx.rng.integers(4, 7)),
-                      spacing=(7.0, 10.0), speed=(2.5, 4.5))
+    _junction_flow(ctx, (SIG, STOP, UNC), RIGHT, (STRAIGHT, LEFT))
 
 
-def _platoon(ctx: Ctx, lane: int, s_front: float, n: int, speed: float, gap=(8.0, 12.0), t0: float = 0.0,
-             trigger: Trigger | None = None, **flags) -> list[int]:
-    """``n`` vehicles driving at ``speed``, front one at ``(lane, s_front)``, the rest behind it (following
-    lane predecessors); held, then released rolling at ``t0`` s or when ``trigger`` holds."""
-    out = []
-    d = 0.0
-    for k in range(n):
-        ln, s, path = ctx.lane_path_back(lane, s_front, d)
-        a = ctx.add(AgentKind.CAR, lane=ln, s=s, hold=True, lane_changes=False, queue=path[:3],
-                    speed_override=speed, v_des=speed, **flags)
-        ctx.rule(a, trigger if trigger is not None else Trigger.time(t0), Action.release(speed), "flow")
-        out.append(a)
-        d += ctx.u(*gap) + 4.6
-    return out
+def _lane_flow(ctx: Ctx, lane: int, s_merge: float) -> list[int]:
+    """A flow (``_flow``) along ``lane`` past ``s_merge``, where the ego's route joins or crosses it: source
+    ``FLOW_SOURCE_TIME`` s of driving upstream, sink ``FLOW_SINK_TIME`` s downstream (within the lane)."""
+    v, interval = _flow_params(ctx)
+    rest = float(ctx.m.lane_length[lane]) - s_merge  # from the merge point to the end of the lane
+    lanes, s0, back = _flow_lanes(ctx, lane, [], FLOW_SOURCE_TIME * v + rest)
+    if back - rest < 10.0:
+        raise NoPlace("no room for the flow's source")
+    sink = max(5.0, min(FLOW_SINK_TIME * v, rest - 1.0))
+    return _flow(ctx, lanes, s0, back - rest + sink, v, interval)
 
 
 @register("MergerIntoSlowTraffic", "Merging")
@@ -569,11 +731,7 @@ def _merger(ctx: Ctx):
     s0 = ctx.u(10.0, 45.0)
     ctx.set_route([], [ramp, acc, main], s0, reach=(main, float(m.lane_length[acc]) * 0.5, ctx.u(25.0, 50.0)))
     e = 0.5 * float(m.lane_length[acc])  # the dense route leaves the acceleration lane half way
-    mp = lane_pose(m, main, e)[0]  # where the dense route merges
-    v = ctx.u(3.0, 6.0)
-    flow = _platoon(ctx, main, min(float(m.lane_length[main]) - 5.0, e + ctx.u(25.0, 45.0)),
-                    int(ctx.rng.integers(5, 9)), v, trigger=Trigger.near_point(float(mp[0]), float(mp[1]),
-                                                                             ctx.u(45.0, 70.0)))
+    flow = _lane_flow(ctx, main, e)
     ctx.meta.update(flow=flow, merge_lane=main)
     ctx.n_vehicles = max(ctx.n_vehicles, 15)
 
@@ -594,9 +752,7 @@ def _highway_exit(ctx: Ctx):
     s0 = max(0.0, L - ctx.u(50.0, 90.0))
     ctx.set_route([], [inner, r, dec, offs[0]], s0, reach=(offs[0], ctx.u(10.0, 40.0), 0.0))
     e = s0 + 0.5 * (L - s0)  # where the route changes lane
-    mp = lane_pose(m, r, e)[0]
-    flow = _platoon(ctx, r, min(L - 3.0, e + ctx.u(5.0, 20.0)), int(ctx.rng.integers(3, 6)), ctx.u(9.0, 13.0),
-                    gap=(12.0, 20.0), trigger=Trigger.near_point(float(mp[0]), float(mp[1]), ctx.u(25.0, 40.0)))
+    flow = _lane_flow(ctx, r, e)
     ctx.meta.update(flow=flow, exit_lane=dec)
 
 
@@ -694,8 +850,17 @@ def _yield_ev(ctx: Ctx):
     ctx.meta.update(emergency=ev)
 
 
+INVADING_SPACING = 40.0  # InvadingTurn._flow_frequency: one oncoming car every this many metres, m
+INVADING_OFFSET = (0.18, 0.34)  # the 'offset' parameter of Bench2Drive's 220 routes ("meters invaded"), m
+INVADING_DISTANCE = (50.0, 60.0)  # the 'distance' parameter of Bench2Drive's 220 routes, m
+INVADING_CONSTANT = 0.7  # InvadingTurn._offset_constant: the car keeps offset + lane width / 2 - this, m
+
+
 @register("InvadingTurn", "Give_Way")
 def _invading(ctx: Ctx):
+    """Bench2Drive's ``InvadingTurn``: on a bend of a two-way road, oncoming cars (one every
+    ``INVADING_SPACING`` m, at the ego lane's speed limit) keep ``offset + w / 2 - 0.7`` m towards the ego's
+    lane, pushed there by cones on their outer edge; the ego must move right."""
     m = ctx.m
     curves = [c for c in ctx.f["curves"] if ctx.is_driving(c) and m.lane_junction[c] < 0 and c not in ctx.extra_lanes
               and float(m.lane_length[c]) > 50.0 and _opposite(ctx, c) >= 0]
@@ -705,21 +870,18 @@ def _invading(ctx: Ctx):
     ctx.set_route(pre, [lane], s0, reach=(lane, 0.8 * L, 0.0))
     opp = _opposite(ctx, lane)
     Lo = float(m.lane_length[opp])
-    d_trig = ctx.u(35.0, 55.0)
-    n = int(ctx.rng.integers(2, 4))
-    cars = []
-    for k in range(n):
-        so = Lo - L * ctx.u(0.55, 0.8) - 15.0 * k
-        if so < 0:
-            break
-        a = ctx.add(AgentKind.CAR, lane=opp, s=so, hold=True, lane_changes=False, react_ego=False,
-                    speed_override=ctx.u(6.0, 9.0))
-        r = ctx.rule(a, Trigger.near_agent(a, d_trig), Action.release(), "oncoming")
-        ctx.rule(a, Trigger.after(r, 0.0), Action.offset(ctx.u(2.0, 2.6), 8.0), "invade")
-        cars.append(a)
-    if not cars:
-        raise NoPlace("no room for oncoming cars")
-    ctx.meta.update(invaders=cars, opposite=opp)
+    w = float(m.lane_width[opp])
+    true_offset = ctx.u(*INVADING_OFFSET) + 0.5 * w - INVADING_CONSTANT
+    # cones on the oncoming lane's outer edge every 5 m from 10 m past its start for half of Bench2Drive's
+    # 'distance' parameter (50-60 m on its 220 routes)
+    cones = []
+    for k in range(int(0.5 * ctx.u(*INVADING_DISTANCE) / 5.0)):
+        cones.append(ctx.add_static("cone", opp, min(Lo - 1.0, 10.0 + 5.0 * k), -0.8 * 0.5 * w))
+    v = float(m.lane_speed_limit[lane])
+    lanes, s_src, back = _flow_lanes(ctx, opp, [], Lo + 20.0)
+    cars = _flow(ctx, lanes, s_src, back, v, (INVADING_SPACING, INVADING_SPACING),
+                 flags=dict(react_ego=False, lane_changes=False), offset=true_offset, name="invading flow")
+    ctx.meta.update(invaders=cars, opposite=opp, cones=cones, invasion=true_offset)
 
 
 def _opposite(ctx: Ctx, lane: int) -> int:
@@ -732,6 +894,11 @@ def _opposite(ctx: Ctx, lane: int) -> int:
 
 
 # ====================================================================== Traffic_Signs
+VANILLA_TRIGGER = (18.0, 29.0)  # distance of the trigger point from the stop line, m (Bench2Drive's routes)
+VANILLA_FREEZE = 5.0  # how long its light is frozen in each state, s
+VANILLA_RELEASE = 35.0  # after the red the ego keeps its green this long (Bench2Drive: until it left the junction), s
+
+
 def _vanilla(kinds, turns, need_stop=None, arms=None, light=None):
     def build(ctx: Ctx):
         turn = turns[int(ctx.rng.integers(len(turns)))]
@@ -741,11 +908,15 @@ def _vanilla(kinds, turns, need_stop=None, arms=None, light=None):
             if li < 0:
                 raise NoPlace("ego lane has no light")
             p = lane_pose(ctx.m, info["incoming"], float(ctx.m.lane_length[info["incoming"]]))[0]
-            r = ctx.rule(li, Trigger.near_point(float(p[0]), float(p[1]), ctx.u(30.0, 45.0)), Action.light(light),
+            # Bench2Drive's VanillaSignalizedTurn*: at the trigger point (18-29 m before the turn on its routes)
+            # the ego's light is frozen for 5 s: red then green (EncounterRedLight), or green then red for
+            # another 5 s (EncounterGreenLight: a slow ego meets the red), then it goes back to its cycle
+            r = ctx.rule(li, Trigger.near_point(float(p[0]), float(p[1]), ctx.u(*VANILLA_TRIGGER)), Action.light(light),
                          "force light")
-            if light == LightState.RED:
-                ctx.rule(li, Trigger.after(r, ctx.u(8.0, 14.0)), Action.light(LightState.GREEN), "turn green")
-                ctx.rule(li, Trigger.after(r, 40.0), Action.light(-1), "back to cycle")
+            other = LightState.GREEN if light == LightState.RED else LightState.RED
+            r2 = ctx.rule(li, Trigger.after(r, VANILLA_FREEZE), Action.light(other), "switch")
+            ctx.rule(li, Trigger.after(r2, VANILLA_FREEZE if light == LightState.GREEN else VANILLA_RELEASE),
+                     Action.light(-1), "back to cycle")
             ctx.meta.update(light=li, stop_point=(float(p[0]), float(p[1])))
     return build
 

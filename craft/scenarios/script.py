@@ -16,8 +16,9 @@ A rule fires at most once. Agent indices are world indices: the ego is 0, the sc
 (``WorldSpec.agents``) are 1..k in order. For :meth:`Action.light` the rule's ``agent`` is a *light index*
 of the map instead.
 
-Triggers (``Trigger.*``): ego within ``d`` of an agent / of a point; ego time-to-collision to an agent below
-``t``; elapsed time; ego route progress past ``m`` metres; another rule already fired (+ a delay).
+Triggers (``Trigger.*``): ego within ``d`` of an agent / of a point; ego time to arrival at a point below ``t``
+(or within a minimum distance of it); ego time-to-collision to an agent below ``t``; elapsed time; ego route
+progress past ``m`` metres; another rule already fired (+ a delay).
 
 Actions (``Action.*``): release ``hold``; set ``speed_override`` / ``v_des``; switch to FREE mode with a
 heading and speed (pedestrian stepping out); cut into a lane (re-anchor on the ego's lane with a lateral
@@ -45,6 +46,9 @@ T_TTC = 3  # p0: time t (s); p1: max distance considered
 T_TIME = 4  # p0: elapsed seconds
 T_PROGRESS = 5  # p0: route metres
 T_AFTER = 6  # trig_agent holds the rule index; p0: delay after it fired (s)
+T_ARRIVAL = 7  # p0, p1: x, y; p2: time t (s); p3: distance d (the ego arrives within t s, or is within d m)
+TRIGGER_PARAMS = 4  # parameters per trigger
+ARRIVAL_MIN_SPEED = 0.1  # m/s; a slower ego never arrives (Bench2Drive's time to arrival is infinite then)
 
 A_NONE = 0
 A_RELEASE = 1  # hold := False; speed := p0 when p0 > 0 (start already moving)
@@ -58,10 +62,10 @@ A_V_DES = 8  # v_des := p0
 A_VALID = 9  # valid := p0 != 0 (hide / show an agent)
 A_OFFSET = 10  # sustained: lateral offset := p0 (left positive) for p1 seconds after firing (lane agents)
 
-FLAGS = ("ignore_lights", "ignore_stops", "ignore_priority", "react_ego", "siren", "lane_changes")
+FLAGS = ("ignore_lights", "ignore_stops", "ignore_priority", "react_ego", "siren", "lane_changes", "ignore_vehicles")
 
 TRIGGER_NAMES = {T_NONE: "none", T_NEAR_AGENT: "near_agent", T_NEAR_POINT: "near_point", T_TTC: "ttc",
-                 T_TIME: "time", T_PROGRESS: "progress", T_AFTER: "after"}
+                 T_TIME: "time", T_PROGRESS: "progress", T_AFTER: "after", T_ARRIVAL: "arrival"}
 ACTION_NAMES = {A_NONE: "none", A_RELEASE: "release", A_SPEED: "speed", A_FREE: "free", A_FLAG: "flag",
                 A_LIGHT: "light", A_PERTURB: "perturb", A_CUT_IN: "cut_in", A_V_DES: "v_des", A_VALID: "valid",
                 A_OFFSET: "offset"}
@@ -71,7 +75,7 @@ ACTION_NAMES = {A_NONE: "none", A_RELEASE: "release", A_SPEED: "speed", A_FREE: 
 class Trigger:
     kind: int
     agent: int = -1  # agent the trigger measures against (T_NEAR_AGENT, T_TTC) or rule index (T_AFTER)
-    params: tuple = (0.0, 0.0, 0.0)
+    params: tuple = (0.0, 0.0, 0.0, 0.0)
 
     @staticmethod
     def near_agent(agent: int, d: float) -> "Trigger":
@@ -97,6 +101,13 @@ class Trigger:
     def progress(m: float) -> "Trigger":
         """The ego's route progress passed ``m`` metres."""
         return Trigger(T_PROGRESS, -1, (float(m), 0.0, 0.0))
+
+    @staticmethod
+    def arrival(x: float, y: float, t: float, d: float = 0.0) -> "Trigger":
+        """The ego's time to arrival at the point ``(x, y)`` -- straight-line distance over its current speed,
+        as Bench2Drive's ``InTimeToArrivalToLocation`` -- is below ``t`` s, or the ego is within ``d`` m of it
+        (Bench2Drive's minimum trigger distance, for an ego that comes slowly or stops)."""
+        return Trigger(T_ARRIVAL, -1, (float(x), float(y), float(t), float(d)))
 
     @staticmethod
     def after(rule: int, delay: float = 0.0) -> "Trigger":
@@ -143,8 +154,9 @@ class Action:
     @staticmethod
     def cut_in(lane: int = -1, speed: float = float("nan"), initial_speed: float = 0.0) -> "Action":
         """Re-anchor the agent on ``lane`` (-1: the ego's current lane) keeping its lateral offset, so the
-        world's lane-change model steers it across; optional new ``speed_override`` and, when > 0, the
-        speed it has at once (e.g. a held car that should already be rolling)."""
+        world's lane-change model steers it across; optional new ``speed_override`` (a negative value -k means
+        k times the ego's speed at that moment) and, when > 0, the speed it has at once (e.g. a held car that
+        should already be rolling)."""
         return Action(A_CUT_IN, (float(lane), float(speed), float(initial_speed)))
 
     @staticmethod
@@ -179,7 +191,7 @@ class ScriptTable:
 
     trig_type: torch.Tensor  # (B, E) long
     trig_agent: torch.Tensor  # (B, E) long (rule index for T_AFTER)
-    trig_p: torch.Tensor  # (B, E, 3)
+    trig_p: torch.Tensor  # (B, E, TRIGGER_PARAMS)
     act_type: torch.Tensor  # (B, E) long
     act_agent: torch.Tensor  # (B, E) long
     act_p: torch.Tensor  # (B, E, 3)
@@ -216,7 +228,7 @@ def pack(rules: list[list[Rule]], device="cpu") -> ScriptTable:
     E = max(1, max(len(r) for r in rules))
     tt = torch.zeros(B, E, dtype=torch.long)
     ta = torch.full((B, E), -1, dtype=torch.long)
-    tp = torch.zeros(B, E, 3)
+    tp = torch.zeros(B, E, TRIGGER_PARAMS)
     at = torch.zeros(B, E, dtype=torch.long)
     aa = torch.full((B, E), -1, dtype=torch.long)
     ap = torch.zeros(B, E, 3)
@@ -228,7 +240,8 @@ def pack(rules: list[list[Rule]], device="cpu") -> ScriptTable:
                 raise CraftError(f"world {b} rule {e}: chained to rule {r.trigger.agent}, which does not exist")
             tt[b, e] = r.trigger.kind
             ta[b, e] = r.trigger.agent
-            tp[b, e] = torch.tensor([float(x) for x in (tuple(r.trigger.params) + (0.0,) * 3)[:3]])
+            tp[b, e] = torch.tensor([float(x) for x in (tuple(r.trigger.params) + (0.0,) * TRIGGER_PARAMS)
+                                     [:TRIGGER_PARAMS]])
             at[b, e] = r.action.kind
             aa[b, e] = r.agent
             ap[b, e] = torch.tensor([float(x) for x in (tuple(r.action.params) + (0.0,) * 3)[:3]])
@@ -267,6 +280,9 @@ def triggers(state: WorldState, table: ScriptTable, t: torch.Tensor) -> torch.Te
     a_ok = (a >= 0) & (a < state.num_agents) & _gather_agent(state.valid, a)
     d_agent = (_gather_agent(state.pos, a) - ego).norm(dim=-1)
     d_point = (p[..., :2] - ego).norm(dim=-1)
+    v_ego = state.speed[:, :1]  # (B, 1)
+    arrival = torch.where(v_ego > ARRIVAL_MIN_SPEED, d_point / v_ego.clamp_min(ARRIVAL_MIN_SPEED),
+                          torch.full_like(d_point, math.inf))
     ttc = ego_ttc(state, a)
     tcol = t[:, None].expand_as(p[..., 0])
     prev_fired = torch.gather(table.fired, 1, a.clamp(0, table.num_rules - 1))
@@ -277,6 +293,7 @@ def triggers(state: WorldState, table: ScriptTable, t: torch.Tensor) -> torch.Te
     fire |= (tt == T_TTC) & a_ok & (ttc <= p[..., 0]) & (d_agent <= p[..., 1])
     fire |= (tt == T_TIME) & (tcol >= p[..., 0] - 1e-6)
     fire |= (tt == T_PROGRESS) & (state.progress[:, None] >= p[..., 0])
+    fire |= (tt == T_ARRIVAL) & ((arrival < p[..., 2]) | (d_point < p[..., 3]))
     fire |= (tt == T_AFTER) & prev_fired & (tcol - prev_time >= p[..., 0] - 1e-6)
     return fire & ~table.fired & ~state.done[:, None]
 
@@ -412,6 +429,7 @@ def _cut_in(state, m, aa, ap, kw, upd, maps):
     upd("mode", hit, torch.full_like(state.mode, Mode.LANE))
     upd("hold", hit, torch.zeros_like(state.hold))
     upd("lane_changes", hit, torch.zeros_like(state.lane_changes))
+    spd = torch.where(spd < 0, -spd * state.speed[:, :1], spd)  # relative to the ego's speed
     spd_ok = hit & torch.isfinite(spd)
     upd("speed_override", spd_ok, spd)
     _, v0 = _per_agent(m, aa, ap[..., 2], N)

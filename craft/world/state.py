@@ -71,6 +71,7 @@ class WorldState:
     ignore_lights: torch.Tensor  # (B, N) bool: runs red lights
     ignore_stops: torch.Tensor  # (B, N) bool: ignores stop signs
     ignore_priority: torch.Tensor  # (B, N) bool: takes priority at junctions
+    ignore_vehicles: torch.Tensor  # (B, N) bool: no vehicle (the ego included) or static object is its leader
     lane_changes: torch.Tensor  # (B, N) bool: may change lanes (MOBIL)
     speed_override: torch.Tensor  # (B, N) target speed overriding IDM's free speed; NaN = none
     hold: torch.Tensor  # (B, N) bool: frozen in place until released (scripted triggers)
@@ -237,6 +238,7 @@ def empty_state(B: int, N: int, K: int, Q: int, R: int, P: int, device="cpu") ->
         ignore_lights=torch.zeros(B, N, **b),
         ignore_stops=torch.zeros(B, N, **b),
         ignore_priority=torch.zeros(B, N, **b),
+        ignore_vehicles=torch.zeros(B, N, **b),
         lane_changes=torch.ones(B, N, **b),
         speed_override=torch.full((B, N), float("nan"), **f),
         hold=torch.zeros(B, N, **b),

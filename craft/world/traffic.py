@@ -247,7 +247,9 @@ def _leaders(state: WorldState, path: PathInfo, cfg: TrafficConfig):
     reach = (cfg.leader_time * state.speed + cfg.leader_reach_min).clamp(max=(S - 1) * cfg.path_step)
     cand = _close_pairs(state, follows, reach + 5.0)
     ignore_ego = (state.kind == int(AgentKind.EGO))[:, None, :] & ~state.react_ego[:, :, None]
-    ri, rj, _ = _pairs(cand & ~ignore_ego)
+    # an agent that ignores vehicles (a flow at constant velocity) still sees pedestrians
+    ignore_veh = state.ignore_vehicles[:, :, None] & (state.kind != int(AgentKind.PEDESTRIAN))[:, None, :]
+    ri, rj, _ = _pairs(cand & ~ignore_ego & ~ignore_veh)
     flat = lambda x: x.reshape(B * N, *x.shape[2:])  # noqa: E731
     # drop pairs behind the agent before the path projection
     rel = flat(state.pos).index_select(0, rj) - flat(state.pos).index_select(0, ri)

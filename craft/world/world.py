@@ -91,7 +91,23 @@ class WorldSpec:
 
 
 _BEHAVIOUR_FIELDS = ("v_des", "headway", "min_gap", "a_max", "b_comf", "politeness", "react_ego",
-                     "ignore_lights", "ignore_stops", "ignore_priority", "lane_changes", "speed_override")
+                     "ignore_lights", "ignore_stops", "ignore_priority", "ignore_vehicles", "lane_changes",
+                     "speed_override")
+
+
+def _flows_after_collision(state: WorldState, collided: torch.Tensor) -> WorldState:
+    """Once the ego hits an agent that ignores vehicles (a scripted flow or adversary at constant velocity),
+    every such agent of that world drives like traffic again (sees vehicles and the ego), as Bench2Drive's
+    ``ActorFlow`` stops its constant-velocity mode when one of its vehicles collides.
+
+    collided: (B,) agent index of this step's counted collision (-1 none).
+    """
+    hit = collided >= 0
+    if not bool(hit.any()):
+        return state
+    ign = torch.gather(state.ignore_vehicles, 1, collided.clamp_min(0)[:, None]).squeeze(1) & hit
+    clear = ign[:, None] & state.ignore_vehicles
+    return state.replace(ignore_vehicles=state.ignore_vehicles & ~clear, react_ego=state.react_ego | clear)
 
 
 class World:
@@ -325,6 +341,7 @@ class World:
         st = advance_lanes(self.maps, state, st, cfg.traffic, cfg.dt)
         st, cand = self._sync_ego(st, with_candidates=True)
         st, events = update_events(self.maps, state, st, lights, cfg.events, cfg.end_on_collision, cand)
+        st = _flows_after_collision(st, events.collided_agent)
         st = st.replace(step=st.step + 1)
         return st, events
 
