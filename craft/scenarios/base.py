@@ -47,6 +47,7 @@ from craft.scenarios.script import Action, Rule, Trigger
 
 ABILITIES = ("Overtaking", "Merging", "Emergency_Brake", "Give_Way", "Traffic_Signs")
 ROUTE_MIN, ROUTE_MAX = 50.0, 250.0
+ARRIVAL_REF_SPEED = 8.0  # ego speed at which a time-to-arrival trigger's firing point is placed on the route, m/s
 STRAIGHT, LEFT, RIGHT = 0, 1, 2
 
 
@@ -476,7 +477,7 @@ class Ctx:
         it has no rule), ``interaction_m`` (the event: the builder's ``event_progress`` / junction entry /
         brake / first slip point, else the first route point within 6 m of one of its agents) and
         ``end_m`` (``SCENARIO_END_MARGIN`` after the interaction, or after the junction exit)."""
-        from craft.scenarios.script import A_VALID, T_NEAR_AGENT, T_NEAR_POINT, T_PROGRESS, T_TIME, T_TTC
+        from craft.scenarios.script import A_VALID, T_ARRIVAL, T_NEAR_AGENT, T_NEAR_POINT, T_PROGRESS, T_TIME, T_TTC
 
         pts, cum = self._polyline()
         length = self.route_length()
@@ -509,6 +510,10 @@ class Ctx:
                     fire.append(v)
             elif t.kind == T_NEAR_POINT:
                 v = reach((p[0], p[1]), float(p[2]))
+                if v is not None:
+                    fire.append(v)
+            elif t.kind == T_ARRIVAL:  # where an ego at ARRIVAL_REF_SPEED would fire it
+                v = reach((p[0], p[1]), max(float(p[3]), float(p[2]) * ARRIVAL_REF_SPEED))
                 if v is not None:
                     fire.append(v)
         trig = min(fire) if fire else inter

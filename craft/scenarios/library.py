@@ -349,6 +349,7 @@ ADVERSARY_SOURCE = 30.0  # Bench2Drive starts it this far before its junction en
 ADVERSARY_SINK = 10.0  # and is removed this far past the junction exit, m
 FLOW_SOURCE_TIME = 4.0  # a junction flow's source lies flow_speed * this before the junction entry, s
 FLOW_SINK_TIME = 2.5  # and its sink flow_speed * this past the exit, s
+SOURCE_FIRST = 0.1  # the earliest time the source's first vehicle appears, s
 FLOW_DURATION = 30.0  # s during which the source keeps spawning (Bench2Drive: until the ego leaves the junction)
 # flow speed (m/s) and spawn-distance interval (m) per type: the ranges of Bench2Drive's 220 routes
 # (flow_speed, source_dist_interval from / to)
@@ -443,7 +444,9 @@ def _flow(ctx: Ctx, lanes: list[int], s0: float, length: float, speed: float, in
             ctx.rule(a, Trigger.time(0.0), Action.offset(offset, (length - x) / speed), f"{name}: offset")
         out.append(a)
         x += ctx.u(*interval)
-    t = max(0.0, (ctx.u(*interval) - nearest) / speed) + start if out else start
+    # (the source's first vehicle comes a step after the start at the earliest: a time-0 rule is set-up, which
+    # long routes keep at their own start)
+    t = max(SOURCE_FIRST, (ctx.u(*interval) - nearest) / speed if out else 0.0) + start
     while t <= start + duration:  # the source
         a = ctx.add(kind, lane=lanes[0], s=s0, hold=True, queue=lanes[1:1 + QUEUE], speed_override=speed, v_des=speed,
                     **flags)

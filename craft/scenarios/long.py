@@ -50,8 +50,8 @@ import numpy as np
 
 from craft.errors import CraftError
 from craft.scenarios.base import ScenarioInstance, build_scenario, lane_pose, route_segments, town_seed_of
-from craft.scenarios.script import (A_LIGHT, A_NONE, A_VALID, T_AFTER, T_NEAR_AGENT, T_NEAR_POINT, T_PROGRESS,
-                                    T_TIME, T_TTC, Action, Rule, Trigger)
+from craft.scenarios.script import (A_LIGHT, A_NONE, A_VALID, T_AFTER, T_ARRIVAL, T_NEAR_AGENT, T_NEAR_POINT,
+                                    T_PROGRESS, T_TIME, T_TTC, Action, Rule, Trigger)
 from craft.world.map import LaneType, RoadMap
 from craft.world.world import WorldSpec
 
@@ -73,6 +73,7 @@ class LongRouteConfig:
     reveal: float = 40.0  # a chained scenario's agents appear this many route metres before its start, m
     reveal_clear: float = 20.0  # no agent may appear closer than this to the ego, m
     trigger_margin: float = 5.0  # proximity triggers must be out of reach (d + this) before the reveal, m
+    arrival_speed: float = 15.0  # time-to-arrival triggers are out of reach for an ego this fast, m/s
     cleanup: float = 30.0  # a scenario's agents disappear this many route metres after its end, m
     vehicles: tuple[int, int] = (16, 36)  # background vehicles, [lo, hi) (the world spawns most near the start)
     pedestrians: tuple[int, int] = (6, 16)  # background pedestrians, [lo, hi)
@@ -212,8 +213,12 @@ def _try_append(m: RoadMap, cfg: LongRouteConfig, route: list[int], ego_s: float
     pts, _ = route_points(m, full, ego_s, upto=reveal_at)
     if len(pts):
         for rule in inst.rules:  # proximity triggers must not be reachable before the agents appear
-            if rule.trigger.kind == T_NEAR_POINT:
-                x, y, d = (float(v) for v in rule.trigger.params)
+            if rule.trigger.kind in (T_NEAR_POINT, T_ARRIVAL):
+                if rule.trigger.kind == T_NEAR_POINT:
+                    x, y, d = (float(v) for v in rule.trigger.params[:3])
+                else:  # a fast ego fires a time-to-arrival trigger this far out
+                    x, y, t, d = (float(v) for v in rule.trigger.params)
+                    d = max(d, t * cfg.arrival_speed)
                 if np.min(np.hypot(pts[:, 0] - x, pts[:, 1] - y)) <= d + cfg.trigger_margin:
                     return [], 0.0, "a trigger point lies next to the earlier route"
         ego_at = pts[-1]
@@ -236,7 +241,9 @@ def _merge(m: RoadMap, cfg: LongRouteConfig, pieces: list[_Piece], route: list[i
             rules.append(Rule(-1, Trigger.progress(pc.start_m), Action(A_NONE), f"{inst.type}: ego arrives"))
         spans.append(([len(rules), len(rules) + len(inst.rules)], [a_off + 1, a_off + 1 + n_a]))
         rules += shift_rules(inst.rules, a_off, len(rules), pc.start_m, gate)
-        own_valid = {r.agent + a_off for r in inst.rules if r.action.kind == A_VALID}
+        # agents the scenario itself keeps hidden from the start (a door, a flow's pooled vehicles) stay its own
+        own_valid = {r.agent + a_off for r in inst.rules if r.action.kind == A_VALID and r.action.params[0] == 0.0
+                     and r.trigger.kind == T_TIME and float(r.trigger.params[0]) == 0.0}
         mine = [a_off + 1 + i for i in range(n_a)]
         if k > 0:  # hidden until the ego comes near
             for a in mine:
