@@ -325,8 +325,8 @@ def fault_probes(S: Path, probe, last: dict) -> None:
             return "doc WRITTEN" + (" with nan / inf" if "nan" in t or "inf " in t else "")
         probe(["experiment", "report", "--out", str(root), "--doc", str(doc)], written)
     # item 8: duplicated --types, --workers on resume, a bad observation config, mismatched weights
-    probe([*tiny_eval[:-2], "--types", "HardBreakRoute", "HardBreakRoute", "--max-steps", "30", "--out",
-           str(S / "et")])
+    probe(["eval", "--policy", "lane-follow", "--split", "val", "--routes", "1", "--types", "HardBreakRoute",
+           "HardBreakRoute", "--max-steps", "30", "--out", str(S / "et")])
     d = S / "ftw"
     shutil.copytree(base, d)
     probe([*ft, "--iters", "2", "--resume", "--workers", "2", "--out", str(d)], lambda: f"{last['seconds']:.0f} s")

@@ -495,14 +495,19 @@ def main(argv: list[str] | None = None) -> int:
             parts = c.split("x")
             if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
                 parser.error(f"--configs entries must look like 256x64 (WORLDSxAGENTS), got '{c}'")
+    if getattr(args, "types", None):  # a repeated scenario type runs once
+        args.types = list(dict.fromkeys(args.types))
     try:
         return int(args.func(args) or 0)
     except CraftError as e:
         print(f"craft: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except OSError as e:  # the file system refused (disk full, permissions, ...): one line, not a traceback
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"craft: error: {e.strerror or type(e).__name__}{where}; nothing was left half-written",
+    except Exception as e:  # the file system refused (disk full, permissions, ...): one line, not a traceback
+        from craft.files import is_write_failure, write_error
+
+        if not is_write_failure(e):
+            raise
+        print(f"craft: error: {_one_line(str(write_error(getattr(e, 'filename', None) or '?', e, untouched=False)))}",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -76,8 +76,9 @@ def is_write_failure(e: BaseException) -> bool:
                                              or "file write failed" in text)
 
 
-def write_error(path: str | os.PathLike, e: BaseException) -> CraftError:
-    """The one-line error of a refused write of ``path``: the reason, and what to do about it."""
+def write_error(path: str | os.PathLike, e: BaseException, untouched: bool = True) -> CraftError:
+    """The one-line error of a refused write of ``path``: the reason, and what to do about it (``untouched``:
+    say that the file was left as it was)."""
     import errno
     import resource
 
@@ -103,7 +104,7 @@ def write_error(path: str | os.PathLike, e: BaseException) -> CraftError:
         except OSError:
             pass
     return CraftError(f"could not write '{path}': {reason}" + (f" ({hint})" if hint else "")
-                      + "; the file was left as it was")
+                      + ("; the file was left as it was" if untouched else ""))
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
