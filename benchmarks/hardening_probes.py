@@ -64,7 +64,8 @@ def run(args: list[str], scratch: Path, fsize: int | None = None, cwd: Path | No
            and "step/s]" not in ln and "iter]" not in ln and "%|" not in ln]
     out = [ln for ln in p.stdout.splitlines() if ln.strip()]
     tb = any(ln.startswith("Traceback") for ln in err)
-    first = ("TRACEBACK: " + err[-1]) if tb else (err[0] if err else (out[-1] if out else ""))
+    mine = [ln for ln in err if ln.startswith("craft: ")]  # the command's own line, not a library's warning
+    first = ("TRACEBACK: " + err[-1]) if tb else (mine[0] if mine else err[0] if err else (out[-1] if out else ""))
     return p.returncode, first.replace(str(scratch), "S").replace("|", "/")[:150], p.stderr
 
 
@@ -346,9 +347,9 @@ def fault_probes(S: Path, probe, last: dict) -> None:
         p = subprocess.run([sys.executable, "-m", "craft.cli", *argv], cwd=ROOT, env=env, capture_output=True,
                            text=True)
         text = " ".join(p.stdout.split())
-        i = text.find(word)
+        i = text.rfind(word)
         return text[i:i + 110] if i >= 0 else f"({word} not found)"
-    probe(["eval", "--help"], lambda: help_line(["eval", "--help"], "--protocol {"))
+    probe(["eval", "--help"], lambda: help_line(["eval", "--help"], "--protocol {b2d,b2d-star} "))
     probe(["--help"], lambda: help_line(["--help"], "demo "))
 
     def bar_end() -> str:
@@ -412,7 +413,7 @@ def main() -> None:
         last.update(seconds=time.time() - t0, stderr=err)
         shown = prefix + " ".join(a.replace(str(S), "S").replace(str(ROOT) + "/", "") for a in argv)
         note = check().replace(str(S), "S").replace("|", "/")
-        rows.append({"command": f"craft {shown}".replace("|", "\\|"), "code": code,
+        rows.append({"command": f"{prefix}craft {shown[len(prefix):]}".replace("|", "\\|"), "code": code,
                      "first": first.replace(str(ROOT) + "/", ""), "note": note})
         print(f"[{len(rows)}] {shown[:80]} -> {code} ({last['seconds']:.0f} s)", file=sys.stderr, flush=True)
 

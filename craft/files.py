@@ -283,16 +283,54 @@ def staged_folder(out: str | os.PathLike, last: tuple[str, ...] = ("results.json
 
 
 def _merge_into(tmp: Path, out: Path, first: tuple[str, ...], last: tuple[str, ...]) -> None:
-    out.mkdir(exist_ok=True)
+    """Move every file of ``tmp`` into ``out`` (sub-folders merged); if a move fails, the files already moved
+    are put back as they were (the replaced ones were kept under a second name until the end), so ``out`` is
+    either complete or untouched."""
+    undo: list[tuple[Path, Path | None]] = []  # (moved-in file, its kept previous version or None)
+    made: list[Path] = []
+    try:
+        _merge_files(tmp, out, first, last, undo, made)
+    except BaseException:
+        for dst, kept in reversed(undo):
+            try:
+                if kept is None:
+                    dst.unlink(missing_ok=True)
+                else:
+                    os.replace(kept, dst)
+            except OSError:
+                pass
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+    for _, kept in undo:
+        if kept is not None:
+            kept.unlink(missing_ok=True)
+
+
+def _merge_files(tmp: Path, out: Path, first, last, undo: list, made: list) -> None:
+    if not out.is_dir():
+        out.mkdir()
+        made.append(out)
     names = sorted(f.name for f in tmp.iterdir())
     order = [n for n in first if n in names] + [n for n in names if n not in first and n not in last] \
         + [n for n in last if n in names]
     for name in order:
         src, dst = tmp / name, out / name
-        if src.is_dir() and not src.is_symlink() and dst.is_dir():
-            _merge_into(src, dst, (), ())
-        else:
-            os.replace(src, dst)
+        if src.is_dir() and not src.is_symlink() and (dst.is_dir() or not dst.exists()):
+            _merge_files(src, dst, (), (), undo, made)
+            continue
+        kept = None
+        if dst.is_file():
+            kept = dst.with_name(f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                os.link(dst, kept)
+            except OSError:
+                shutil.copy2(dst, kept)
+        undo.append((dst, kept))
+        os.replace(src, dst)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
