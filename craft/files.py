@@ -295,6 +295,8 @@ def _merge_into(tmp: Path, out: Path, first: tuple[str, ...], last: tuple[str, .
             try:
                 if kept is None:
                     dst.unlink(missing_ok=True)
+                elif dst.exists() and os.path.samefile(kept, dst):  # never replaced (a rename between two
+                    kept.unlink()                                      # links of one file does nothing)
                 else:
                     os.replace(kept, dst)
             except OSError:
