@@ -430,9 +430,12 @@ class OutputLock:
             os.close(fd)
         self.fd = fd
         self.previous = _read_fd(fd).strip()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
+        try:  # who holds it, for the message a second run gets (the lock itself is the flock)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
+        except OSError:  # e.g. no space left: the lock holds all the same
+            pass
 
     def _exclusive(self, flag: str, what: str) -> int:
         """O_CREAT | O_EXCL on the lock file; one of a dead process of this host is removed first."""

@@ -409,9 +409,9 @@ def check_fs_fault(assets: Path, fault) -> None:
         assert left == [], (fault, left)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
-@given(fault=fs_faults())
-@example(fault=("finetune", "fsize", 0.4))  # the case: trainer.pt past the limit
+@settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
+@given(fault=fs_faults().filter(lambda f: f[0] in ("eval", "render", "report")))  # the fast ones by default
+@example(fault=("eval", "fsize", 0.0))  # once the lock file's owner line could not be written and stayed
 @example(fault=("eval", "rename", 2))  # a move that fails once the old folder is renamed away
 def test_fuzz_file_system_faults(assets, fault):
     check_fs_fault(assets, fault)
@@ -419,7 +419,8 @@ def test_fuzz_file_system_faults(assets, fault):
 
 @pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None,
-          phases=(Phase.generate,))
+          phases=(Phase.explicit, Phase.generate))
 @given(fault=fs_faults())
+@example(fault=("finetune", "fsize", 0.4))  # the case: trainer.pt past the limit
 def test_fuzz_file_system_faults_many(assets, fault):
     check_fs_fault(assets, fault)

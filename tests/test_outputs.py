@@ -390,7 +390,20 @@ def test_eval_defaults_to_b2d_star_and_every_help_shows_its_defaults():
     assert "fine-tune it with CRAFT" in top
 
 
+def test_progress_total_counts_every_routes_step_cap():
+    from types import SimpleNamespace
+
+    from craft.bench.runner import DEFAULT_MAX_STEPS, EvalConfig, progress_total
+
+    routes = [SimpleNamespace(), SimpleNamespace(time_limit_s=30.0)]
+    assert progress_total(routes, EvalConfig(), 0.1) == DEFAULT_MAX_STEPS + 300
+    assert progress_total(routes, EvalConfig(max_steps=40), 0.1) == 80
+
+
+@pytest.mark.slow
 def test_progress_bars_count_route_steps_to_the_end():
+    import io
+
     from tqdm import tqdm
 
     from craft.bench.runner import EvalConfig, make_driver, progress_total, run_batch
@@ -399,10 +412,10 @@ def test_progress_bars_count_route_steps_to_the_end():
 
     inst, towns = load_split("val", routes=1, types=["HardBreakRoute", "PedestrianCrossing"])
     world = World(towns)
-    cfg = EvalConfig(max_steps=400)
-    with tqdm(total=progress_total(inst, cfg, world.cfg.dt), disable=True) as bar:
+    cfg = EvalConfig(max_steps=1000)
+    with tqdm(total=progress_total(inst, cfg, world.cfg.dt), file=io.StringIO()) as bar:
         logs, _ = run_batch(world, inst, make_driver("lane-follow"), cfg, progress=bar)
-        assert bar.total == 800 and bar.n == bar.total
+        assert bar.total == 2000 and bar.n == bar.total
 
 
 def test_committed_checkpoints_are_found_from_any_folder(tmp_path, monkeypatch):
