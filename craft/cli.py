@@ -2,7 +2,10 @@
 
 Every sub-command validates its arguments (numbers finite and in range) and its output paths (creatable,
 writable, a folder or a file name as needed) before any work starts; bad input prints one line
-``craft: error: ...`` and exits with status 2, and nothing half-written is left on disk.
+``craft: error: ...`` and exits with status 2, and nothing half-written is left on disk. Every command that
+writes an output holds it for its whole run (:func:`craft.files.own_output`: one owner per output folder or
+file; a second run of the same ``--out`` is one line, exit 2). ``--help`` of every sub-command shows the
+defaults.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from craft.checks import LR_MAX, SEED_MAX
 INT_MAX = 2**31 - 1
 """Largest count / step option accepted (counts become int64 tensor indices and step caps)."""
 from craft.errors import CraftError
-from craft.files import check_out_dir, check_out_file, write_json
+from craft.files import check_out_dir, own_output, write_json
 
 
 def _float(s: str, what: str, ok) -> float:
@@ -97,23 +100,29 @@ def cmd_sim_bench(args) -> int:
     from craft.world.simbench import run_sim_bench
 
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs]
-    if args.json:
-        check_out_file(args.json, "--json")
-    result = run_sim_bench(configs, steps=args.steps, device=args.device, highway_env=not args.no_highway_env,
-                           seed=args.seed, threads=args.threads, highway_env_seconds=args.highway_env_seconds)
-    if args.json:
-        write_json_atomic(args.json, result)
-        print(f"wrote {args.json}")
+    with _own(args.json, "--json", "file"):
+        result = run_sim_bench(configs, steps=args.steps, device=args.device, highway_env=not args.no_highway_env,
+                               seed=args.seed, threads=args.threads, highway_env_seconds=args.highway_env_seconds)
+        if args.json:
+            write_json_atomic(args.json, result)
+            print(f"wrote {args.json}")
     return 0
+
+
+def _own(path, flag: str = "--out", kind: str = "dir"):
+    """:func:`own_output` of an optional output (a no-op when ``path`` is None)."""
+    from contextlib import nullcontext
+
+    return nullcontext() if path is None else own_output(path, flag, kind)
 
 
 def cmd_render(args) -> int:
     from craft.world.render import render_png
     from craft.world.towns import generate_town
 
-    check_out_file(args.out)
-    town = generate_town(args.town_seed)
-    render_png(town, args.out, title=f"town seed {args.town_seed}")
+    with own_output(args.out, kind="file"):
+        town = generate_town(args.town_seed)
+        render_png(town, args.out, title=f"town seed {args.town_seed}")
     print(f"wrote {args.out} ({town.num_lanes} lanes, {len(town.junction_kind)} junctions)")
     return 0
 
@@ -124,12 +133,12 @@ def cmd_eval(args) -> int:
 
     if args.split not in SPLITS:
         raise CraftError(f"unknown split '{args.split}': use one of {', '.join(SPLITS)}")
-    check_out_dir(args.out)
     cfg = EvalConfig(protocol=args.protocol, gif_worst=args.gif, batch_size=args.batch_size, seed=args.seed,
                      max_steps=args.max_steps)
-    driver = make_driver(args.policy, device=args.device)
-    summary = evaluate(driver, args.split, args.out, cfg, town_seeds=args.town_seeds, routes=args.routes,
-                       device=args.device, types=args.types, workers=args.workers, address=args.address)
+    with own_output(args.out):
+        driver = make_driver(args.policy, device=args.device)
+        summary = evaluate(driver, args.split, args.out, cfg, town_seeds=args.town_seeds, routes=args.routes,
+                           device=args.device, types=args.types, workers=args.workers, address=args.address)
     ab = summary["abilities"]
     print(f"{driver.name} on {args.split} ({summary['num_routes']} routes, {args.protocol}): "
           f"DS {summary['DS']:.2f}  SR {summary['SR']:.2f}  RC {summary['RC']:.2f}  IS {summary['IS']:.3f}  "
@@ -147,8 +156,8 @@ def cmd_collect(args) -> int:
     cfg = CollectConfig(split=args.split, routes=args.routes,
                         town_seeds=tuple(args.town_seeds) if args.town_seeds else None,
                         types=tuple(args.types) if args.types else None, batch_size=args.batch_size, perturb_prob=args.perturb, seed=args.seed)
-    check_out_file(args.out)
-    info = collect(cfg, args.out, device=args.device)
+    with own_output(args.out, kind="file"):
+        info = collect(cfg, args.out, device=args.device)
     print(f"collected {info['samples']} expert decisions on {info['routes']} {args.split} routes "
           f"({info['seconds']:.0f} s) -> {args.out}")
     return 0
@@ -159,8 +168,8 @@ def cmd_pretrain(args) -> int:
 
     cfg = PretrainConfig(family=args.family, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed)
-    check_out_dir(args.out)
-    m = pretrain(args.data, args.out, cfg, resume=args.resume)
+    with own_output(args.out):
+        m = pretrain(args.data, args.out, cfg, resume=args.resume)
     print(f"pretrained {args.family} -> {args.out}/policy.pt; held-out open loop: L2 1/2/3 s "
           f"{m['l2_1s']:.2f}/{m['l2_2s']:.2f}/{m['l2_3s']:.2f} m, accuracy {m['accuracy']:.3f} "
           f"({m['train_seconds']:.0f} s)")
@@ -189,9 +198,9 @@ def cmd_finetune(args) -> int:
             raise CraftError("--no-proxy / --no-residual / --no-distill are ablations of --method craft")
         cfg = replace(cfg, use_proxy=not args.no_proxy, use_residual=not args.no_residual,
                       use_distill=not args.no_distill)
-    check_out_dir(args.out)
-    hist = finetune(args.init, args.out, cfg, device=args.device, resume=args.resume, workers=args.workers,
-                    address=args.address, compile_proxy=args.compile_proxy)
+    with own_output(args.out):
+        hist = finetune(args.init, args.out, cfg, device=args.device, resume=args.resume, workers=args.workers,
+                        address=args.address, compile_proxy=args.compile_proxy)
     last = hist[-1] if hist and isinstance(hist[-1], dict) else {}
 
     def sec(k: str) -> str:
@@ -212,9 +221,10 @@ def cmd_finetune_bench(args) -> int:
                       town_seeds=tuple(args.town_seeds) if args.town_seeds else None, routes=args.routes,
                       seed=args.seed, device=args.device, address=args.address, proxy_states=args.proxy_states,
                       compile_proxy=args.compile_proxy)
-    if args.json:
-        check_out_file(args.json, "--json")
-    res = finetune_bench(cfg)
+    with _own(args.json, "--json", "file"):
+        res = finetune_bench(cfg)
+        if args.json:
+            write_json_atomic(args.json, res)
     for r in res["runs"]:
         print(f"workers {r['workers']}: start-up {r['startup_s']:.1f} s, {r['s_per_iter']:.1f} s/iteration "
               f"(collect {r['collect_s']:.1f} / score {r['score_s']:.1f} / update {r['update_s']:.1f}), "
@@ -227,7 +237,6 @@ def cmd_finetune_bench(args) -> int:
         print(f"proxy: {px['candidate_steps_per_s'] / 1e6:.2f}M candidate-steps/s (B={px['states']}, G={px['G']}, "
               f"H={px['H']}, 1 thread{', compiled' if px.get('compiled') else ''})")
     if args.json:
-        write_json_atomic(args.json, res)
         print(f"-> {args.json}")
     return 0
 
@@ -251,11 +260,10 @@ def cmd_experiment(args) -> int:
             raise CraftError(f"experiment root '{args.out}' is not a folder of experiment results: nothing to "
                              "report (run an experiment there first, or pass its --out)")
     else:
-        check_out_dir(args.out)
-    if args.name in ("all", "report"):
-        check_out_file(args.doc, "--doc")
-    text = run_experiment(args.name, cfg, args.out, families=tuple(args.families) if args.families else None,
-                          doc=args.doc)
+        check_out_dir(args.out)  # a shared root: its runs are locked one by one (craft.experiments.core.locked)
+    with _own(args.doc if args.name in ("all", "report") else None, "--doc", "file"):
+        text = run_experiment(args.name, cfg, args.out, families=tuple(args.families) if args.families else None,
+                              doc=args.doc)
     print(text)
     return 0
 
@@ -263,16 +271,33 @@ def cmd_experiment(args) -> int:
 def cmd_demo(args) -> int:
     from craft.demo import run_demo, run_world_demo
 
-    check_out_dir(args.out)
-    if args.world_only:
-        run_world_demo(args.out, seed=args.seed)
-    else:
-        run_demo(args.out, seed=args.seed, family=args.family, iters=args.iters)
+    with own_output(args.out):
+        if args.world_only:
+            run_world_demo(args.out, seed=args.seed)
+        else:
+            run_demo(args.out, seed=args.seed, family=args.family, iters=args.iters)
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows every option's default (``(default: X)``) unless its text already speaks of it; flags
+    and options without a default (None) show none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings:
+            return text
+        shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else d
+        return f"{text} (default: {shown})".strip()
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump) and exit status 2."""
+    """argparse with one-line errors (no usage dump), exit status 2 and the defaults in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
@@ -292,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--configs", nargs="+", default=["256x64", "1024x64", "256x128"],
                    help="WORLDSxAGENTS configurations (default: 256x64 1024x64 256x128)")
     b.add_argument("--steps", type=_positive_int, default=50, help="timed steps per configuration")
-    b.add_argument("--device", type=_device, default="cpu")
+    b.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     b.add_argument("--seed", type=_seed, default=0)
     b.add_argument("--threads", type=_positive_int, nargs="+", default=None,
                    help="torch thread counts to try per configuration (default: 1 and all cores; best reported)")
@@ -313,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "long routes in all, default 36)")
     e.add_argument("--town-seeds", type=_seed, nargs="+", help="evaluate on these town seeds instead")
     e.add_argument("--types", nargs="+", help="only these scenario types")
-    e.add_argument("--protocol", choices=["b2d", "b2d-star"], default="b2d")
-    e.add_argument("--device", type=_device, default="cpu")
+    e.add_argument("--protocol", choices=["b2d", "b2d-star"], default="b2d-star",
+                   help="b2d-star: a collision ends the route (the paper's protocol, primary everywhere); b2d: "
+                        "Bench2Drive's rules")
+    e.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     e.add_argument("--gif", type=_nonneg_int, default=0, metavar="K", help="GIFs of the K lowest-DS routes")
     e.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
     e.add_argument("--seed", type=_seed, default=0, help="background traffic seed")
@@ -335,16 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability per decision of executing a perturbed expert plan (label stays clean)")
     c.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
     c.add_argument("--seed", type=_seed, default=0)
-    c.add_argument("--device", type=_device, default="cpu")
+    c.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     c.add_argument("--out", required=True, help="demonstrations file to write (e.g. out/data/train.pt)")
     c.set_defaults(func=cmd_collect)
 
     t = sub.add_parser("pretrain", help="open-loop imitation pre-training of a policy family")
     t.add_argument("--family", required=True, choices=["vocab", "hier", "vla"])
     t.add_argument("--data", required=True, help="demonstrations file from `craft collect`")
-    t.add_argument("--steps", type=_positive_int, default=3000)
-    t.add_argument("--batch-size", type=_positive_int, default=256)
-    t.add_argument("--lr", type=_learning_rate, default=1e-3)
+    t.add_argument("--steps", type=_positive_int, default=3000, help="optimiser steps")
+    t.add_argument("--batch-size", type=_positive_int, default=256, help="demonstrations per step")
+    t.add_argument("--lr", type=_learning_rate, default=1e-3, help="learning rate")
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--out", required=True, help="output folder (policy.pt, state.pt, metrics.csv, tb/)")
@@ -354,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--method", required=True, choices=["craft", "grpo", "ppo", "reinforcepp"])
     f.add_argument("--init", required=True, help="pre-trained policy checkpoint (file or folder)")
     f.add_argument("--family", choices=["vocab", "hier", "vla"], help="require the checkpoint to be of this family")
-    f.add_argument("--iters", type=_positive_int, default=10)
+    f.add_argument("--iters", type=_positive_int, default=10, help="fine-tuning iterations")
     f.add_argument("--split", default="train", help="split whose routes are driven (default train)")
     f.add_argument("--routes", type=_positive_int, help="routes per scenario type")
     f.add_argument("--town-seeds", type=_seed, nargs="+", help="drive on these town seeds instead")
@@ -373,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--teacher-per-step", action="store_true", help="update the EMA teacher after every optimiser step")
     f.add_argument("--val-every", type=_nonneg_int, help="closed-loop evaluation on a val subset every N iterations (0: off)")
     f.add_argument("--seed", type=_seed, default=0)
-    f.add_argument("--device", type=_device, default="cpu")
+    f.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     _ray_args(f, "collect and score on N Ray workers (1: in this process)")
     f.add_argument("--compile-proxy", action="store_true",
@@ -386,12 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     fb = sub.add_parser("finetune-bench", help="seconds per fine-tuning iteration per worker count, and the proxy's "
                                                "candidate-steps/s")
     fb.add_argument("--init", default="checkpoints/vocab.pt", help="policy checkpoint (default checkpoints/vocab.pt)")
-    fb.add_argument("--method", default="craft", choices=["craft", "grpo", "ppo", "reinforcepp"])
+    fb.add_argument("--method", default="craft", choices=["craft", "grpo", "ppo", "reinforcepp"], help="fine-tuning method")
     fb.add_argument("--workers", type=_positive_int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
     fb.add_argument("--iters", type=_positive_int, default=3, help="timed iterations per worker count (default 3)")
-    fb.add_argument("--worlds", type=_positive_int, default=128)
-    fb.add_argument("--buffer", type=_positive_int, default=2048)
-    fb.add_argument("--split", default="train")
+    fb.add_argument("--worlds", type=_positive_int, default=128, help="routes driven in parallel")
+    fb.add_argument("--buffer", type=_positive_int, default=2048, help="transitions per iteration")
+    fb.add_argument("--split", default="train", help="split whose routes are driven")
     fb.add_argument("--town-seeds", type=_seed, nargs="+", help="drive on these town seeds (default: 20 train towns)")
     fb.add_argument("--routes", type=_positive_int, help="routes per scenario type")
     fb.add_argument("--proxy-states", type=int, default=64,
@@ -400,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the proxy's fast path (C kernels + torch.compile; see finetune --compile-proxy), in the runs "
                          "and the proxy figure")
     fb.add_argument("--seed", type=_seed, default=0)
-    fb.add_argument("--device", type=_device, default="cpu")
+    fb.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     fb.add_argument("--address", help="join this Ray cluster (auto or HOST:PORT) instead of a local Ray")
     fb.add_argument("--json", help="write the figures to this JSON file")
     fb.set_defaults(func=cmd_finetune_bench)
@@ -411,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an experiment; all: every one, then docs/results.md; report: only docs/results.md; "
                         "archive: copy the finished runs' small files into docs/results/pool (committed; a new "
                         "machine restores them from there instead of computing them)")
-    x.add_argument("--family", default="vocab", choices=["vocab", "hier", "vla"])
+    x.add_argument("--family", default="vocab", choices=["vocab", "hier", "vla"], help="policy family")
     x.add_argument("--init", help="pre-trained checkpoint (default checkpoints/<family>.pt)")
     x.add_argument("--families", nargs="+", choices=["vocab", "hier", "vla"],
                    help="all / stability: the families to run (default: all three)")
@@ -421,14 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--worlds", type=_positive_int, default=128, help="routes driven in parallel (default 128)")
     x.add_argument("--train-towns", type=_positive_int, default=20, help="train town seeds driven (default 20)")
     x.add_argument("--methods", nargs="+", default=["reinforcepp", "ppo", "grpo", "craft"],
-                   choices=["reinforcepp", "ppo", "grpo", "craft"])
+                   choices=["reinforcepp", "ppo", "grpo", "craft"], help="fine-tuning methods compared")
     x.add_argument("--lr", type=_learning_rate, help="fine-tuning learning rate (default 1e-3, see docs/results.md)")
     x.add_argument("--lr-end", type=_final_learning_rate, help="final learning rate (default 5e-5)")
     x.add_argument("--epochs", type=_positive_int, help="passes over each buffer (default 4)")
     x.add_argument("--minibatch", type=_positive_int, help="transitions per optimiser step (default 256)")
     x.add_argument("--split", default="test", help="evaluation split (default test)")
     x.add_argument("--routes", type=_positive_int, help="evaluation routes per scenario type")
-    x.add_argument("--protocols", nargs="+", default=["b2d-star", "b2d"], choices=["b2d", "b2d-star"])
+    x.add_argument("--protocols", nargs="+", default=["b2d-star", "b2d"], choices=["b2d", "b2d-star"],
+                   help="evaluation protocols, the primary first")
     x.add_argument("--eval-seeds", type=_positive_int, default=3,
                    help="traffic seeds 0..N-1 every policy of the main table is evaluated under (default 3)")
     x.add_argument("--val-every", type=_nonneg_int, default=2,
@@ -443,10 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "out/experiments)")
     x.set_defaults(func=cmd_experiment)
 
-    d = sub.add_parser("demo", help="the quick start: render a town, drive worlds in closed loop, write a GIF")
-    d.add_argument("--out", default="out/demo")
-    d.add_argument("--seed", type=_seed, default=0)
-    d.add_argument("--family", default="vocab", choices=["vocab", "hier", "vla"])
+    d = sub.add_parser("demo", help="the quick start: evaluate the committed pre-trained policy on 44 val routes, "
+                                    "fine-tune it with CRAFT for a few iterations, print before / after "
+                                    "(--world-only: just drive random worlds)")
+    d.add_argument("--out", default="out/demo", help="output folder (the fine-tuned policy: OUT/finetune/policy.pt)")
+    d.add_argument("--seed", type=_seed, default=0, help="traffic and fine-tuning seed")
+    d.add_argument("--family", default="vocab", choices=["vocab", "hier", "vla"], help="policy family")
     d.add_argument("--iters", type=_positive_int, default=4, help="CRAFT fine-tuning iterations")
     d.add_argument("--world-only", action="store_true", help="only drive random worlds and write a GIF")
     d.set_defaults(func=cmd_demo)
@@ -465,14 +495,19 @@ def main(argv: list[str] | None = None) -> int:
             parts = c.split("x")
             if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
                 parser.error(f"--configs entries must look like 256x64 (WORLDSxAGENTS), got '{c}'")
+    if getattr(args, "types", None):  # a repeated scenario type runs once
+        args.types = list(dict.fromkeys(args.types))
     try:
         return int(args.func(args) or 0)
     except CraftError as e:
         print(f"craft: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except OSError as e:  # the file system refused (disk full, permissions, ...): one line, not a traceback
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"craft: error: {e.strerror or type(e).__name__}{where}; nothing was left half-written",
+    except Exception as e:  # the file system refused (disk full, permissions, ...): one line, not a traceback
+        from craft.files import is_write_failure, write_error
+
+        if not is_write_failure(e):
+            raise
+        print(f"craft: error: {_one_line(str(write_error(getattr(e, 'filename', None) or '?', e, untouched=False)))}",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -81,10 +81,15 @@ def run_demo(out: str | Path, seed: int = 0, family: str = "vocab", iters: int =
 
     out = check_out_dir(out)
     t0 = time.time()
-    ckpt = Path(checkpoint or f"checkpoints/{family}.pt")
-    if not ckpt.exists():
-        raise CraftError(f"pre-trained checkpoint '{ckpt}' not found; make it with `craft collect` + "
-                         f"`craft pretrain --family {family}` (see README)")
+    from craft.policies.base import checkpoint_file, committed_checkpoint
+
+    try:  # the committed checkpoint is found relative to the package, wherever the demo runs
+        ckpt = checkpoint_file(checkpoint or committed_checkpoint(family))
+    except CraftError:
+        raise CraftError(f"pre-trained checkpoint '{checkpoint or committed_checkpoint(family)}' not found (the "
+                         f"committed ones are checkpoints/<family>.pt of the repository); restore it with `git "
+                         f"checkout checkpoints/`, or make it with `craft collect` + `craft pretrain --family "
+                         f"{family}` (see README)") from None
     out.mkdir(parents=True, exist_ok=True)
     town = generate_town(split_town_seeds("val")[0])
     render_png(town, out / "town.png", title="a val town")

@@ -51,23 +51,26 @@ def test_resume_matches_uninterrupted(demos, tmp_path):
     # interrupt a second run right after its step-3 checkpoint, then resume it
     import craft.policies.pretrain as P
 
+    from contextlib import contextmanager
+
     part = tmp_path / "part"
-    orig = P.atomic_save
+    orig = P.staged_folder
     calls = {"n": 0}
 
-    def boom(obj, path):
-        orig(obj, path)
-        if str(path).endswith("state.pt"):
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise KeyboardInterrupt
+    @contextmanager
+    def boom(*a, **k):  # the record of step 3 moved into the folder, then the run is killed
+        with orig(*a, **k) as stage:
+            yield stage
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
 
-    P.atomic_save = boom
+    P.staged_folder = boom
     try:
         with pytest.raises(KeyboardInterrupt):
             pretrain(demos, part, cfg, progress=False)
     finally:
-        P.atomic_save = orig
+        P.staged_folder = orig
     assert torch.load(part / "state.pt", weights_only=False)["step"] == 3
     pretrain(demos, part, cfg, resume=True, progress=False)
     a = load_policy(tmp_path / "full" / "policy.pt").state_dict()

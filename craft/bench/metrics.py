@@ -944,6 +944,12 @@ def validate_results(obj) -> None:
     for key in ("DS", "SR", "num_routes"):
         if not _num(s[key]):
             fail(f"summary.{key}", f"must be a number, got {s[key]!r}")
+    for key in ("DS", "SR"):
+        if not (math.isfinite(s[key]) and 0 <= s[key] <= 100):
+            fail(f"summary.{key}", f"must be a finite number in [0, 100], got {s[key]!r}")
+    if "wall_time_s" in s and not (_num(s["wall_time_s"]) and math.isfinite(s["wall_time_s"])
+                                   and s["wall_time_s"] >= 0):
+        fail("summary.wall_time_s", f"must be a finite number of seconds >= 0, got {s['wall_time_s']!r}")
     for key in ("RC", "IS", "efficiency", "comfort", "comfort_si"):
         if s[key] is not None and not _num(s[key]):
             fail(f"summary.{key}", f"must be a number or null, got {s[key]!r}")
@@ -959,6 +965,9 @@ def validate_results(obj) -> None:
             fail("summary.infractions_per_km", f"is missing {key!r}")
     if not isinstance(obj["records"], list):
         fail("records", "must be a list")
+    if s["num_routes"] != len(obj["records"]) or len(obj["records"]) < 1:
+        fail("summary.num_routes", f"is {s['num_routes']!r} but the file holds {len(obj['records'])} route records "
+                                   "(one per route, at least one)")
     for i, r in enumerate(obj["records"]):
         w = f"records[{i}]"
         if not isinstance(r, dict):
@@ -981,8 +990,8 @@ def validate_results(obj) -> None:
         for key in ("score_route", "score_penalty", "score_composed"):
             if key not in r["scores"]:
                 fail(f"{w}.scores", f"is missing {key!r}")
-            if not _num(r["scores"][key]):
-                fail(f"{w}.scores.{key}", f"must be a number, got {r['scores'][key]!r}")
+            if not _num(r["scores"][key]) or not math.isfinite(r["scores"][key]):
+                fail(f"{w}.scores.{key}", f"must be a finite number, got {r['scores'][key]!r}")
         if not isinstance(r["infractions"], dict):
             fail(f"{w}.infractions", "must be an object")
         for key in INFRACTION_KEYS:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from craft.bench.metrics import RouteLog, aggregate, results_json, score_route
 from craft.bench.report import ability_bar_chart, per_type_table, summary_markdown
 from craft.errors import CraftError
-from craft.files import check_out_dir, staged_folder, write_text
+from craft.files import check_out_dir, check_replaceable, staged_folder, write_text
 from craft.world.autopilot import PlanExecutor, route_plan
 from craft.world.kinds import AgentKind
 from craft.world.map import take
@@ -66,6 +66,11 @@ class EvalConfig:
 
 
 DEFAULT_MAX_STEPS = 2000  # Bench2Drive's 200 s tick cap at dt = 0.1 s
+
+
+def progress_total(instances: list, cfg: EvalConfig, dt: float) -> int:
+    """The total of a :func:`run_batch` progress bar: route-steps, the sum of the routes' step caps."""
+    return int(sum(route_step_caps(instances, cfg, dt)))
 
 
 def route_step_caps(instances: list, cfg: EvalConfig, dt: float) -> list[int]:
@@ -171,7 +176,11 @@ COMPACT_MIN_ROWS = 16
 
 def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, frames_for: set[int] = frozenset(),
               progress: tqdm | None = None):
-    """Drive ``instances`` (ScenarioInstance) in one batch. Returns (route logs, frames by batch index)."""
+    """Drive ``instances`` (ScenarioInstance) in one batch. Returns (route logs, frames by batch index).
+
+    ``progress``: a bar whose total is :func:`progress_total` of the batch (route-steps: every route's step
+    cap); each step advances it by the routes still driving, and a route that ends advances it by the steps of
+    its cap it will not drive, so the bar reaches its end when the batch does and its ETA counts what is left."""
     from craft.world.render import frame_of
     from craft.scenarios.base import apply_windows, scenario_windows, start
     from craft.scenarios.script import apply
@@ -191,6 +200,7 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
     rec.update(pos=[], progress=[], driven=[], outside=[], outside_route=[], bg_all=[], yaw=[])
     frames: dict[int, list] = {b: [] for b in frames_for}
     ended_at = torch.full((B,), -1, dtype=torch.long)
+    caps_all = caps.cpu().clone()  # every route's cap (caps itself loses the rows of ended routes)
     rows = torch.arange(B)  # batch row -> route index; rows of ended routes are dropped once half have ended
     final = state  # every route's state at the step its route ended (end-of-route checks read it)
     for t in range(int(caps.max())):
@@ -224,11 +234,12 @@ def run_batch(world: World, instances: list, driver: Driver, cfg: EvalConfig, fr
             final = _put_rows(final, rows[newly_rows], state.index(newly_rows.to(state.step.device)))
         newly = torch.zeros(B, dtype=torch.bool)
         newly[rows[newly_rows]] = True
-        ended_at[newly] = t
-        if progress is not None:
-            progress.update(1)
+        if progress is not None:  # route-steps: one per route still driving, the rest of an ended route's cap
+            live = int((ended_at < 0).sum())
+            progress.update(live + int((caps_all[newly] - t - 1).clamp_min(0).sum()))
             if newly.any():
-                progress.set_postfix(routes_done=f"{int((ended_at >= 0).sum())}/{B}")
+                progress.set_postfix(routes_done=f"{int((ended_at >= 0).sum()) + int(newly.sum())}/{B}")
+        ended_at[newly] = t
         if bool(state.done.all()):
             break
         if not frames_for and len(rows) >= COMPACT_MIN_ROWS and int((~state.done).sum()) <= len(rows) // 2:
@@ -456,7 +467,7 @@ def route_logs(world: World, instances: list, driver: Driver, cfg: EvalConfig, b
         rows = all_batches[k]
         batch = [instances[j] for j in rows]
         desc = f"eval {name} routes {rows.start + 1}-{rows.stop}/{len(instances)}"
-        with tqdm(total=max(route_step_caps(batch, cfg, world.cfg.dt)), desc=desc, unit="step",
+        with tqdm(total=progress_total(batch, cfg, world.cfg.dt), desc=desc, unit="route-step",
                   disable=not progress) as bar:
             batch_logs, _ = run_batch(world, batch, driver, cfg, progress=bar)
         logs += batch_logs
@@ -472,8 +483,9 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     ``also`` maps further protocols to folders: the same rollout is scored under each of them too (only from a
     ``b2d`` rollout, where b2d-star is the log cut at its first collision — the world is deterministic, so this
     equals a second rollout that ends there). Returns the summary of ``cfg.protocol``. Nothing is written
-    until every route has run; each folder is filled through a staging folder with ``results.json`` moved in
-    last (a failure leaves the folders untouched). ``logs_out``: a list that receives the routes'
+    until every route has run; each folder is written as a staging folder beside it that then replaces it as a
+    whole (a failure leaves the folders untouched; an older evaluation's files, e.g. its GIFs, do not stay
+    beside the new ones). A folder that holds other files than an evaluation's is refused before any work. ``logs_out``: a list that receives the routes'
     :class:`RouteLog` s (to score them again under other rules). ``workers > 1`` or an ``address``: the routes run on
     Ray workers (:func:`evaluate_sharded`) with the same records; the driver must be
     ``expert``, ``lane-follow`` or a top-1 :class:`~craft.policies.driver.PolicyDriver`.
@@ -486,9 +498,9 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
             raise CraftError(f"only a b2d rollout can be re-scored under '{proto}' (this one is {cfg.protocol})")
     from craft.scenarios.splits import split_town_seeds
 
-    check_out_dir(out)
-    for folder in also.values():
+    for folder in (out, *also.values()):
         check_out_dir(folder)
+        check_replaceable(folder, is_eval_output, "an evaluation")
     seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
     t0 = time.time()
     if workers > 1 or address is not None:  # routes dealt to Ray tasks; the same records (tested)
@@ -510,14 +522,24 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     with ExitStack() as stack:  # every folder staged; committed (results.json last) only if all succeed
         for proto, folder in also.items():
             if proto != cfg.protocol:
-                _score_and_write(logs, proto, stack.enter_context(staged_folder(folder)), split, seeds,
+                _score_and_write(logs, proto, stack.enter_context(staged_folder(folder, replace=True)), split, seeds,
                                  driver.name, wall, world, instances, cfg.step_files)
-        stage = stack.enter_context(staged_folder(out))
+        stage = stack.enter_context(staged_folder(out, replace=True))
         summary, records = _score_and_write(logs, cfg.protocol, stage, split, seeds, driver.name, wall, world,
                                             instances, cfg.step_files)
         if cfg.gif_worst:
             _worst_gifs(world, instances, records, driver, cfg, stage)
     return summary
+
+
+EVAL_OUTPUTS = ("results.json", "routes.xml", "summary.md", "abilities.png", "metric_info", "scores.json")
+"""What an evaluation folder holds (besides its ``worst<k>_<type>.gif``); ``scores.json``: the experiments'
+compact copy of the scores."""
+
+
+def is_eval_output(name: str) -> bool:
+    """Whether ``name`` is an entry an evaluation folder holds (:data:`EVAL_OUTPUTS`, the worst routes' GIFs)."""
+    return name in EVAL_OUTPUTS or (name.startswith("worst") and name.endswith(".gif"))
 
 
 def _score_and_write(logs: list[RouteLog], protocol: str, out: Path, split: str, seeds: list[int], name: str,

@@ -132,9 +132,13 @@ def _digest(obj) -> str:
 
 
 def _file_digest(path: str) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise CraftError(f"pre-trained checkpoint '{path}' not found (make it with `craft pretrain`, or pass --init)")
+    from craft.policies.base import checkpoint_file
+
+    try:  # checkpoints/<family>.pt is found relative to the package, wherever the command runs
+        p = checkpoint_file(path)
+    except CraftError:
+        raise CraftError(f"pre-trained checkpoint '{path}' not found (make it with `craft pretrain`, or pass --init)"
+                         ) from None
     return hashlib.sha1(p.read_bytes()).hexdigest()[:10]
 
 
@@ -258,16 +262,14 @@ def restored(folder: Path) -> Path:
 
 @contextmanager
 def locked(folder: Path):
-    """An exclusive advisory lock on ``folder/.lock`` (blocks until other processes release it)."""
-    import fcntl
+    """The run folder's lock (:class:`craft.files.OutputLock`, the one every command takes on its output), held
+    while the block runs; it blocks until another process holding it releases it (experiments started side by
+    side share the pool: one computes a run while the others wait for it)."""
+    from craft.files import LOCK_NAME, OutputLock
 
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with OutputLock(folder / LOCK_NAME, str(folder), wait=True):
+        yield
 
 
 def archive(root: str | os.PathLike, to: str | os.PathLike | None = None) -> dict:
@@ -324,8 +326,17 @@ def pretrained_dir(root: str | os.PathLike, cfg: ExperimentConfig) -> Path:
 def run_wall_s(run: Path) -> float:
     """Seconds of fine-tuning a pool run took (sum of its iterations' ``t_total`` and periodic ``val`` evaluations'
     ``t_val``)."""
-    return float(sum(r["t_total"] + (r.get("t_val", 0.0) if math.isfinite(r.get("t_val", math.nan)) else 0.0)
-                     for r in read_diagnostics(run)))
+    total = 0.0
+    for r in read_diagnostics(run):
+        t_val = r.get("t_val", math.nan)
+        for key, v in (("t_total", r["t_total"]), ("t_val", t_val)):
+            if key == "t_total" or math.isfinite(v):  # t_val: only the iterations that validated have one
+                if not math.isfinite(v) or v < 0:
+                    raise CraftError(f"'{Path(run) / 'diagnostics.csv'}': iteration {r.get('iteration', '?')} has "
+                                     f"{key} = {v}, not a finite number of seconds >= 0; delete the run to have "
+                                     "it made again")
+        total += r["t_total"] + (t_val if math.isfinite(t_val) else 0.0)
+    return float(total)
 
 
 def run_names(runs: list[Path]) -> list[str]:
@@ -414,12 +425,35 @@ def eval_scores(folder: Path) -> dict:
         if not (isinstance(d, dict) and isinstance(d.get("summary"), dict) and isinstance(d.get("routes"), dict)):
             raise CraftError(f"'{f}' is not a scores file (needs 'summary' and 'routes'); delete it to have it "
                              "made again from results.json or the evaluation run again")
+        check_scores(d, f)
         return d
     from craft.bench.metrics import load_results
 
     res = load_results(Path(folder) / "results.json")
     return {"summary": res["summary"],
             "routes": {r["route_id"]: float(r["scores"]["score_composed"]) for r in res["records"]}}
+
+
+def check_scores(d: dict, path: Path) -> None:
+    """The figures of a scores file that a report prints: DS and SR in [0, 100], the wall time finite and >= 0,
+    every route's DS finite, as many routes as ``num_routes``; one CraftError line naming ``path`` otherwise."""
+    s, routes = d["summary"], d["routes"]
+
+    def bad(what: str) -> CraftError:
+        return CraftError(f"'{path}': {what}; delete it to have it made again (or the evaluation run again)")
+
+    for key in ("DS", "SR"):
+        v = s.get(key)
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 100):
+            raise bad(f"summary.{key} must be a finite number in [0, 100], got {v!r}")
+    w = s.get("wall_time_s", 0.0)
+    if not (isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0):
+        raise bad(f"summary.wall_time_s must be a finite number of seconds >= 0, got {w!r}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in routes.values()):
+        raise bad("a route's DS is not a finite number")
+    n = s.get("num_routes", len(routes))
+    if n != len(routes) or not routes:
+        raise bad(f"summary.num_routes is {n!r} but it holds {len(routes)} routes (one per route, at least one)")
 
 
 def write_scores(folder: Path) -> None:
@@ -454,9 +488,9 @@ def eval_wall_s(folder: Path) -> float:
     if not eval_done(f):
         return 0.0
     wall = eval_scores(f)["summary"].get("wall_time_s", 0.0)
-    if isinstance(wall, bool) or not isinstance(wall, (int, float)):
-        raise CraftError(f"evaluation results '{f}' have a non-numeric wall_time_s; delete the file to have it "
-                         "evaluated again")
+    if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not math.isfinite(wall) or wall < 0:
+        raise CraftError(f"evaluation results '{f}' have a wall_time_s that is not a finite number of seconds >= 0 "
+                         f"({wall!r}); delete the file to have it evaluated again")
     return float(wall)
 
 

@@ -20,12 +20,16 @@ and k = 5 steps per decision (the same time scale as the proxy).
 
 Outputs in ``DIR``: ``trainer.pt`` (the run's one resume record: policy checkpoint, teacher, optimiser,
 scheduler, method modules, collector state, RNG states, iteration, history), ``policy.pt`` (the policy
-checkpoint, an export of the record), ``diagnostics.csv`` and TensorBoard logs under ``tb/``. After every
-iteration the record is written first (atomically), then the exports, so ``--resume DIR`` reads one file and
-cannot mix iterations: a ``policy.pt`` left behind by a crash between the writes is rewritten from the record,
-one that is ahead of it or from another run is refused. A resumed run ends identical to an uninterrupted run
-(CPU); ``--iters`` may be raised on resume (the cosine schedule then runs to the new end from the iteration
-reached). Nothing is written into ``DIR`` before the first iteration has finished.
+checkpoint, an export of the record), ``probe.pt`` (the probe set, also in the record), ``diagnostics.csv``,
+TensorBoard logs under ``tb/`` (one event file per iteration) and the periodic validations under ``val/``.
+Every iteration's files are written into a staging folder beside ``DIR`` and moved in together (the record
+first), so a write that fails (disk full, file-size limit) leaves ``DIR`` as it was after the previous
+iteration, and ``--resume DIR`` reads one file and cannot mix iterations: a ``policy.pt`` left behind by a
+crash between the moves is rewritten from the record, one that is ahead of it or from another run is refused.
+The record also holds the SHA-256 of the ``--init`` file and the worker count: ``--resume`` with another
+init, configuration or ``--workers`` is refused before anything starts. A resumed run ends identical to an
+uninterrupted run (CPU); ``--iters`` may be raised on resume (the cosine schedule then runs to the new end from
+the iteration reached). Nothing is written into ``DIR`` before the first iteration has finished.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from tqdm import tqdm
 
 from craft.checks import LR_MAX, check_finite_fields, check_range, check_seed
 from craft.errors import CraftError
-from craft.files import check_out_dir, load_torch, write_text
+from craft.files import check_out_dir, load_torch, staged_folder, write_text
 from craft.finetune.collector import Collector, CollectorConfig
 from craft.finetune.losses import coefficient_of_variation, kl_terms, masked_log_softmax
 from craft.finetune.methods import METHODS, IterationData, make_method
@@ -258,6 +262,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.policy: CandidatePolicy = load_policy(init, family=cfg.family, device=device)
         self.init_path = str(init)
+        self.init_sha256 = init_digest(init)
+        record = self._check_record(workers if address is None else None) if resume else None
         self.teacher: CandidatePolicy = load_policy(init, device=device)
         self.teacher.requires_grad_(False)
         params = self.policy.freeze_for_finetuning()
@@ -291,8 +297,8 @@ class Trainer:
         self.probe: dict | None = None
         if resume:
             try:
-                self._load()
-                if (self.out / "probe.pt").exists():
+                self._load(record)
+                if self.probe is None and (self.out / "probe.pt").exists():  # a record of an older version
                     self.probe = {k: v.to(device) if isinstance(v, torch.Tensor) else
                                   {kk: vv.to(device) for kk, vv in v.items()}
                                   for k, v in load_torch(self.out / "probe.pt", "probe set (probe.pt)").items()}
@@ -301,9 +307,18 @@ class Trainer:
                 raise
 
     # -------------------------------------------------------------- checkpoints
-    def _save(self) -> None:
-        """Write this iteration's record ``trainer.pt`` (everything, the policy included), then the exports
-        ``policy.pt`` and ``diagnostics.csv`` (both derived from the record, so rewritten on resume)."""
+    def _save(self, row: dict | None = None, stage: Path | None = None) -> None:
+        """Write this iteration's record ``trainer.pt`` (everything, the policy included), the exports
+        ``policy.pt``, ``probe.pt`` and ``diagnostics.csv`` (derived from the record, so rewritten on resume) and
+        the TensorBoard event file of ``row`` (default: the last diagnostics row) into the staging folder
+        ``stage`` (default: one of its own), moved into ``out`` together, the record first."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        if stage is None:
+            with staged_folder(self.out, first=("trainer.pt",), last=("policy.pt",)) as stage:
+                return self._save(row, stage)
+        row = row if row is not None else (self.history[-1] if self.history else {})
+
         meta = {"finetune": {"method": self.cfg.method, "iteration": self.iteration, "init": self.init_path}}
         policy_ck = self.policy.checkpoint(meta={**getattr(self.policy, "meta", {}), **meta})
         check_finite_weights(policy_ck["state_dict"], f"iteration {self.iteration}: refusing to save the policy")
@@ -317,15 +332,26 @@ class Trainer:
             "method": {k: m.state_dict() for k, m in self.method.modules().items()},
             "collector": self.collector.state_dict(), "mb_gen": self.mb_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "init": {"path": self.init_path, "sha256": self.init_sha256}, "probe": self.probe,
         }
-        atomic_save(state, self.out / "trainer.pt")  # the record first: it alone is read on resume
-        self._export(policy_ck)
+        atomic_save(state, stage / "trainer.pt")  # the record first: it alone is read on resume
+        self._export(policy_ck, stage)
+        writer = SummaryWriter(str(stage / "tb"))
+        for k, v in row.items():
+            if k != "iteration" and isinstance(v, (int, float)):
+                writer.add_scalar(k if "/" in k else f"train/{k}", v, self.iteration)
+        writer.close()
 
-    def _export(self, policy_ck: dict) -> None:
-        atomic_save(policy_ck, self.out / "policy.pt")
-        _write_csv(self.out / "diagnostics.csv", self.history)
+    def _export(self, policy_ck: dict, folder: Path) -> None:
+        atomic_save(policy_ck, folder / "policy.pt")
+        if self.probe is not None:
+            atomic_save(self.probe, folder / "probe.pt")
+        _write_csv(folder / "diagnostics.csv", self.history)
 
-    def _load(self) -> None:
+    def _check_record(self, workers: int | None) -> dict:
+        """The record of the run in ``out``, checked against this one before anything starts: configuration
+        (only ``iters`` may change, and not below what was done), the ``--init`` file by content, and the
+        worker count (``workers``; None: a Ray cluster, checked when it joins)."""
         path = self.out / "trainer.pt"
         if not path.exists():
             raise CraftError(f"--resume: '{self.out}' has no trainer.pt to resume from")
@@ -339,6 +365,23 @@ class Trainer:
         if st["iteration"] > self.cfg.iters:
             raise CraftError(f"--resume: '{self.out}' has already done {st['iteration']} iterations, more than "
                              f"--iters {self.cfg.iters}; pass --iters {st['iteration']} or more")
+        rec_init = st.get("init") if isinstance(st.get("init"), dict) else {}
+        if rec_init.get("sha256") not in (None, self.init_sha256):
+            raise CraftError(f"--resume: '{self.out}' was started from another --init ('{rec_init.get('path')}', "
+                             f"SHA-256 {str(rec_init.get('sha256'))[:12]}...; '{self.init_path}' has "
+                             f"{self.init_sha256[:12]}...); pass the --init it was started from")
+        if rec_init.get("path"):
+            self.init_path = str(rec_init["path"])  # the run's own init, kept in the exports' meta
+        col = st.get("collector")
+        done_with = col.get("workers", 1) if isinstance(col, dict) else 1
+        if workers is not None and done_with != workers:
+            raise CraftError(f"--resume: '{self.out}' was collected with --workers {done_with}; resume it with "
+                             f"--workers {done_with} (got {workers})")
+        return st
+
+    def _load(self, st: dict) -> None:
+        path = self.out / "trainer.pt"
+        saved = dict(st["config"])
         where = f"{path} (its policy)"
         try:
             if "policy" in st:
@@ -360,6 +403,9 @@ class Trainer:
             self.collector.load_state_dict(st["collector"])
             self.mb_gen.set_state(st["mb_gen"])
             torch.set_rng_state(st["torch_rng"])
+            if isinstance(st.get("probe"), dict):
+                self.probe = {k: v.to(self.device) if isinstance(v, torch.Tensor) else
+                              {kk: vv.to(self.device) for kk, vv in v.items()} for k, v in st["probe"].items()}
         except CraftError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
@@ -373,7 +419,8 @@ class Trainer:
                 g["lr"] = base * lam(self.iteration)
             self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
         if "policy" in st:
-            self._export(st["policy"])  # policy.pt / diagnostics.csv of exactly this record
+            with staged_folder(self.out, last=()) as stage:  # policy.pt / diagnostics.csv of exactly this record
+                self._export(st["policy"], stage)
 
     def _check_pair(self, record_ck: dict, iteration: int, legacy: bool = False) -> None:
         """Refuse a ``policy.pt`` that cannot belong with the record of ``iteration``; one that is behind the
@@ -550,8 +597,7 @@ class Trainer:
         with torch.no_grad():
             logp0 = masked_log_softmax(self.policy(obs).logits, valid)
         self.probe = {"obs": {f.name: getattr(obs, f.name) for f in dataclasses.fields(obs)}, "valid": valid,
-                      "returns": ret, "adv": adv, "logp0": logp0}
-        atomic_save(self.probe, self.out / "probe.pt")
+                      "returns": ret, "adv": adv, "logp0": logp0}  # saved with the iteration's record
 
     @torch.no_grad()
     def _probe_row(self) -> dict:
@@ -565,9 +611,10 @@ class Trainer:
         return probe_metrics(logp, p["logp0"], logq, valid, p["returns"], p["adv"])
 
     # -------------------------------------------------------------- periodic closed-loop validation
-    def _validate(self) -> dict:
+    def _validate(self, stage: Path) -> dict:
         """Closed-loop evaluation of the current policy on the ``val`` subset (one b2d rollout scored under both
-        protocols); its policy and results stay under ``val/it-NNNN/``. ``val/DS``, ``val/SR`` are b2d-star."""
+        protocols); its policy and results stay under ``val/it-NNNN/`` (written into the iteration's staging
+        folder ``stage`` unless ``out`` holds them already). ``val/DS``, ``val/SR`` are b2d-star."""
         import json
 
         from craft.bench.metrics import load_results
@@ -578,6 +625,8 @@ class Trainer:
         folder = self.out / "val" / f"it-{self.iteration:04d}"
         files = {p: folder / p / "results.json" for p in ("b2d-star", "b2d")}
         if not all(f.exists() for f in files.values()):
+            folder = stage / "val" / f"it-{self.iteration:04d}"
+            files = {p: folder / p / "results.json" for p in ("b2d-star", "b2d")}
             self.policy.save(folder / "policy.pt", meta={**getattr(self.policy, "meta", {}),
                                                          "finetune": {"method": cfg.method,
                                                                       "iteration": self.iteration}})
@@ -602,29 +651,22 @@ class Trainer:
             tp[k].mul_(m).add_(p.detach(), alpha=1 - m)
 
     def run(self) -> list[dict]:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = None  # made after the first save: a run that fails in its first iteration leaves --out untouched
+        """Train to ``cfg.iters``; each iteration's files reach ``out`` together (see the module docstring), so
+        a run that fails in its first iteration leaves ``out`` untouched."""
         bar = tqdm(total=self.cfg.iters, initial=self.iteration, desc=f"finetune {self.cfg.method}", unit="iter",
                    disable=not self.progress)
         try:
             while self.iteration < self.cfg.iters:
                 row = self.iterate()
-                if self.cfg.val_every and (self.iteration % self.cfg.val_every == 0
-                                           or self.iteration == self.cfg.iters):
-                    row.update(self._validate())
-                self._save()
-                if writer is None:
-                    writer = SummaryWriter(str(self.out / "tb"))
-                for k, v in row.items():
-                    if k != "iteration" and isinstance(v, (int, float)):
-                        writer.add_scalar(k if "/" in k else f"train/{k}", v, self.iteration)
+                with staged_folder(self.out, first=("trainer.pt",), last=("policy.pt",)) as stage:
+                    if self.cfg.val_every and (self.iteration % self.cfg.val_every == 0
+                                               or self.iteration == self.cfg.iters):
+                        row.update(self._validate(stage))
+                    self._save(row, stage)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row.get('loss', 0):.3f}", s=f"{row['t_total']:.0f}")
         finally:
             bar.close()
-            if writer is not None:
-                writer.close()
             self.close()
         return self.history
 
@@ -697,6 +739,16 @@ def read_state(path: str | os.PathLike) -> dict:
         raise CraftError(f"'{path}' is not a fine-tuning state this build reads (version "
                          f"{st.get('format_version', 1)}); start a new --out")
     return st
+
+
+def init_digest(init: str | os.PathLike) -> str:
+    """SHA-256 of the policy checkpoint file ``init`` (a folder: its ``policy.pt``), as a fine-tuning record
+    keeps it."""
+    import hashlib
+
+    from craft.policies.base import checkpoint_file
+
+    return hashlib.sha256(checkpoint_file(init).read_bytes()).hexdigest()
 
 
 def saved_iteration(out: str | os.PathLike) -> int | None:

@@ -185,15 +185,35 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     save_torch(obj, path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load and check a policy checkpoint file (format, version, family); one-line CraftError otherwise."""
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+"""The folder holding the ``craft`` package: in a checkout, the repository (``checkpoints/`` lies there)."""
+
+
+def committed_checkpoint(family: str) -> Path:
+    """The committed pre-trained checkpoint of ``family`` (``checkpoints/<family>.pt`` of the repository),
+    found relative to the package, wherever the command runs."""
+    return PACKAGE_ROOT / "checkpoints" / f"{family}.pt"
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file ``path`` names: the file, or a folder's ``policy.pt``. A relative path that does not
+    exist here but does under the repository (``checkpoints/vocab.pt`` run from another folder) is taken from
+    there. One CraftError line if there is none."""
     path = Path(path)
+    if not path.exists() and not path.is_absolute() and (PACKAGE_ROOT / path).exists():
+        path = PACKAGE_ROOT / path
     if not path.exists():
         raise CraftError(f"policy checkpoint '{path}' does not exist")
     if path.is_dir():
         path = path / "policy.pt"
         if not path.exists():
             raise CraftError(f"'{path.parent}' is a folder without policy.pt: not a CRAFT policy checkpoint")
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load and check a policy checkpoint file (format, version, family); one-line CraftError otherwise."""
+    path = checkpoint_file(path)
     ck = load_torch(path, "CRAFT policy checkpoint")  # weights_only: a crafted file cannot run code
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CraftError(f"'{path}' is not a CRAFT policy checkpoint (no '{FORMAT}' format tag)")
@@ -234,18 +254,36 @@ def policy_from_checkpoint(ck: dict, family: str | None = None, device: str | to
         raise CraftError(f"'{where}': its {fam} config does not match this build ({_one_line(e)})") from None
     try:
         policy = cls(cfg)
-    except CraftError:
-        raise
-    except Exception as e:  # a config that builds no module (e.g. a tampered file)
+    except Exception as e:  # a config that builds no module (e.g. a tampered file, a bad observation config)
         raise CraftError(f"'{where}': its {fam} config cannot build a policy ({_one_line(e)})") from None
+    bad = weight_mismatch(policy.state_dict(), ck["state_dict"])
+    if bad:
+        raise CraftError(f"'{where}': weights do not match the {fam} architecture of its config (mismatched "
+                         f"vocabulary or layers?): {bad}")
     try:
         policy.load_state_dict(ck["state_dict"])
+    except CraftError as e:
+        raise CraftError(f"'{where}': {e}") from None
     except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as e:
-        first = _one_line(e)
         raise CraftError(f"'{where}': weights do not match the {fam} architecture of its config "
-                         f"(mismatched vocabulary or layers?): {first}") from None
+                         f"(mismatched vocabulary or layers?): {_one_line(e)}") from None
     policy.meta = ck.get("meta", {})
     return policy.to(device).eval()
+
+
+def weight_mismatch(want: dict, got: dict, show: int = 3) -> str:
+    """Which weights of ``got`` do not fit a module whose state dict is ``want``: missing and unexpected names,
+    and shapes that differ (the first ``show`` of each); "" if they fit."""
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:show]) + (f" and {len(keys) - show} more" if len(keys) > show else "")
+
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    shapes = [f"{k} {tuple(got[k].shape)} instead of {tuple(want[k].shape)}" for k in want
+              if k in got and isinstance(got[k], torch.Tensor) and got[k].shape != want[k].shape]
+    parts = [f"missing {names(missing)}" if missing else "", f"unexpected {names(extra)}" if extra else "",
+             f"shape {names(shapes)}" if shapes else ""]
+    return "; ".join(p for p in parts if p)
 
 
 def _one_line(e: BaseException) -> str:
@@ -255,4 +293,5 @@ def _one_line(e: BaseException) -> str:
 
 __all__ = ["CandidateSet", "CandidatePolicy", "register_family", "register_family_module", "build_policy",
            "families", "load_policy", "read_checkpoint", "policy_from_checkpoint", "atomic_save",
-           "check_finite_weights", "FORMAT_VERSION", "WAYPOINT_DT"]
+           "check_finite_weights", "checkpoint_file", "committed_checkpoint", "weight_mismatch", "PACKAGE_ROOT",
+           "FORMAT_VERSION", "WAYPOINT_DT"]

@@ -125,7 +125,7 @@ def _compact(obs: Observation) -> dict[str, torch.Tensor]:
 
 def collect(cfg: CollectConfig, out: str | Path, device: str = "cpu", obs_cfg: ObsConfig | None = None) -> dict:
     """Record expert demonstrations on ``cfg.split`` into the file ``out``; returns a small summary."""
-    from craft.bench.runner import EvalConfig, run_batch
+    from craft.bench.runner import EvalConfig, progress_total, run_batch
     from craft.scenarios.base import town_seed_of
     from craft.scenarios.splits import load_split
     from craft.world.world import World
@@ -145,7 +145,7 @@ def collect(cfg: CollectConfig, out: str | Path, device: str = "cpu", obs_cfg: O
         batch = instances[i:i + cfg.batch_size]
         rec = RecordingExpert(cfg, obs_cfg, route_offset=i)
         desc = f"collect {cfg.split} batch {bi + 1}/{n_batches} ({len(batch)} routes)"
-        with tqdm(total=cfg.max_steps, desc=desc, unit="step") as bar:
+        with tqdm(total=progress_total(batch, ecfg, world.cfg.dt), desc=desc, unit="route-step") as bar:
             run_batch(world, batch, rec, ecfg, progress=bar)
         obs_parts += rec.obs
         plans += rec.plans

@@ -11,9 +11,12 @@ open-loop metrics (top-1 L2 to the expert at 1 / 2 / 3 s and candidate classific
 The output folder holds ``state.pt`` (the one resume record: the policy checkpoint, optimizer, scheduler,
 step, RNG states), ``policy.pt`` (the policy checkpoint, exported from the record), ``metrics.csv``,
 ``openloop.json`` (written last) and TensorBoard logs under ``tb/``. Every ``ckpt_every`` steps and at the end
-the record is written atomically, then ``policy.pt``. ``--resume`` reads the record alone (so the pair cannot
-mix steps), rewrites ``policy.pt`` from it, drops the ``metrics.csv`` rows logged after it (no duplicates) and
-may raise ``--steps``.
+the record, ``policy.pt``, ``metrics.csv`` (every row logged up to the record) and a TensorBoard event file of
+the rows since the previous record are written into a staging folder beside the output and moved in together
+(the record first), so a write that fails leaves the folder at its previous record, or untouched before the
+first. ``--resume`` reads the record alone (so the pair cannot mix steps), is refused if the demonstrations
+file differs from the one the run started with (SHA-256 in the record), rewrites ``policy.pt`` from it, keeps
+the ``metrics.csv`` rows up to it (no duplicates) and may raise ``--steps``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from tqdm import tqdm
 
 from craft.checks import LR_MAX, check_finite_fields, check_range, check_seed
 from craft.errors import CraftError
-from craft.files import check_out_dir, load_torch, write_json, write_text
+from craft.files import check_out_dir, load_torch, staged_folder, write_json, write_text
 from craft.policies.base import CandidatePolicy, atomic_save, build_policy, check_finite_weights, policy_from_checkpoint
 from craft.policies.data import demo_batch, load_demos
 
@@ -123,8 +126,11 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
     """
     from torch.utils.tensorboard import SummaryWriter
 
+    import hashlib
+
     out = check_out_dir(out)
     data = load_demos(data_path)
+    data_sha256 = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()
     train_idx, val_idx = split_routes(data, cfg.val_fraction, cfg.seed)
     if len(train_idx) < cfg.batch_size:
         raise CraftError(f"only {len(train_idx)} training samples in '{data_path}', fewer than the batch size "
@@ -147,6 +153,10 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
         if st["step"] > cfg.steps:
             raise CraftError(f"--resume: '{out}' has already done {st['step']} steps, more than --steps "
                              f"{cfg.steps}; pass --steps {st['step']} or more")
+        if st.get("data_sha256") not in (None, data_sha256):
+            raise CraftError(f"--resume: '{out}' was trained on other demonstrations than '{data_path}' (SHA-256 "
+                             f"{str(st['data_sha256'])[:12]}..., this file {data_sha256[:12]}...); pass the --data "
+                             "it was started with")
         if "policy" in st:  # the record holds its policy: policy.pt cannot be of another step
             policy = policy_from_checkpoint(st["policy"], family=cfg.family, where=f"{state_path} (its policy)")
         else:  # an older record: policy.pt beside it must be of the same step
@@ -182,29 +192,33 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
         if "policy" in st:
             atomic_save(st["policy"], policy_path)
     csv_path = out / "metrics.csv"
-    new_csv = not resume or not csv_path.exists()
-    if not new_csv:  # drop rows logged after the record (they are logged again): no duplicates
-        _truncate_csv(csv_path, step)
-    sinks: dict = {}
-
-    def open_sinks() -> dict:  # at the first log row: a run that fails before it leaves --out untouched
-        if not sinks:
-            out.mkdir(parents=True, exist_ok=True)
-            sinks["writer"] = SummaryWriter(str(out / "tb"))
-            sinks["csv"] = open(csv_path, "w" if new_csv else "a", newline="")
-            sinks["log"] = csv.writer(sinks["csv"])
-        return sinks
+    # every row logged up to the last record (rows logged after it are logged again on resume: no duplicates);
+    # rewritten whole with each record, as are the TensorBoard scalars logged since the previous record
+    rows_csv = _read_csv(csv_path, step) if resume and csv_path.exists() else []
+    pending_tb: list[tuple[str, float, int]] = []
 
     meta = {"data": str(data_path), "obs_config": data["obs_config"], "samples_train": int(len(train_idx)), "samples_val": int(len(val_idx)),
             "pretrain_config": dataclasses.asdict(cfg)}
 
-    def save(step: int) -> None:
+    def save(step: int, result: dict | None = None) -> None:
         ck = policy.checkpoint(meta={**meta, "step": step})
         check_finite_weights(ck["state_dict"], f"step {step}: refusing to save the policy")
-        atomic_save({"config": dataclasses.asdict(cfg), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                     "torch_rng": torch.get_rng_state(), "step": step, "policy": ck}, state_path)  # the record
-        atomic_save(ck, policy_path)
+        with staged_folder(out, first=("state.pt",), last=("openloop.json",)) as stage:
+            atomic_save({"config": dataclasses.asdict(cfg), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                         "torch_rng": torch.get_rng_state(), "step": step, "policy": ck,
+                         "data_sha256": data_sha256}, stage / state_path.name)  # the record
+            atomic_save(ck, stage / policy_path.name)
+            buf = io.StringIO(newline="")
+            csv.writer(buf).writerows(rows_csv)
+            write_text(stage / csv_path.name, buf.getvalue())
+            writer = SummaryWriter(str(stage / "tb"))
+            for tag, v, at in pending_tb:
+                writer.add_scalar(tag, v, at)
+            writer.close()
+            if result is not None:
+                write_json(stage / "openloop.json", result)  # last: the run's result
+        pending_tb.clear()
 
     t0 = time.time()
     keys = None
@@ -231,39 +245,34 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
             if step % cfg.log_every == 0 or step == cfg.steps:
                 row = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
                        **{k: v.item() for k, v in out_d.items()}}
-                log = open_sinks()["log"]
                 if keys is None:
                     keys = list(row)
-                    if new_csv:
-                        log.writerow(keys)
-                log.writerow([row[k] for k in keys])
-                sinks["csv"].flush()
-                for k, v in row.items():
-                    if k != "step":
-                        sinks["writer"].add_scalar(f"pretrain/{k}", v, step)
+                    if not rows_csv:
+                        rows_csv.append(keys)
+                rows_csv.append([row[k] for k in keys])
+                pending_tb.extend((f"pretrain/{k}", v, step) for k, v in row.items() if k != "step")
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('acc', 0.0):.2f}")
             if step % cfg.ckpt_every == 0 and step < cfg.steps:
                 save(step)
     finally:
         bar.close()
-        if sinks:
-            sinks["csv"].close()
     policy.eval()
     metrics = open_loop_metrics(policy, data, val_idx)
     metrics["train_seconds"] = time.time() - t0
-    for k, v in metrics.items():
-        open_sinks()["writer"].add_scalar(f"openloop/{k}", v, step)
-    sinks["writer"].close()
+    pending_tb.extend((f"openloop/{k}", v, step) for k, v in metrics.items())
     meta["openloop"] = metrics
-    save(step)
-    write_json(out / "openloop.json", metrics)  # last: the run's result
+    save(step, result=metrics)
     return metrics
 
 
-def _truncate_csv(path: Path, step: int) -> None:
-    """Keep the header and the rows of ``metrics.csv`` up to ``step`` (rewritten atomically)."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+def _read_csv(path: Path, step: int) -> list[list[str]]:
+    """The header and the rows of ``metrics.csv`` up to ``step``."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CraftError(f"'{path}' is not a readable pre-training metrics file ({type(e).__name__}); move it "
+                         "away to resume") from None
     if not rows or not rows[0] or rows[0][0] != "step":
         raise CraftError(f"'{path}' is not a pre-training metrics file; move it away to resume")
     keep = [rows[0]]
@@ -273,9 +282,7 @@ def _truncate_csv(path: Path, step: int) -> None:
                 keep.append(r)
         except ValueError:
             break
-    buf = io.StringIO(newline="")
-    csv.writer(buf).writerows(keep)
-    write_text(path, buf.getvalue())
+    return keep
 
 
 __all__ = ["PretrainConfig", "pretrain", "open_loop_metrics", "split_routes"]

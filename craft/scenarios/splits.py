@@ -116,7 +116,7 @@ def split_specs(split: str, town_seeds: list[int] | None = None, routes: int | N
     n_routes = default_routes if routes is None else int(routes)
     if not 1 <= n_routes <= ROUTES_PER_TYPE_MAX:
         raise CraftError(f"routes must be in 1..{ROUTES_PER_TYPE_MAX}, got {routes}")
-    wanted = list(types) if types is not None else list(B2D_TYPES)
+    wanted = list(dict.fromkeys(types)) if types is not None else list(B2D_TYPES)  # a repeated type runs once
     unknown = [t for t in wanted if t not in B2D_TYPES]
     if unknown:
         raise CraftError(f"unknown scenario types {unknown}; Bench2Drive types are {list(B2D_TYPES)}")
