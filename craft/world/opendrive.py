@@ -13,9 +13,9 @@ What comes from where
 - **Driving lanes** are the lanes of CARLA's topology (one lane per road / lane section / lane id), sampled
   every ``ImportConfig.step`` m along the direction of travel; each lane ends at the first point of its first
   successor. Width: the median of the waypoints' widths. Successors: the topology's edges.
-- **Lane changes**: a same-direction neighbour becomes ``left`` / ``right`` only where the marking between
-  them permits the change (CARLA's ``lane_change`` at the lane's middle); an opposite-direction lane across
-  the centre line is ``left_opposite``.
+- **Lane changes**: a same-direction neighbour becomes ``left`` / ``right`` only if the marking between
+  them permits the change somewhere along the lane (CARLA's ``lane_change``, checked at about a dozen points
+  of the lane); an opposite-direction lane across the centre line is ``left_opposite``.
 - **Junctions**: CARLA's junctions (centre and radius from their bounding box); a lane inside one is a
   connector (``junction`` id). A connector's manoeuvre is its heading change: within 30 degrees straight,
   more than 150 degrees a U-turn, else left (counter-clockwise) or right. Connector speed: the lower of the
@@ -75,7 +75,7 @@ from craft.world.map import JunctionKind, LaneType, RawJunction, RawLane, RawLig
 __all__ = ["ImportConfig", "load_opendrive", "carla_to_world", "carla_yaw_to_world", "import_opendrive",
            "map_cache_dir", "IMPORT_VERSION"]
 
-IMPORT_VERSION = 1  # bump when the import's output changes (cache keys include it)
+IMPORT_VERSION = 2  # bump when the import's output changes (cache keys include it)
 STRAIGHT, LEFT, RIGHT, UTURN = 0, 1, 2, 3
 _MPH = 0.44704
 _KMH = 1 / 3.6
@@ -305,30 +305,31 @@ class _Importer:
                 w1 = w0.next(0.2)
                 pts = np.vstack([pts[:1], _xy(w1[0])[None]]) if w1 else np.vstack([pts, pts + [0.2, 0.0]])
             widths = [float(w.lane_width) for w in wps if w.lane_width > 0]
-            mid = wps[len(wps) // 2]
-            mids.append(mid)
+            mids.append(wps)
             junction = jindex[int(w0.junction_id)] if w0.is_junction else -1
             speed = self.road_speed.get(k[0], cfg.default_speed)
             lanes.append(RawLane(points=pts, width=float(np.median(widths)) if widths else 3.5, speed_limit=speed,
                                  type=LaneType.DRIVING, road=-1 if junction >= 0 else k[0], junction=junction,
                                  successors=[self.index[s] for s in nxt if s in self.index]))
-        # neighbours from the markings
-        for i, (k, mid) in enumerate(zip(keys, mids)):
+        # neighbours from the markings: a change is permitted where the marking permits it anywhere along the
+        # lane (the route files' planner changes lanes wherever a waypoint permits it)
+        for i, (k, wps) in enumerate(zip(keys, mids)):
             if lanes[i].junction >= 0:
                 continue
-            change = str(mid.lane_change)
-            for side, allowed in (("left", change in ("Left", "Both")), ("right", change in ("Right", "Both"))):
-                nb = mid.get_left_lane() if side == "left" else mid.get_right_lane()
-                if nb is None or nb.lane_type != carla.LaneType.Driving:
-                    continue
-                j = self.index.get(_key(nb))
-                if j is None or j == i:
-                    continue
-                same = (nb.lane_id > 0) == (mid.lane_id > 0)
-                if same and allowed:
-                    setattr(lanes[i], side, j)
-                elif not same and side == "left":
-                    lanes[i].left_opposite = j
+            for w in wps[:: max(1, len(wps) // 12)] + [wps[-1]]:
+                change = str(w.lane_change)
+                for side, allowed in (("left", change in ("Left", "Both")), ("right", change in ("Right", "Both"))):
+                    nb = w.get_left_lane() if side == "left" else w.get_right_lane()
+                    if nb is None or nb.lane_type != carla.LaneType.Driving:
+                        continue
+                    j = self.index.get(_key(nb))
+                    if j is None or j == i:
+                        continue
+                    same = (nb.lane_id > 0) == (w.lane_id > 0)
+                    if same and allowed and getattr(lanes[i], side) < 0:
+                        setattr(lanes[i], side, j)
+                    elif not same and side == "left" and lanes[i].left_opposite < 0:
+                        lanes[i].left_opposite = j
         # connectors: manoeuvre, speed
         for i, ln in enumerate(lanes):
             if ln.junction < 0:
