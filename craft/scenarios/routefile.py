@@ -364,8 +364,10 @@ def _traffic(m: RoadMap, cfg: RouteFileConfig) -> tuple[int, int]:
 
 def build_file_route(m: RoadMap, route: FileRoute, file_name: str, map_index: int = 0,
                      cfg: RouteFileConfig = RouteFileConfig(), long_cfg: LongRouteConfig = LongRouteConfig()):
-    """The scenario instance of one file route on its town ``m`` (raises one CraftError line naming it)."""
+    """The scenario instance of one file route on its town ``m`` (raises one CraftError line naming it).
+    ``file_name``: the route file's name (``longest6.xml``); its stem labels the routes (``meta["split"]``)."""
     where = f"route {route.id} ({route.town}) of {file_name}"
+    file_name = Path(file_name).stem
     matches = match_points(m, route.points, route.yaws, cfg, where)
     lanes, ego_s, end_m = plan_route_lanes(m, matches, cfg, where)
     rng = np.random.default_rng([zlib.crc32(file_name.encode()), zlib.crc32(route.id.encode())])
@@ -397,7 +399,6 @@ def load_route_file(path: str | Path, maps: str | Path, cfg: RouteFileConfig = R
         all_routes = [r for r in all_routes if r.town in set(towns)]
         if not all_routes:
             raise CraftError(f"route file '{path.name}' has no routes in {list(towns)}")
-    name = path.stem
     town_maps: dict[str, RoadMap] = {}
     index: dict[str, int] = {}
     instances, refused = [], []
@@ -411,7 +412,7 @@ def load_route_file(path: str | Path, maps: str | Path, cfg: RouteFileConfig = R
             m = town_maps[r.town]
             if r.town not in index:
                 index[r.town] = len(index)
-            inst = build_file_route(m, r, name, map_index=index[r.town], cfg=cfg)
+            inst = build_file_route(m, r, path.name, map_index=index[r.town], cfg=cfg)
             instances.append(inst)
         except CraftError as e:
             if strict:
