@@ -179,9 +179,10 @@ def cmd_collect(args) -> int:
     from craft.policies.data import CollectConfig, collect
     from craft.scenarios.splits import SPLITS
 
-    if args.split not in SPLITS:
+    rf = _routes_file_arg(args)
+    if rf is None and args.split not in SPLITS:
         raise CraftError(f"unknown split '{args.split}': use one of {', '.join(SPLITS)}")
-    cfg = CollectConfig(split=args.split, routes=args.routes,
+    cfg = CollectConfig(split=args.split, routes=args.routes, routes_file=(rf["path"], rf["maps"]) if rf else None,
                         town_seeds=tuple(args.town_seeds) if args.town_seeds else None,
                         types=tuple(args.types) if args.types else None, batch_size=args.batch_size, perturb_prob=args.perturb, seed=args.seed)
     check_out_file(args.out)
@@ -210,7 +211,9 @@ def cmd_finetune(args) -> int:
     from craft.finetune.collector import CollectorConfig
     from craft.finetune.trainer import FinetuneConfig, finetune
 
+    rf = _routes_file_arg(args)
     col = CollectorConfig(split=args.split, worlds=args.worlds, buffer_size=args.buffer, seed=args.seed,
+                          routes_file=(rf["path"], rf["maps"]) if rf else None,
                           routes=args.routes, town_seeds=tuple(args.town_seeds) if args.town_seeds else None,
                           types=tuple(args.types) if args.types else None)
     cfg = FinetuneConfig(method=args.method, family=args.family, iters=args.iters, seed=args.seed, collector=col)
@@ -321,13 +324,14 @@ def _ray_args(p: argparse.ArgumentParser, what: str) -> None:
                                      "HOST:PORT of its head; default: a local Ray when --workers > 1")
 
 
-def _routes_file_args(p: argparse.ArgumentParser) -> None:
+def _routes_file_args(p: argparse.ArgumentParser, ids: bool = True) -> None:
     p.add_argument("--routes-file", help="drive the routes of this leaderboard route file (leaderboard-1.0 or "
                                          "Bench2Drive format) on real towns instead of --split")
     p.add_argument("--maps", help="with --routes-file: folder of <town>.xodr maps named by the routes' town "
                                   "(default: the towns shipped with craft)")
-    p.add_argument("--route-ids", nargs="+", help="with --routes-file: only these route ids")
-    p.add_argument("--towns", nargs="+", help="with --routes-file: only the routes in these towns")
+    if ids:
+        p.add_argument("--route-ids", nargs="+", help="with --routes-file: only these route ids")
+        p.add_argument("--towns", nargs="+", help="with --routes-file: only the routes in these towns")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--routes", type=_positive_int, help="routes per scenario type (default: the split's)")
     c.add_argument("--town-seeds", type=_seed, nargs="+", help="collect on these town seeds instead")
     c.add_argument("--types", nargs="+", help="only these scenario types")
+    _routes_file_args(c, ids=False)
     c.add_argument("--perturb", type=_probability, default=0.2,
                    help="probability per decision of executing a perturbed expert plan (label stays clean)")
     c.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
@@ -409,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--routes", type=_positive_int, help="routes per scenario type")
     f.add_argument("--town-seeds", type=_seed, nargs="+", help="drive on these town seeds instead")
     f.add_argument("--types", nargs="+", help="only these scenario types")
+    _routes_file_args(f, ids=False)
     f.add_argument("--worlds", type=_positive_int, default=128, help="routes driven in parallel")
     f.add_argument("--buffer", type=_positive_int, default=2048, help="transitions per iteration")
     f.add_argument("--lr", type=_learning_rate, help="learning rate (default: the paper's 1e-4)")

@@ -57,7 +57,7 @@ from craft.world.map import LaneType, RoadMap
 from craft.world.opendrive import carla_to_world, carla_yaw_to_world, load_opendrive
 
 __all__ = ["FileRoute", "RouteFileConfig", "read_route_file", "match_points", "plan_route_lanes",
-           "build_file_route", "load_route_file", "FILE_ROUTE_TYPE"]
+           "build_file_route", "load_route_file", "training_instances", "FILE_ROUTE_TYPE"]
 
 FILE_ROUTE_TYPE = "Long"  # the metrics treat file routes like the long split's routes (no ability)
 
@@ -420,3 +420,18 @@ def load_route_file(path: str | Path, maps: str | Path, cfg: RouteFileConfig = R
             refused.append(str(e))
     used = sorted(index, key=index.get)
     return instances, [town_maps[t] for t in used], refused
+
+
+def training_instances(split: str, town_seeds, routes, types, routes_file: tuple[str, str] | None = None):
+    """``(instances, towns)`` for collection and fine-tuning: the split's (``load_split``) or, with
+    ``routes_file = (route file, maps folder)``, that file's runnable routes on its real towns (refused routes
+    are left out; none runnable is one CraftError line)."""
+    if routes_file is None:
+        from craft.scenarios.splits import load_split
+
+        return load_split(split, town_seeds=list(town_seeds) if town_seeds else None, routes=routes,
+                          types=list(types) if types else None)
+    instances, towns, refused = load_route_file(routes_file[0], routes_file[1])
+    if not instances:
+        raise CraftError(f"no route of '{routes_file[0]}' can run here: " + (refused[0] if refused else "none"))
+    return instances, towns
