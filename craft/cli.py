@@ -118,29 +118,67 @@ def _own(path, flag: str = "--out", kind: str = "dir"):
 
 def cmd_render(args) -> int:
     from craft.world.render import render_png
-    from craft.world.towns import generate_town
 
+    if args.routes_file and not args.map:
+        raise CraftError("--routes-file needs --map FILE.xodr (the town its routes are drawn on)")
     with own_output(args.out, kind="file"):
+        if args.map:
+            from craft.world.opendrive import load_opendrive
+            from craft.world.render import render_routes_png
+
+            town = load_opendrive(args.map)
+            if args.routes_file:
+                n = render_routes_png(town, args.routes_file, args.out, routes=args.routes_ids)
+                print(f"wrote {args.out} ({town.name}: {town.num_lanes} lanes, {len(town.junction_kind)} junctions, "
+                      f"{len(town.light_lane)} lights, {len(town.stop_lane)} stop signs, {n} routes)")
+                return 0
+            render_png(town, args.out, title=town.name)
+            print(f"wrote {args.out} ({town.num_lanes} lanes, {len(town.junction_kind)} junctions)")
+            return 0
+        from craft.world.towns import generate_town
+
         town = generate_town(args.town_seed)
         render_png(town, args.out, title=f"town seed {args.town_seed}")
     print(f"wrote {args.out} ({town.num_lanes} lanes, {len(town.junction_kind)} junctions)")
     return 0
 
 
+def _routes_file_arg(args) -> dict | None:
+    """``--routes-file`` / ``--maps`` as the routes_file dict of the evaluation / collection code."""
+    if getattr(args, "routes_file", None) is None:
+        if getattr(args, "maps", None):
+            raise CraftError("--maps is only used with --routes-file")
+        return None
+    from craft.data.carla import carla_data
+
+    if not Path(args.routes_file).is_file():
+        raise CraftError(f"--routes-file '{args.routes_file}' is not a file")
+    maps = args.maps or str(carla_data())
+    if not Path(maps).is_dir():
+        raise CraftError(f"--maps '{maps}' is not a folder of <town>.xodr files")
+    return {"path": args.routes_file, "maps": maps, "routes": getattr(args, "route_ids", None),
+            "towns": getattr(args, "towns", None)}
+
+
 def cmd_eval(args) -> int:
     from craft.bench.runner import EvalConfig, evaluate, make_driver
     from craft.scenarios.splits import SPLITS
 
-    if args.split not in SPLITS:
+    rf = _routes_file_arg(args)
+    if rf is None and args.split not in SPLITS:
         raise CraftError(f"unknown split '{args.split}': use one of {', '.join(SPLITS)}")
+    label = Path(args.routes_file).stem if rf is not None else args.split
     cfg = EvalConfig(protocol=args.protocol, gif_worst=args.gif, batch_size=args.batch_size, seed=args.seed,
                      max_steps=args.max_steps)
     with own_output(args.out):
         driver = make_driver(args.policy, device=args.device)
-        summary = evaluate(driver, args.split, args.out, cfg, town_seeds=args.town_seeds, routes=args.routes,
-                           device=args.device, types=args.types, workers=args.workers, address=args.address)
+        summary = evaluate(driver, label, args.out, cfg, town_seeds=args.town_seeds, routes=args.routes,
+                           device=args.device, types=args.types, workers=args.workers, address=args.address,
+                           routes_file=rf)
+    for line in summary.get("refused", []):
+        print(f"refused: {line}", file=sys.stderr)
     ab = summary["abilities"]
-    print(f"{driver.name} on {args.split} ({summary['num_routes']} routes, {args.protocol}): "
+    print(f"{driver.name} on {label} ({summary['num_routes']} routes, {args.protocol}): "
           f"DS {summary['DS']:.2f}  SR {summary['SR']:.2f}  RC {summary['RC']:.2f}  IS {summary['IS']:.3f}  "
           f"abilities mean {ab['Mean'] if ab['Mean'] is not None else float('nan'):.2f}  "
           f"({summary['wall_time_s']:.0f} s) -> {args.out}")
@@ -151,9 +189,10 @@ def cmd_collect(args) -> int:
     from craft.policies.data import CollectConfig, collect
     from craft.scenarios.splits import SPLITS
 
-    if args.split not in SPLITS:
+    rf = _routes_file_arg(args)
+    if rf is None and args.split not in SPLITS:
         raise CraftError(f"unknown split '{args.split}': use one of {', '.join(SPLITS)}")
-    cfg = CollectConfig(split=args.split, routes=args.routes,
+    cfg = CollectConfig(split=args.split, routes=args.routes, routes_file=(rf["path"], rf["maps"]) if rf else None,
                         town_seeds=tuple(args.town_seeds) if args.town_seeds else None,
                         types=tuple(args.types) if args.types else None, batch_size=args.batch_size, perturb_prob=args.perturb, seed=args.seed)
     with own_output(args.out, kind="file"):
@@ -182,7 +221,9 @@ def cmd_finetune(args) -> int:
     from craft.finetune.collector import CollectorConfig
     from craft.finetune.trainer import FinetuneConfig, finetune
 
+    rf = _routes_file_arg(args)
     col = CollectorConfig(split=args.split, worlds=args.worlds, buffer_size=args.buffer, seed=args.seed,
+                          routes_file=(rf["path"], rf["maps"]) if rf else None,
                           routes=args.routes, town_seeds=tuple(args.town_seeds) if args.town_seeds else None,
                           types=tuple(args.types) if args.types else None)
     cfg = FinetuneConfig(method=args.method, family=args.family, iters=args.iters, seed=args.seed, collector=col)
@@ -309,6 +350,16 @@ def _ray_args(p: argparse.ArgumentParser, what: str) -> None:
                                      "HOST:PORT of its head; default: a local Ray when --workers > 1")
 
 
+def _routes_file_args(p: argparse.ArgumentParser, ids: bool = True) -> None:
+    p.add_argument("--routes-file", help="drive the routes of this leaderboard route file (leaderboard-1.0 or "
+                                         "Bench2Drive format) on real towns instead of --split")
+    p.add_argument("--maps", help="with --routes-file: folder of <town>.xodr maps named by the routes' town "
+                                  "(default: the towns shipped with craft)")
+    if ids:
+        p.add_argument("--route-ids", nargs="+", help="with --routes-file: only these route ids")
+        p.add_argument("--towns", nargs="+", help="with --routes-file: only the routes in these towns")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="craft", description="Closed-loop reinforcement fine-tuning of driving policies.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -326,8 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the figures to this JSON file")
     b.set_defaults(func=cmd_sim_bench)
 
-    r = sub.add_parser("render", help="draw a procedural town as a PNG")
+    r = sub.add_parser("render", help="draw a procedural town, or a real one (--map) with its routes, as a PNG")
     r.add_argument("--town-seed", type=_seed, default=0)
+    r.add_argument("--map", help="draw this OpenDRIVE town (.xodr) instead of a procedural one")
+    r.add_argument("--routes-file", help="with --map: draw the routes of this route file that lie in the town")
+    r.add_argument("--routes", dest="routes_ids", nargs="+", help="with --routes-file: only these route ids")
     r.add_argument("--out", required=True)
     r.set_defaults(func=cmd_render)
 
@@ -345,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gif", type=_nonneg_int, default=0, metavar="K", help="GIFs of the K lowest-DS routes")
     e.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
     e.add_argument("--seed", type=_seed, default=0, help="background traffic seed")
+    _routes_file_args(e)
     e.add_argument("--max-steps", type=_positive_int, default=None,
                    help="simulation steps cap per route (default: 2000 = 200 s; long routes: their own cap, "
                         "which grows with their length)")
@@ -358,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--routes", type=_positive_int, help="routes per scenario type (default: the split's)")
     c.add_argument("--town-seeds", type=_seed, nargs="+", help="collect on these town seeds instead")
     c.add_argument("--types", nargs="+", help="only these scenario types")
+    _routes_file_args(c, ids=False)
     c.add_argument("--perturb", type=_probability, default=0.2,
                    help="probability per decision of executing a perturbed expert plan (label stays clean)")
     c.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
@@ -386,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--routes", type=_positive_int, help="routes per scenario type")
     f.add_argument("--town-seeds", type=_seed, nargs="+", help="drive on these town seeds instead")
     f.add_argument("--types", nargs="+", help="only these scenario types")
+    _routes_file_args(f, ids=False)
     f.add_argument("--worlds", type=_positive_int, default=128, help="routes driven in parallel")
     f.add_argument("--buffer", type=_positive_int, default=2048, help="transitions per iteration")
     f.add_argument("--lr", type=_learning_rate, help="learning rate (default: the paper's 1e-4)")

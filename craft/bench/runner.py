@@ -289,6 +289,8 @@ def b2d_route_id(inst, b: int = 0) -> str:
     from craft.scenarios.splits import route_number
 
     k = inst.meta.get("route_id")
+    if inst.meta.get("file_route") and isinstance(k, int):  # a route file's own route id
+        return f"RouteScenario_{k}_rep0"
     num = route_number(inst.type, k) if "split" in inst.meta and isinstance(k, int) else b
     return f"RouteScenario_{num}_rep0"
 
@@ -348,6 +350,7 @@ def _route_log(b: int, inst, R: dict, n: int, world: World, state, final_reason)
         pose={"x": pos[:, 0], "y": pos[:, 1], "yaw": R["yaw"][:n, b].numpy()},
         duration_s=n * dt,
         extra_meta=extra,
+        town_name=inst.meta.get("town"),
     )
 
 
@@ -452,6 +455,23 @@ def eval_world(split: str, town_seeds: list[int], routes: int | None, types: lis
     return instances, world
 
 
+def file_world(routes_file: dict, cfg: EvalConfig, device: str = "cpu") -> tuple[list, World, list[str]]:
+    """The runnable routes of a route file (``routes_file``: ``path``, ``maps`` and optionally ``routes`` /
+    ``towns``, see :func:`craft.scenarios.routefile.load_route_file`), their world, and one line per refused
+    route."""
+    from craft.scenarios.routefile import load_route_file
+
+    instances, towns, refused = load_route_file(routes_file["path"], routes_file["maps"],
+                                                routes=routes_file.get("routes"), towns=routes_file.get("towns"))
+    if not instances:
+        raise CraftError(f"no route of '{routes_file['path']}' can run here: " + (refused[0] if refused else "none"))
+    wcfg = WorldConfig(end_on_collision=cfg.protocol == "b2d-star")
+    limits = [inst.time_limit_s for inst in instances if inst.time_limit_s is not None]
+    if limits:
+        wcfg = replace(wcfg, events=replace(wcfg.events, tick_cap=max(wcfg.events.tick_cap, max(limits))))
+    return instances, World(towns, wcfg, device=device), refused
+
+
 def eval_batches(num_routes: int, cfg: EvalConfig) -> list[range]:
     """The evaluation's batches: consecutive runs of ``cfg.batch_size`` routes (route indices)."""
     return [range(i, min(num_routes, i + cfg.batch_size)) for i in range(0, num_routes, cfg.batch_size)]
@@ -477,7 +497,8 @@ def route_logs(world: World, instances: list, driver: Driver, cfg: EvalConfig, b
 def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig = EvalConfig(),
              town_seeds: list[int] | None = None, routes: int | None = None, device: str = "cpu",
              types: list[str] | None = None, also: dict[str, str | os.PathLike] | None = None,
-             workers: int = 1, address: str | None = None, logs_out: list | None = None) -> dict:
+             workers: int = 1, address: str | None = None, logs_out: list | None = None,
+             routes_file: dict | None = None) -> dict:
     """Evaluate ``driver`` on ``split``; writes results.json, summary.md, abilities.png and GIFs into ``out``.
 
     ``also`` maps further protocols to folders: the same rollout is scored under each of them too (only from a
@@ -489,6 +510,10 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     :class:`RouteLog` s (to score them again under other rules). ``workers > 1`` or an ``address``: the routes run on
     Ray workers (:func:`evaluate_sharded`) with the same records; the driver must be
     ``expert``, ``lane-follow`` or a top-1 :class:`~craft.policies.driver.PolicyDriver`.
+
+    ``routes_file``: drive the routes of a leaderboard route file on real towns instead of ``split``
+    (``{"path", "maps", "routes"?, "towns"?}``, see :func:`file_world`); ``split`` is then only the label.
+    Routes that cannot run are listed in ``refused.txt`` and in the summary's ``refused``.
     """
     also = dict(also or {})
     for proto in also:
@@ -501,9 +526,16 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
     for folder in (out, *also.values()):
         check_out_dir(folder)
         check_replaceable(folder, is_eval_output, "an evaluation")
-    seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
     t0 = time.time()
-    if workers > 1 or address is not None:  # routes dealt to Ray tasks; the same records (tested)
+    refused: list[str] = []
+    if routes_file is not None:
+        if workers > 1 or address is not None:
+            raise CraftError("--routes-file evaluations run in one process (leave --workers / --address out)")
+        seeds = []
+        instances, world, refused = file_world(routes_file, cfg, device)
+        logs = route_logs(world, instances, driver, cfg, progress=True, name=f"{driver.name} on {split}")
+    elif workers > 1 or address is not None:  # routes dealt to Ray tasks; the same records (tested)
+        seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
         if getattr(driver, "sample", False) or not (hasattr(driver, "policy") or driver.name in ("expert",
                                                                                              "lane-follow")):
             raise CraftError(f"--workers: driver '{driver.name}' cannot be sent to Ray workers (expert, lane-follow "
@@ -514,6 +546,7 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
         n = len(instances)
         logs = evaluate_sharded(label, ck, split, seeds, routes, types, cfg, device, n, workers, address)
     else:
+        seeds = list(town_seeds) if town_seeds else split_town_seeds(split)
         instances, world = eval_world(split, seeds, routes, types, cfg, device)
         logs = route_logs(world, instances, driver, cfg, progress=True, name=f"{driver.name} on {split}")
     wall = time.time() - t0
@@ -526,13 +559,14 @@ def evaluate(driver: Driver, split: str, out: str | os.PathLike, cfg: EvalConfig
                                  driver.name, wall, world, instances, cfg.step_files)
         stage = stack.enter_context(staged_folder(out, replace=True))
         summary, records = _score_and_write(logs, cfg.protocol, stage, split, seeds, driver.name, wall, world,
-                                            instances, cfg.step_files)
+                                            instances, cfg.step_files, refused)
         if cfg.gif_worst:
             _worst_gifs(world, instances, records, driver, cfg, stage)
     return summary
 
 
-EVAL_OUTPUTS = ("results.json", "routes.xml", "summary.md", "abilities.png", "metric_info", "scores.json")
+EVAL_OUTPUTS = ("results.json", "routes.xml", "summary.md", "abilities.png", "metric_info", "scores.json",
+                "refused.txt")
 """What an evaluation folder holds (besides its ``worst<k>_<type>.gif``); ``scores.json``: the experiments'
 compact copy of the scores."""
 
@@ -543,7 +577,8 @@ def is_eval_output(name: str) -> bool:
 
 
 def _score_and_write(logs: list[RouteLog], protocol: str, out: Path, split: str, seeds: list[int], name: str,
-                     wall: float, world: World, instances: list, step_files: bool = True) -> tuple[dict, list[dict]]:
+                     wall: float, world: World, instances: list, step_files: bool = True,
+                     refused: list[str] = ()) -> tuple[dict, list[dict]]:
     """Score ``logs`` under ``protocol``; write into ``out``: routes.xml (Bench2Drive's routes file of these
     routes), metric_info/<save_name>/metric_info.json per route (the per-step file of Bench2Drive's comfort
     tool: ``efficiency_smoothness_benchmark.py -f results.json -m metric_info``; only with ``step_files``),
@@ -556,6 +591,9 @@ def _score_and_write(logs: list[RouteLog], protocol: str, out: Path, split: str,
                         policy=name)
     summary["wall_time_s"] = wall
     out.mkdir(parents=True, exist_ok=True)
+    if refused:
+        summary["refused"] = list(refused)
+        write_text(out / "refused.txt", "".join(f"{line}\n" for line in refused))
     write_text(out / "routes.xml", routes_xml(world, instances, records))
     for log, rec in zip(logs, records) if step_files else ():
         folder = out / "metric_info" / rec["save_name"]

@@ -54,6 +54,8 @@ class CollectorConfig:
     """Override the split's town seeds (fewer towns: faster start-up)."""
     types: tuple[str, ...] | None = None
     """Only these scenario types."""
+    routes_file: tuple[str, str] | None = None
+    """(route file, maps folder): drive that file's routes on real towns instead of the split's."""
     seed: int = 0
     """Route order, background traffic and candidate sampling seed."""
     end_on_collision: bool = True
@@ -116,13 +118,12 @@ class Collector:
                  shard: tuple[int, int] = (0, 1)):
         """shard ``(i, n)``: drive only every n-th route of the seeded order starting at i, with a sampling
         stream of its own (one of n collectors feeding one learner; ``(0, 1)``: every route, as before)."""
-        from craft.scenarios.splits import load_split
+        from craft.scenarios.routefile import training_instances
         from craft.world.world import World, WorldConfig
 
         self.cfg = cfg
         self.device = device
-        self.instances, towns = load_split(cfg.split, town_seeds=list(cfg.town_seeds) if cfg.town_seeds else None,
-                                           routes=cfg.routes, types=list(cfg.types) if cfg.types else None)
+        self.instances, towns = training_instances(cfg.split, cfg.town_seeds, cfg.routes, cfg.types, cfg.routes_file)
         self.world = World(towns, WorldConfig(end_on_collision=cfg.end_on_collision), device=device)
         g = torch.Generator().manual_seed(cfg.seed)
         self.order = torch.randperm(len(self.instances), generator=g).tolist()

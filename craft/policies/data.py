@@ -48,6 +48,8 @@ class CollectConfig:
     """Override the split's town seeds."""
     types: tuple[str, ...] | None = None
     """Only these scenario types (default: all)."""
+    routes_file: tuple[str, str] | None = None
+    """(route file, maps folder): drive that file's routes on real towns instead of the split's."""
     batch_size: int = 220
     """Routes simulated together."""
     perturb_prob: float = 0.2
@@ -127,13 +129,12 @@ def collect(cfg: CollectConfig, out: str | Path, device: str = "cpu", obs_cfg: O
     """Record expert demonstrations on ``cfg.split`` into the file ``out``; returns a small summary."""
     from craft.bench.runner import EvalConfig, progress_total, run_batch
     from craft.scenarios.base import town_seed_of
-    from craft.scenarios.splits import load_split
+    from craft.scenarios.routefile import training_instances
     from craft.world.world import World
 
     check_out_file(out)
     obs_cfg = obs_cfg or ObsConfig()
-    instances, towns = load_split(cfg.split, town_seeds=list(cfg.town_seeds) if cfg.town_seeds else None,
-                                  routes=cfg.routes, types=list(cfg.types) if cfg.types else None)
+    instances, towns = training_instances(cfg.split, cfg.town_seeds, cfg.routes, cfg.types, cfg.routes_file)
     world = World(towns, device=device)
     ecfg = EvalConfig(batch_size=cfg.batch_size, seed=cfg.seed, max_steps=cfg.max_steps)
     t0 = time.time()

@@ -123,8 +123,12 @@ def town_seed_of(town: RoadMap) -> int:
 
 
 def build_scenario(type: str, town: RoadMap, rng: np.random.Generator, map_index: int = 0,
-                   attempts: int = 40) -> ScenarioInstance:
-    """Build a scenario of ``type`` on ``town``; raises CraftError if the town cannot host it."""
+                   attempts: int = 40, allowed: set[int] | None = None) -> ScenarioInstance:
+    """Build a scenario of ``type`` on ``town``; raises CraftError if the town cannot host it.
+
+    ``allowed``: the ego's route may only use these lanes (a fixed route, e.g. from a route file): the
+    builder's choices of road lanes, junction connectors and feature lanes are restricted to them and its
+    route walks prefer them; a placement whose route still leaves them counts as no place."""
     if type not in SCENARIOS:
         raise CraftError(f"unknown or not yet implemented scenario type '{type}'; implemented: "
                          f"{', '.join(sorted(SCENARIOS))}")
@@ -134,15 +138,36 @@ def build_scenario(type: str, town: RoadMap, rng: np.random.Generator, map_index
     ability, builder = SCENARIOS[type]
     why = []
     for _ in range(attempts):
-        ctx = Ctx(town, rng, type, map_index)
+        ctx = Ctx(town, rng, type, map_index, allowed=allowed)
         try:
             builder(ctx)
+            if allowed is not None and not set(ctx.route) <= allowed:
+                raise NoPlace("its route leaves the given lanes")
             return ctx.finish(ability)
         except NoPlace as e:
             why.append(str(e))
     reasons = sorted(set(why))[:3]
     raise CraftError(f"town '{town.name}' cannot host scenario '{type}' (tried {attempts} placements): "
                      f"{'; '.join(reasons)}")
+
+
+def restrict_features(f: dict, allowed: set[int]) -> dict:
+    """Scenario features (``town.extras["features"]``) restricted to routes over the ``allowed`` lanes: lane
+    lists keep the allowed lanes (walk lanes and lanes scenarios only put agents on stay), junctions keep the
+    connectors the route may take."""
+    keep_all = {"crosswalks", "sidewalks", "shoulders", "parking", "bike", "acceleration_lanes",
+                "deceleration_lanes", "on_ramps", "off_ramps", "highway"}
+    out = {}
+    for k, v in f.items():
+        if k == "junctions" or k in keep_all or not isinstance(v, list):
+            out[k] = v
+        else:
+            out[k] = [x for x in v if x in allowed]
+    # the list keeps its length (builders index it by junction id); :meth:`Ctx.junctions` skips the junctions
+    # left without connectors
+    out["junctions"] = [{**j, "connectors": {t: [c for c in cs if c in allowed] for t, cs in j["connectors"].items()}}
+                        for j in f.get("junctions", [])]
+    return out
 
 
 # ---------------------------------------------------------------------- geometry helpers
@@ -194,12 +219,15 @@ def route_segments(m: RoadMap, route: list[int], ego_s: float) -> list[tuple[int
 class Ctx:
     """What a builder fills in: the route, agents, rules; plus placement helpers."""
 
-    def __init__(self, town: RoadMap, rng: np.random.Generator, type: str, map_index: int = 0):
+    def __init__(self, town: RoadMap, rng: np.random.Generator, type: str, map_index: int = 0,
+                 allowed: set[int] | None = None):
         self.m = town
         self.rng = rng
         self.type = type
         self.map_index = map_index
-        self.f = town.extras["features"]
+        self.allowed = None if allowed is None else {int(x) for x in allowed}
+        self.f = town.extras["features"] if allowed is None else restrict_features(town.extras["features"],
+                                                                                   self.allowed)
         self.route: list[int] = []
         self.ego_s = 0.0
         self.route_end = math.inf
@@ -236,6 +264,8 @@ class Ctx:
         for i in range(m.num_lanes):
             if not self.is_driving(i) or m.lane_junction[i] >= 0 or i in self.extra_lanes:
                 continue
+            if self.allowed is not None and i not in self.allowed:
+                continue
             if float(m.lane_length[i]) < min_len:
                 continue
             if highway != (i in hw):
@@ -270,6 +300,8 @@ class Ctx:
             ps = self.preds(cur)
             if not ps:
                 raise NoPlace(f"no lane leads into lane {cur}")
+            if self.allowed is not None:
+                ps = [p for p in ps if p in self.allowed] or ps
             straight = [p for p in ps if self.m.lane_junction[p] < 0 or self.m.lane_turn[p] == STRAIGHT]
             p = self.choice(straight or ps)
             L = float(self.m.lane_length[p])
@@ -293,6 +325,8 @@ class Ctx:
                 if out:
                     return out
                 raise NoPlace(f"lane {cur} is a dead end")
+            if self.allowed is not None:
+                ss = [x for x in ss if x in self.allowed] or ss
             pref = [x for x in ss if self.m.lane_junction[x] < 0 or turn is None or self.m.lane_turn[x] == turn]
             nxt = self.choice(pref or ss)
             out.append(nxt)
@@ -399,6 +433,8 @@ class Ctx:
         """Junction feature dicts of the given kinds / arm counts, optionally filtered by ``where(j)``."""
         out = []
         for j in self.f["junctions"]:
+            if self.allowed is not None and not any(j["connectors"].values()):
+                continue
             if where is not None and not where(j):
                 continue
             if kinds is not None and j["kind"] not in [int(k) for k in kinds]:

@@ -229,14 +229,18 @@ def _try_append(m: RoadMap, cfg: LongRouteConfig, route: list[int], ego_s: float
 
 
 def _merge(m: RoadMap, cfg: LongRouteConfig, pieces: list[_Piece], route: list[int], ego_s: float,
-           end_m: float, map_index: int, rng: np.random.Generator) -> ScenarioInstance:
+           end_m: float, map_index: int, rng: np.random.Generator, hide_first: bool = False,
+           traffic: tuple[int, int] | None = None) -> ScenarioInstance:
+    """The long route's instance from its placed scenarios. ``hide_first``: the first scenario's agents are
+    hidden until the ego comes near too (a route that does not start at its first scenario); ``traffic``:
+    (vehicles, pedestrians) instead of a draw from ``cfg``."""
     agents, rules, queues = [], [], {}
     spans = []  # (first, end) indices of each scenario's own rules and agents on the long route
     for k, pc in enumerate(pieces):
         inst = pc.inst
         a_off, n_a = len(agents), len(inst.spec.agents)
         gate = None
-        if k > 0:
+        if k > 0 or hide_first:
             gate = len(rules)
             rules.append(Rule(-1, Trigger.progress(pc.start_m), Action(A_NONE), f"{inst.type}: ego arrives"))
         spans.append(([len(rules), len(rules) + len(inst.rules)], [a_off + 1, a_off + 1 + n_a]))
@@ -245,7 +249,7 @@ def _merge(m: RoadMap, cfg: LongRouteConfig, pieces: list[_Piece], route: list[i
         own_valid = {r.agent + a_off for r in inst.rules if r.action.kind == A_VALID and r.action.params[0] == 0.0
                      and r.trigger.kind == T_TIME and float(r.trigger.params[0]) == 0.0}
         mine = [a_off + 1 + i for i in range(n_a)]
-        if k > 0:  # hidden until the ego comes near
+        if k > 0 or hide_first:  # hidden until the ego comes near
             for a in mine:
                 if a not in own_valid:
                     rules.append(Rule(a, Trigger.time(0.0), Action.valid(False), f"{inst.type}: hidden"))
@@ -268,6 +272,8 @@ def _merge(m: RoadMap, cfg: LongRouteConfig, pieces: list[_Piece], route: list[i
             break
     n_veh = int(rng.integers(*cfg.vehicles))
     n_ped = int(rng.integers(*cfg.pedestrians))
+    if traffic is not None:
+        n_veh, n_ped = int(traffic[0]), int(traffic[1])
     spec = WorldSpec(map_index=map_index, route=list(route), ego_s=float(ego_s), ego_speed=0.0, n_vehicles=n_veh,
                      n_pedestrians=n_ped, agents=agents)
     chain = [dict(type=pc.inst.type, ability=pc.inst.ability, start_m=round(pc.start_m, 2),
