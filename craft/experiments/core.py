@@ -2,7 +2,8 @@
 
 One mechanism runs everything: an experiment asks :func:`finetune_run` for a fine-tuned policy and
 :func:`evaluate_policy` for its closed-loop metrics. Runs live in ``ROOT/runs/<family>-<label>-s<seed>-<digest>``
-where the digest hashes the initial checkpoint's bytes and the whole :class:`FinetuneConfig`; a finished run
+where the digest hashes the initial checkpoint's bytes, the whole :class:`FinetuneConfig` and the benchmark's
+version (:data:`craft.bench.BENCHMARK_VERSION`: results of another version are never reused); a finished run
 is reused by every experiment that asks for the same thing (``ablation`` reuses ``main``'s GRPO and CRAFT
 runs, ``scaling`` its x1 runs, ``stability`` its diagnostics), and an interrupted one resumes. Evaluations live
 inside the run they evaluate (``eval-<set>/<protocol>/results.json``); one ``b2d`` rollout is scored under both
@@ -164,7 +165,9 @@ def finetune_config(cfg: ExperimentConfig, method: str, seed: int, label: str | 
 
 def run_dir(root: str | os.PathLike, cfg: ExperimentConfig, label: str, fc) -> Path:
     """The pool folder of a fine-tuning run (created with its ``config.json``)."""
-    key = {"init": _file_digest(cfg.init_path), "finetune": asdict(fc)}
+    from craft.bench import BENCHMARK_VERSION
+
+    key = {"init": _file_digest(cfg.init_path), "finetune": asdict(fc), "benchmark": BENCHMARK_VERSION}
     d = restored(Path(root) / "runs" / f"{cfg.family}-{label}-s{fc.seed}-{_digest(key)}")
     if not (d / "config.json").exists():
         d.mkdir(parents=True, exist_ok=True)
@@ -318,7 +321,9 @@ def archive(root: str | os.PathLike, to: str | os.PathLike | None = None) -> dic
 
 def pretrained_dir(root: str | os.PathLike, cfg: ExperimentConfig) -> Path:
     """The pool folder holding the pre-trained checkpoint's evaluations."""
-    d = restored(Path(root) / "runs" / f"{cfg.family}-pretrained-{_file_digest(cfg.init_path)}")
+    from craft.bench import BENCHMARK_VERSION
+
+    d = restored(Path(root) / "runs" / f"{cfg.family}-pretrained-{_file_digest(cfg.init_path)}-b{BENCHMARK_VERSION}")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
