@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from craft.checks import LR_MAX, check_finite_fields, check_range, check_seed
 from craft.errors import CraftError
-from craft.files import check_out_dir, load_torch, read_json, write_bytes, write_json, write_text
+from craft.files import check_out_dir, load_torch, read_json, save_png, write_bytes, write_json, write_text
 from craft.policies.base import atomic_save, policy_from_checkpoint, read_checkpoint
 from craft.policies.data import DATA_FORMAT, DATA_VERSION, CollectConfig, load_demos, record_split
 from craft.policies.pretrain import PretrainConfig, open_loop_metrics, train_policy
@@ -387,8 +387,6 @@ def rounds_plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from craft.experiments.core import save_png
 
     fl = [_flat(r) for r in rows]
     ks = [f["round"] for f in fl]
