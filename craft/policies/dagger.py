@@ -394,10 +394,11 @@ def rounds_plot(rows: list[dict], path: Path) -> None:
     ax[0].plot(ks, [f["samples_total"] for f in fl], marker="o")
     ax[0].set_title("samples (aggregate)")
     ax[1].plot(ks, [f["accuracy"] for f in fl], marker="o", label="accuracy (demo held-out)")
-    ax[1].plot(ks, [f["visited_accuracy"] for f in fl], marker="x", ls=":", label="accuracy (own states, before)")
+    ax[1].plot(ks, [f["visited_accuracy"] for f in fl], marker="x", ls=":", label="accuracy (states it drove to, before)")
     a2 = ax[1].twinx()
     a2.plot(ks, [f["l2_3s"] for f in fl], marker="s", color="C3", label="L2 at 3 s (m)")
     a2.set_ylabel("L2 at 3 s (m)", color="C3")
+    a2.ticklabel_format(axis="y", useOffset=False)
     ax[1].set_title("open loop")
     ax[1].legend(fontsize=7, loc="lower left")
     ax[2].plot(ks, [f["val_DS"] for f in fl], marker="o", label="DS")
@@ -408,6 +409,7 @@ def rounds_plot(rows: list[dict], path: Path) -> None:
     ax[3].set_title("wall time per round (s)")
     for a in ax:
         a.set_xlabel("round (0: --init)")
+        a.set_xticks(ks)
     fig.tight_layout()
     save_png(fig, path)
 
