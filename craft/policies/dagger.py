@@ -394,7 +394,8 @@ def rounds_plot(rows: list[dict], path: Path) -> None:
     ax[0].plot(ks, [f["samples_total"] for f in fl], marker="o")
     ax[0].set_title("samples (aggregate)")
     ax[1].plot(ks, [f["accuracy"] for f in fl], marker="o", label="accuracy (demo held-out)")
-    ax[1].plot(ks, [f["visited_accuracy"] for f in fl], marker="x", ls=":", label="accuracy (states it drove to, before)")
+    ax[1].plot(ks, [f["visited_accuracy"] for f in fl], marker="x", ls=":",
+               label="accuracy (states it drove to, before)")
     a2 = ax[1].twinx()
     a2.plot(ks, [f["l2_3s"] for f in fl], marker="s", color="C3", label="L2 at 3 s (m)")
     a2.set_ylabel("L2 at 3 s (m)", color="C3")
