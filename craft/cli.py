@@ -385,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train routes per scenario type driven per round (default 4: 176 routes)")
     g.add_argument("--town-seeds", type=_seed, nargs="+", help="drive on these train town seeds instead")
     g.add_argument("--types", nargs="+", help="only these scenario types (driving and the val subset)")
-    g.add_argument("--beta", type=_probability, default=0.5,
-                   help="probability of executing the expert's plan per decision in round 1 (default 0.5)")
+    g.add_argument("--beta", type=_probability, default=0.0,
+                   help="probability of executing the expert's plan per decision in round 1 (default 0: the "
+                        "policy drives alone)")
     g.add_argument("--beta-decay", type=_probability, default=0.5,
                    help="beta of round k = beta * decay^(k-1) (default 0.5)")
     g.add_argument("--perturb", type=_probability, default=0.0,

@@ -136,7 +136,7 @@ def test_killed_round_resumes_to_the_same_data_and_weights(demos, init_ckpt, tmp
 def test_cli_dagger_end_to_end(demos, init_ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["dagger", "--family", "hier", "--init", str(init_ckpt), "--data", str(demos), "--rounds", "2",
-               "--routes", "1", "--types", *TYPES, "--steps", "3", "--train-batch", "16", "--max-steps", "80",
+               "--routes", "1", "--types", *TYPES, "--beta", "0.5", "--steps", "3", "--train-batch", "16", "--max-steps", "80",
                "--out", str(out)])
     assert rc == 0
     p = load_policy(out / "policy.pt", family="hier")

@@ -75,8 +75,10 @@ class DaggerConfig:
     """Drive on these train town seeds instead of the split's."""
     types: tuple[str, ...] | None = None
     """Only these scenario types (driving and the val subset); default all."""
-    beta: float = 0.5
-    """Probability that a world executes the expert's plan at a decision in round 1 (0: pure policy)."""
+    beta: float = 0.0
+    """Probability that a world executes the expert's plan at a decision in round 1. Default 0 (the policy
+    drives alone): the demonstrations already are the expert's round, and in the vocab pilot two pure-policy
+    rounds beat a first round of expert data (docs/policies.md, "DAgger")."""
     beta_decay: float = 0.5
     """beta of round k = beta * beta_decay ** (k - 1)."""
     perturb_prob: float = 0.0
