@@ -215,6 +215,30 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_dagger(args) -> int:
+    import torch
+
+    from craft.policies.dagger import DaggerConfig, dagger
+
+    torch.set_num_threads(args.threads)
+    cfg = DaggerConfig(family=args.family, rounds=args.rounds, routes=args.routes,
+                       town_seeds=tuple(args.town_seeds) if args.town_seeds else None,
+                       types=tuple(args.types) if args.types else None, beta=args.beta, beta_decay=args.beta_decay,
+                       perturb_prob=args.perturb, batch_size=args.batch_size, steps=args.steps,
+                       train_batch=args.train_batch, lr=args.lr, warm_start=not args.cold_start,
+                       val_routes=args.val_routes, seed=args.seed,
+                       **({"max_steps": args.max_steps, "val_max_steps": args.max_steps} if args.max_steps else {}))
+    with own_output(args.out):
+        rows = dagger(args.init, args.data, args.out, cfg, resume=args.resume, device=args.device)
+    for r in rows:
+        ol = r["openloop"]
+        print(f"round {r['round']}: {r['samples_total']} samples, open loop accuracy {ol['accuracy']:.3f} L2 3 s "
+              f"{ol['l2_3s']:.2f} m entropy {ol['entropy']:.2f}, val DS {r['val_DS']:.2f} SR {r['val_SR']:.2f} "
+              f"({r['t_round']:.0f} s)")
+    print(f"-> {args.out}/policy.pt (last round), {args.out}/best.pt (best val DS), {args.out}/rounds.png")
+    return 0
+
+
 def cmd_finetune(args) -> int:
     from dataclasses import replace
 
@@ -432,6 +456,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--out", required=True, help="output folder (policy.pt, state.pt, metrics.csv, tb/)")
     t.set_defaults(func=cmd_pretrain)
+
+    g = sub.add_parser("dagger", help="closed-loop imitation: the policy drives train routes, the expert labels the "
+                                      "states it visits, the data is aggregated and the policy retrained (DAgger)")
+    g.add_argument("--family", required=True, choices=["vocab", "hier", "vla"])
+    g.add_argument("--init", required=True, help="pre-trained policy checkpoint (file or folder) of --family")
+    g.add_argument("--data", required=True, help="its expert demonstrations (from `craft collect`), aggregated with "
+                                                 "every round's data")
+    g.add_argument("--rounds", type=_positive_int, default=3, help="DAgger rounds (default 3)")
+    g.add_argument("--routes", type=_positive_int, default=4,
+                   help="train routes per scenario type driven per round (default 4: 176 routes)")
+    g.add_argument("--town-seeds", type=_seed, nargs="+", help="drive on these train town seeds instead")
+    g.add_argument("--types", nargs="+", help="only these scenario types (driving and the val subset)")
+    g.add_argument("--beta", type=_probability, default=0.0,
+                   help="probability of executing the expert's plan per decision in round 1 (default 0: the "
+                        "policy drives alone)")
+    g.add_argument("--beta-decay", type=_probability, default=0.5,
+                   help="beta of round k = beta * decay^(k-1) (default 0.5)")
+    g.add_argument("--perturb", type=_probability, default=0.0,
+                   help="probability of perturbing an executed expert plan (default 0)")
+    g.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per round (default 1000)")
+    g.add_argument("--train-batch", type=_positive_int, default=256, help="samples per optimizer step")
+    g.add_argument("--lr", type=_learning_rate, default=5e-4, help="peak learning rate per round (default 5e-4)")
+    g.add_argument("--cold-start", action="store_true", help="retrain every round from --init, not the last round")
+    g.add_argument("--val-routes", type=_positive_int, default=1,
+                   help="val routes per scenario type of the closed-loop val subset (default 1: 44 routes)")
+    g.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
+    g.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="simulation steps cap per route, driving and val (default: 2000 = 200 s)")
+    g.add_argument("--seed", type=_seed, default=0)
+    g.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    g.add_argument("--device", type=_device, default="cpu")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    g.add_argument("--out", required=True, help="output folder (round-NNNN/, rounds.csv/png, policy.pt, best.pt)")
+    g.set_defaults(func=cmd_dagger)
 
     f = sub.add_parser("finetune", help="closed-loop RL fine-tuning of a pre-trained policy (CRAFT or a baseline)")
     f.add_argument("--method", required=True, choices=["craft", "grpo", "ppo", "reinforcepp"])

@@ -129,6 +129,18 @@ def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """A matplotlib figure as a PNG at ``path``, written atomically; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return write_bytes(path, buf.getvalue())
+
+
 def _first_line(e: BaseException, limit: int = 160) -> str:
     s = str(e).strip().splitlines()
     line = s[0].strip() if s else ""

@@ -97,6 +97,7 @@ COMMANDS = {  # every command that writes an output: (argv, the output, kind)
     "eval": (EVAL, "dir"),
     "finetune": (["finetune", *TINY_FT, "--init", "INIT", "--iters", "1"], "dir"),
     "pretrain": (["pretrain", "--family", "hier", "--data", "DATA", "--steps", "1"], "dir"),
+    "dagger": (["dagger", "--family", "hier", "--init", "INIT", "--data", "DATA", "--rounds", "1"], "dir"),
     "collect": (["collect", "--split", "val", "--routes", "1", "--types", "HardBreakRoute"], "file"),
     "render": (["render"], "file"),
     "demo": (["demo", "--world-only"], "dir"),

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from craft.errors import CraftError
-from craft.files import read_json, write_bytes, write_json, write_text  # noqa: F401  (re-exported)
+from craft.files import read_json, save_png, write_bytes, write_json, write_text  # noqa: F401  (re-exported)
 
 ABILITIES = ("Merging", "Overtaking", "Emergency_Brake", "Give_Way", "Traffic_Signs", "Mean")
 COLUMNS = ("DS", "SR", "RC", "IS") + ABILITIES
@@ -843,18 +843,6 @@ def probe_plot(curves: dict[str, list[list[dict]]], path: Path, title: str) -> N
     fig.suptitle(f"{title}: probe states", fontsize=10)
     fig.tight_layout()
     save_png(fig, path)
-
-
-def save_png(fig, path: Path) -> None:
-    """A matplotlib figure as a PNG at ``path``, written atomically; the figure is closed."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
 
 
 __all__ = ["ARCHIVE", "archive", "ExperimentConfig", "EvalSet", "SMALL_BUDGET", "evaluate_policy", "finetune_run", "main_table",

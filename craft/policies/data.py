@@ -16,7 +16,12 @@ File layout (one ``torch.save`` dict, written atomically)::
 
     {"format": "craft-demos", "format_version": 1, "obs": {token name: tensor (N, ...)} (floats as float16),
      "expert": (N, T, 3) float32, "route": (N,) long (index of the route in "routes"),
-     "routes": [{"type", "route_id", "town_seed"}], "obs_config": dict, "collect_config": dict}
+     "routes": [{"type", "route_id", "town_seed"}], "obs_config": dict, "collect_config": dict,
+     "by_policy": (N,) bool (optional; True where a DAgger round executed the policy's plan, not the expert's)}
+
+The same recording loop (:func:`record_split`) makes DAgger's data (:mod:`craft.policies.dagger`): the
+recorder then executes the policy's plan (mixed with the expert's by ``beta``) and still records the expert's
+plan on every state visited.
 """
 
 from __future__ import annotations
@@ -78,31 +83,56 @@ class CollectConfig:
 
 
 class RecordingExpert:
-    """Driver that asks the privileged expert, records (observation, plan) and executes a perturbed plan."""
+    """Driver that asks the privileged expert, records (observation, plan) and executes a plan.
+
+    Without ``policy`` it executes the expert's plan (perturbed as :class:`CollectConfig` says): expert
+    demonstrations. With ``policy`` (a :class:`~craft.policies.base.CandidatePolicy`) it is DAgger's mixed
+    driver: per world and decision, with probability ``beta`` the (perturbed) expert plan is executed, else
+    the policy's top-1 candidate; either way the label recorded is the expert's clean plan on the state the
+    world is in, i.e. on the states the mixture visits. ``executed (B,)`` bool per decision (True: the
+    policy's plan) is kept in ``self.by_policy`` beside the records.
+    """
 
     name = "expert"
 
-    def __init__(self, cfg: CollectConfig, obs_cfg: ObsConfig, route_offset: int = 0):
+    def __init__(self, cfg: CollectConfig, obs_cfg: ObsConfig, route_offset: int = 0, policy=None,
+                 beta: float = 1.0, seed_salt: int = 0):
         from craft.experts.pdm import PrivilegedExpert
 
         self.expert = PrivilegedExpert()
         self.cfg = cfg
         self.obs_cfg = obs_cfg
         self.route_offset = route_offset
-        self.gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + route_offset)
+        self.policy = policy.eval() if policy is not None else None
+        self.beta = float(beta) if policy is not None else 1.0
+        if policy is not None:
+            self.name = f"dagger:{policy.family}"
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + route_offset + seed_salt * 7_919)
         self.obs: list[Observation] = []
         self.plans: list[torch.Tensor] = []
         self.routes: list[torch.Tensor] = []
+        self.by_policy: list[torch.Tensor] = []
 
+    @torch.no_grad()
     def plan(self, world, state) -> torch.Tensor:
-        plan = self.expert.plan(world, state)  # (B, T, 3)
+        plan = self.expert.plan(world, state)  # (B, T, 3): the label, on the state the world is in
         keep = ~state.done
+        need_obs = bool(keep.any()) or self.policy is not None
+        obs = observe(world.maps, state, world.lights(state), self.obs_cfg) if need_obs else None
+        executed = self._perturb(plan)
+        by_policy = torch.zeros(plan.shape[0], dtype=torch.bool)
+        if self.policy is not None:
+            dev = next(self.policy.parameters()).device
+            cs = self.policy(obs.to(dev))
+            own = cs.select(cs.top1()).to(plan)
+            by_policy = torch.rand(plan.shape[0], generator=self.gen) >= self.beta
+            executed = torch.where(by_policy.to(plan.device)[:, None, None], own, executed)
         if keep.any():
-            obs = observe(world.maps, state, world.lights(state), self.obs_cfg).index(keep)
-            self.obs.append(_compact(obs))
+            self.obs.append(_compact(obs.index(keep)))
             self.plans.append(plan[keep].detach().cpu().float())
             self.routes.append(torch.nonzero(keep).squeeze(1).cpu() + self.route_offset)
-        return self._perturb(plan)
+            self.by_policy.append(by_policy[keep.cpu()])
+        return executed
 
     def _perturb(self, plan: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -125,42 +155,58 @@ def _compact(obs: Observation) -> dict[str, torch.Tensor]:
     return {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in obs.tensors().items()}
 
 
-def collect(cfg: CollectConfig, out: str | Path, device: str = "cpu", obs_cfg: ObsConfig | None = None) -> dict:
-    """Record expert demonstrations on ``cfg.split`` into the file ``out``; returns a small summary."""
+def record_split(cfg: CollectConfig, device: str = "cpu", obs_cfg: ObsConfig | None = None, policy=None,
+                 beta: float = 1.0, seed_salt: int = 0, progress: bool = True, desc: str = "collect") -> dict:
+    """Drive ``cfg.split``'s routes with a :class:`RecordingExpert` (the expert alone, or mixed with
+    ``policy`` by ``beta``: see there) through the benchmark runner; returns the demonstrations dict of the
+    module docstring's layout (plus ``"by_policy" (N,)`` bool: the policy's plan was executed there).
+
+    ``seed_salt`` varies the mixing / perturbation draws (a DAgger round's number); same arguments, same data.
+    """
     from craft.bench.runner import EvalConfig, progress_total, run_batch
     from craft.scenarios.base import town_seed_of
     from craft.scenarios.routefile import training_instances
     from craft.world.world import World
 
-    check_out_file(out)
     obs_cfg = obs_cfg or ObsConfig()
     instances, towns = training_instances(cfg.split, cfg.town_seeds, cfg.routes, cfg.types, cfg.routes_file)
     world = World(towns, device=device)
     ecfg = EvalConfig(batch_size=cfg.batch_size, seed=cfg.seed, max_steps=cfg.max_steps)
-    t0 = time.time()
     obs_parts: list[dict] = []
     plans: list[torch.Tensor] = []
     routes: list[torch.Tensor] = []
+    by_policy: list[torch.Tensor] = []
     n_batches = (len(instances) + cfg.batch_size - 1) // cfg.batch_size
     for bi, i in enumerate(range(0, len(instances), cfg.batch_size)):
         batch = instances[i:i + cfg.batch_size]
-        rec = RecordingExpert(cfg, obs_cfg, route_offset=i)
-        desc = f"collect {cfg.split} batch {bi + 1}/{n_batches} ({len(batch)} routes)"
-        with tqdm(total=progress_total(batch, ecfg, world.cfg.dt), desc=desc, unit="route-step") as bar:
+        rec = RecordingExpert(cfg, obs_cfg, route_offset=i, policy=policy, beta=beta, seed_salt=seed_salt)
+        label = f"{desc} {cfg.split} batch {bi + 1}/{n_batches} ({len(batch)} routes)"
+        with tqdm(total=progress_total(batch, ecfg, world.cfg.dt), desc=label, unit="route-step",
+                  disable=not progress) as bar:
             run_batch(world, batch, rec, ecfg, progress=bar)
         obs_parts += rec.obs
         plans += rec.plans
         routes += rec.routes
+        by_policy += rec.by_policy
+    if not plans:
+        raise CraftError(f"no decision was recorded on the {len(instances)} {cfg.split} routes")
     obs = {k: torch.cat([o[k] for o in obs_parts]) for k in obs_parts[0]}
-    data = {
+    return {
         "format": DATA_FORMAT, "format_version": DATA_VERSION, "obs": obs, "expert": torch.cat(plans),
-        "route": torch.cat(routes),
+        "route": torch.cat(routes), "by_policy": torch.cat(by_policy),
         "routes": [{"type": inst.type, "route_id": inst.meta.get("route_id", 0),
                     "town_seed": town_seed_of(towns[inst.spec.map_index])} for inst in instances],
         "obs_config": dataclasses.asdict(obs_cfg), "collect_config": dataclasses.asdict(cfg),
     }
+
+
+def collect(cfg: CollectConfig, out: str | Path, device: str = "cpu", obs_cfg: ObsConfig | None = None) -> dict:
+    """Record expert demonstrations on ``cfg.split`` into the file ``out``; returns a small summary."""
+    check_out_file(out)
+    t0 = time.time()
+    data = record_split(cfg, device=device, obs_cfg=obs_cfg)
     atomic_save(data, out)
-    return {"samples": int(data["expert"].shape[0]), "routes": len(instances), "seconds": time.time() - t0}
+    return {"samples": int(data["expert"].shape[0]), "routes": len(data["routes"]), "seconds": time.time() - t0}
 
 
 def load_demos(path: str | Path) -> dict:
@@ -194,4 +240,4 @@ def demo_batch(data: dict, idx: torch.Tensor, device="cpu") -> tuple[Observation
     return obs, data["expert"][idx].to(device)
 
 
-__all__ = ["CollectConfig", "RecordingExpert", "collect", "load_demos", "demo_batch"]
+__all__ = ["CollectConfig", "RecordingExpert", "record_split", "collect", "load_demos", "demo_batch"]

@@ -22,6 +22,7 @@ the ``metrics.csv`` rows up to it (no duplicates) and may raise ``--steps``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import dataclasses
 import io
 import math
@@ -36,7 +37,8 @@ from tqdm import tqdm
 from craft.checks import LR_MAX, check_finite_fields, check_range, check_seed
 from craft.errors import CraftError
 from craft.files import check_out_dir, load_torch, staged_folder, write_json, write_text
-from craft.policies.base import CandidatePolicy, atomic_save, build_policy, check_finite_weights, policy_from_checkpoint
+from craft.policies.base import (CandidatePolicy, atomic_save, build_policy, check_finite_weights, load_policy,
+                                 policy_from_checkpoint)
 from craft.policies.data import demo_batch, load_demos
 
 
@@ -96,11 +98,15 @@ def _lr_lambda(cfg: PretrainConfig):
 @torch.no_grad()
 def open_loop_metrics(policy: CandidatePolicy, data: dict, idx: torch.Tensor, batch: int = 512) -> dict:
     """Top-1 L2 to the expert at 1 / 2 / 3 s (waypoints 2, 4, 6), mean over ``idx``; accuracy = top-1 is the
-    candidate nearest the expert (mean waypoint distance); ``oracle_l2_3s``: the best candidate's L2 at 3 s."""
+    candidate nearest the expert (mean waypoint distance); ``oracle_l2_3s``: the best candidate's L2 at 3 s;
+    ``entropy`` (nats) and ``top1_prob``: the scorer's distribution over the valid candidates (how peaked)."""
     from craft.policies.vocab import mean_l2
 
     policy.eval()
-    sums = torch.zeros(5, dtype=torch.float64)
+    if len(idx) == 0:  # nothing held out: no figures
+        return {k: math.nan for k in ("l2_1s", "l2_2s", "l2_3s", "accuracy", "oracle_l2_3s", "entropy",
+                                      "top1_prob")} | {"samples": 0}
+    sums = torch.zeros(7, dtype=torch.float64)
     for part in idx.split(batch):
         obs, expert = demo_batch(data, part)
         cs = policy(obs)
@@ -110,12 +116,15 @@ def open_loop_metrics(policy: CandidatePolicy, data: dict, idx: torch.Tensor, ba
         best = dist_all.argmin(-1)
         end_all = (cs.trajectories[..., -1, :2] - expert[:, None, -1, :2]).norm(dim=-1)
         oracle = end_all.gather(1, best[:, None]).squeeze(1)
+        lp = cs.log_probs()
+        p = lp.exp()
+        ent = -(p * lp).masked_fill(~cs.valid, 0.0).sum(-1)
         sums += torch.stack([d[:, 1].sum(), d[:, 3].sum(), d[:, 5].sum(), (cs.top1() == best).float().sum(),
-                             oracle.sum()]).double()
+                             oracle.sum(), ent.sum(), p.amax(-1).sum()]).double()
     n = max(1, len(idx))
     m = (sums / n).tolist()
-    return {"l2_1s": m[0], "l2_2s": m[1], "l2_3s": m[2], "accuracy": m[3], "oracle_l2_3s": m[4],
-            "samples": int(len(idx))}
+    return {"l2_1s": m[0], "l2_2s": m[1], "l2_3s": m[2], "accuracy": m[3], "oracle_l2_3s": m[4], "entropy": m[5],
+            "top1_prob": m[6], "samples": int(len(idx))}
 
 
 def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
@@ -124,16 +133,30 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
 
     Returns the held-out open-loop metrics. ``resume`` continues an interrupted run in ``out`` (same data).
     """
-    from torch.utils.tensorboard import SummaryWriter
-
-    import hashlib
-
     out = check_out_dir(out)
     data = load_demos(data_path)
     data_sha256 = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()
     train_idx, val_idx = split_routes(data, cfg.val_fraction, cfg.seed)
+    return train_policy(data, out, cfg, train_idx, val_idx, resume=resume, policy_cfg=policy_cfg,
+                        progress=progress, data_name=str(data_path), data_sha256=data_sha256)
+
+
+def train_policy(data: dict, out: str | os.PathLike, cfg: PretrainConfig, train_idx: torch.Tensor,
+                 val_idx: torch.Tensor, resume: bool = False, policy_cfg=None, init: dict | None = None,
+                 progress: bool = True, data_name: str = "", desc: str = "pretrain",
+                 data_sha256: str | None = None) -> dict:
+    """The imitation training loop of :func:`pretrain` on the samples ``train_idx`` of ``data`` (a
+    demonstrations dict), open-loop metrics on ``val_idx``; writes the folder ``out`` as :func:`pretrain` does.
+    ``data_sha256``: the demonstrations file's hash, recorded and checked on resume (None: not checked).
+
+    init: a policy checkpoint dict to start from (warm start: its weights and, for ``vocab``, its vocabulary
+    are kept); None builds a fresh policy (``policy_cfg``) and, for ``vocab``, its k-means vocabulary.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = Path(out)
     if len(train_idx) < cfg.batch_size:
-        raise CraftError(f"only {len(train_idx)} training samples in '{data_path}', fewer than the batch size "
+        raise CraftError(f"only {len(train_idx)} training samples in '{data_name}', fewer than the batch size "
                          f"{cfg.batch_size}: collect more demonstrations or lower --batch-size")
     state_path, policy_path = out / "state.pt", out / "policy.pt"
     torch.manual_seed(cfg.seed)
@@ -153,8 +176,8 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
         if st["step"] > cfg.steps:
             raise CraftError(f"--resume: '{out}' has already done {st['step']} steps, more than --steps "
                              f"{cfg.steps}; pass --steps {st['step']} or more")
-        if st.get("data_sha256") not in (None, data_sha256):
-            raise CraftError(f"--resume: '{out}' was trained on other demonstrations than '{data_path}' (SHA-256 "
+        if data_sha256 is not None and st.get("data_sha256") not in (None, data_sha256):
+            raise CraftError(f"--resume: '{out}' was trained on other demonstrations than '{data_name}' (SHA-256 "
                              f"{str(st['data_sha256'])[:12]}..., this file {data_sha256[:12]}...); pass the --data "
                              "it was started with")
         if "policy" in st:  # the record holds its policy: policy.pt cannot be of another step
@@ -164,6 +187,9 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
             if (getattr(policy, "meta", {}) or {}).get("step") != st["step"]:
                 raise CraftError(f"--resume: '{policy_path}' is at step {policy.meta.get('step')} but state.pt at "
                                  f"{st['step']}: the pair is inconsistent; start a new --out")
+        policy.train()
+    elif init is not None:
+        policy = policy_from_checkpoint(init, family=cfg.family, where=f"{desc}: the initial policy")
         policy.train()
     else:
         policy = build_policy(cfg.family, policy_cfg)
@@ -197,7 +223,7 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
     rows_csv = _read_csv(csv_path, step) if resume and csv_path.exists() else []
     pending_tb: list[tuple[str, float, int]] = []
 
-    meta = {"data": str(data_path), "obs_config": data["obs_config"], "samples_train": int(len(train_idx)), "samples_val": int(len(val_idx)),
+    meta = {"data": data_name, "obs_config": data["obs_config"], "samples_train": int(len(train_idx)), "samples_val": int(len(val_idx)),
             "pretrain_config": dataclasses.asdict(cfg)}
 
     def save(step: int, result: dict | None = None) -> None:
@@ -222,7 +248,7 @@ def pretrain(data_path: str | os.PathLike, out: str | os.PathLike, cfg: Pretrain
 
     t0 = time.time()
     keys = None
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"pretrain {cfg.family}", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"{desc} {cfg.family}", unit="step", disable=not progress)
     try:
         while step < cfg.steps:
             pick = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
@@ -285,4 +311,4 @@ def _read_csv(path: Path, step: int) -> list[list[str]]:
     return keep
 
 
-__all__ = ["PretrainConfig", "pretrain", "open_loop_metrics", "split_routes"]
+__all__ = ["PretrainConfig", "pretrain", "train_policy", "open_loop_metrics", "split_routes"]
