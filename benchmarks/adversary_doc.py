@@ -69,7 +69,7 @@ def tables(before: dict, after: dict) -> str:
     lines = ["#### Headline figures on `test` (220 routes, one traffic seed), before / after", "",
              "| driver | protocol | DS before | DS after | SR before | SR after | RC before | RC after |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for drv in after:
+    for drv in (d for d in after if not d.startswith("_")):
         for proto in ("b2d-star", "b2d"):
             a, b = after[drv].get(proto), before.get(drv, {}).get(proto)
             if a is None:
