@@ -124,7 +124,7 @@ def cmd_render(args) -> int:
     with own_output(args.out, kind="file"):
         if args.map:
             from craft.world.opendrive import load_opendrive
-            from craft.world.render import render_routes_png
+            from craft.scenarios.routefile import render_routes_png
 
             town = load_opendrive(args.map)
             if args.routes_file:
@@ -463,30 +463,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", required=True, help="pre-trained policy checkpoint (file or folder) of --family")
     g.add_argument("--data", required=True, help="its expert demonstrations (from `craft collect`), aggregated with "
                                                  "every round's data")
-    g.add_argument("--rounds", type=_positive_int, default=3, help="DAgger rounds (default 3)")
+    g.add_argument("--rounds", type=_positive_int, default=3, help="DAgger rounds")
     g.add_argument("--routes", type=_positive_int, default=4,
-                   help="train routes per scenario type driven per round (default 4: 176 routes)")
+                   help="train routes per scenario type driven per round")
     g.add_argument("--town-seeds", type=_seed, nargs="+", help="drive on these train town seeds instead")
     g.add_argument("--types", nargs="+", help="only these scenario types (driving and the val subset)")
     g.add_argument("--beta", type=_probability, default=0.0,
-                   help="probability of executing the expert's plan per decision in round 1 (default 0: the "
-                        "policy drives alone)")
+                   help="probability of executing the expert's plan per decision in round 1 (0: the policy drives "
+                        "alone)")
     g.add_argument("--beta-decay", type=_probability, default=0.5,
-                   help="beta of round k = beta * decay^(k-1) (default 0.5)")
+                   help="beta of round k = beta * decay^(k-1)")
     g.add_argument("--perturb", type=_probability, default=0.0,
-                   help="probability of perturbing an executed expert plan (default 0)")
-    g.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per round (default 1000)")
+                   help="probability of perturbing an executed expert plan")
+    g.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per round")
     g.add_argument("--train-batch", type=_positive_int, default=256, help="samples per optimizer step")
-    g.add_argument("--lr", type=_learning_rate, default=5e-4, help="peak learning rate per round (default 5e-4)")
+    g.add_argument("--lr", type=_learning_rate, default=5e-4, help="peak learning rate per round")
     g.add_argument("--cold-start", action="store_true", help="retrain every round from --init, not the last round")
     g.add_argument("--val-routes", type=_positive_int, default=1,
-                   help="val routes per scenario type of the closed-loop val subset (default 1: 44 routes)")
+                   help="val routes per scenario type of the closed-loop val subset")
     g.add_argument("--batch-size", type=_positive_int, default=220, help="routes simulated together")
     g.add_argument("--max-steps", type=_positive_int, default=None,
                    help="simulation steps cap per route, driving and val (default: 2000 = 200 s)")
     g.add_argument("--seed", type=_seed, default=0)
-    g.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
-    g.add_argument("--device", type=_device, default="cpu")
+    g.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    g.add_argument("--device", type=_device, default="cpu", help="torch device")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     g.add_argument("--out", required=True, help="output folder (round-NNNN/, rounds.csv/png, policy.pt, best.pt)")
     g.set_defaults(func=cmd_dagger)

@@ -1,6 +1,8 @@
 """DAgger (`craft dagger`): labels on policy-visited states, aggregation, resume after a kill, the CLI."""
 
+import contextlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,7 +96,7 @@ def test_killed_round_resumes_to_the_same_data_and_weights(demos, init_ckpt, tmp
 
     # kill 1: right after the round's data is written; kill 2 (on resume): after the first training record
     part = tmp_path / "part"
-    orig_d, orig_p = D.atomic_save, P.atomic_save
+    orig_d = D.atomic_save
 
     def kill_after(name, orig):
         def f(obj, path):
@@ -112,12 +114,21 @@ def test_killed_round_resumes_to_the_same_data_and_weights(demos, init_ckpt, tmp
     assert (part / "round-0001" / "data.pt").exists() and not (part / "round-0001" / "round.json").exists()
     with pytest.raises(CraftError, match="already holds a DAgger run"):
         dagger(init_ckpt, demos, part, cfg, progress=False)
-    P.atomic_save = kill_after("state.pt", orig_p)
+    orig_s = P.staged_folder
+
+    @contextlib.contextmanager
+    def staged_then_kill(out, **kw):  # the first training record moved in whole, then the kill
+        with orig_s(out, **kw) as stage:
+            yield stage
+        if (Path(out) / "state.pt").exists():
+            raise KeyboardInterrupt
+
+    P.staged_folder = staged_then_kill
     try:
         with pytest.raises(KeyboardInterrupt):
             dagger(init_ckpt, demos, part, cfg, resume=True, progress=False)
     finally:
-        P.atomic_save = orig_p
+        P.staged_folder = orig_s
     assert torch.load(part / "round-0001" / "train" / "state.pt", weights_only=False)["step"] < cfg.steps
     rows2 = dagger(init_ckpt, demos, part, cfg, resume=True, progress=False)
     a = load_demos(tmp_path / "full" / "round-0001" / "data.pt")

@@ -394,7 +394,7 @@ def test_no_import_cycles():
                                                                "scenarios", "demo", "cli")}, m
 
 
-LAYERS = ["errors", "checks", "files", "raytools", "world", "scenarios", "experts", "bench", "policies", "finetune",
+LAYERS = ["errors", "checks", "files", "data", "raytools", "world", "scenarios", "experts", "bench", "policies", "finetune",
           "experiments", "demo", "cli"]
 """docs/architecture.md's layers, bottom first: a module imports only from its own layer or those below."""
 

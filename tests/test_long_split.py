@@ -134,7 +134,7 @@ def test_cli_eval_long_writes_valid_results(tmp_path, capsys):
     assert s["split"] == "long" and s["num_routes"] == 2 and s["town_seeds"][0] == 40000
     assert all(v is None for v in s["abilities"].values())  # long routes belong to no ability
     for r in obj["records"]:
-        assert r["scenario_type"] == LONG_TYPE and r["meta"]["end_reason"] in ("tick_cap", "completed")
+        assert r["scenario_type"] == LONG_TYPE and r["meta"]["end_reason"] in ("tick_cap", "completed", "collision")
         assert 500.0 <= r["meta"]["route_length"] <= 1500.0
         assert r["meta"]["scenarios"][-1]["type"] == "between scenarios"
     # bad input: one line, nothing written

@@ -299,7 +299,9 @@ def _read_csv(path: Path, step: int) -> list[list[str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise CraftError(f"'{path}' is not a readable pre-training metrics file ({type(e).__name__}); move it "
                          "away to resume") from None
-    if not rows or not rows[0] or rows[0][0] != "step":
+    if not rows:  # a record written before the first logged row
+        return []
+    if not rows[0] or rows[0][0] != "step":
         raise CraftError(f"'{path}' is not a pre-training metrics file; move it away to resume")
     keep = [rows[0]]
     for r in rows[1:]:

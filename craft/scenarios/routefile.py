@@ -57,7 +57,7 @@ from craft.world.map import LaneType, RoadMap
 from craft.world.opendrive import carla_to_world, carla_yaw_to_world, load_opendrive
 
 __all__ = ["FileRoute", "RouteFileConfig", "read_route_file", "match_points", "plan_route_lanes",
-           "build_file_route", "load_route_file", "training_instances", "FILE_ROUTE_TYPE"]
+           "build_file_route", "load_route_file", "training_instances", "FILE_ROUTE_TYPE", "render_routes_png"]
 
 FILE_ROUTE_TYPE = "Long"  # the metrics treat file routes like the long split's routes (no ability)
 
@@ -435,3 +435,56 @@ def training_instances(split: str, town_seeds, routes, types, routes_file: tuple
     if not instances:
         raise CraftError(f"no route of '{routes_file[0]}' can run here: " + (refused[0] if refused else "none"))
     return instances, towns
+
+
+# ---------------------------------------------------------------------- pictures
+ROUTE_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#8c564b")
+
+
+def render_routes_png(road_map: RoadMap, routes_file: str | Path, path: str | Path,
+                      routes: list[str] | None = None, size: int = 1600) -> int:
+    """The whole town with the routes of ``routes_file`` that lie in it (planned through its lane graph, a
+    circle at each start, a square at each end), its lights (coloured as at t = 0) and stop signs. Routes
+    that do not fit the map are left out. Returns the number of routes drawn."""
+    from PIL import Image
+
+    from craft.world.map import LightState
+    from craft.world.render import _MAP_MARGIN, _atomic_write, _geometry, draw_map, frame_to_rgb, new_figure
+
+    mine = [r for r in read_route_file(routes_file) if r.town == road_map.name and (not routes or r.id in routes)]
+    x0, y0, x1, y1 = _geometry(road_map).bounds
+    aspect = (x1 - x0 + 2 * _MAP_MARGIN) / (y1 - y0 + 2 * _MAP_MARGIN)
+    w, h = (size, max(16, round(size / aspect))) if aspect >= 1 else (max(16, round(size * aspect)), size)
+    fig, ax = new_figure(w, h)
+    timing = road_map.junction_timing
+    lights = []
+    for k in range(len(road_map.light_lane)):  # the cycle at t = 0 (see craft.world.map.light_states)
+        g, y, r, n, off = (float(v) for v in timing[road_map.light_junction[k]])
+        slot = max(g + y + r, 1e-3)
+        tau = off % (slot * max(n, 1))
+        active, within = int(tau // slot), tau - int(tau // slot) * slot
+        mine_ph = active == int(road_map.light_phase[k])
+        lights.append(int(LightState.GREEN) if mine_ph and within < g else
+                      int(LightState.YELLOW) if mine_ph and within < g + y else int(LightState.RED))
+    draw_map(ax, road_map, None, lights=np.array(lights, dtype=np.int64))
+    drawn = []
+    for i, r in enumerate(mine):
+        try:
+            lanes, ego_s, end_m = plan_route_lanes(road_map, match_points(road_map, r.points, r.yaws))
+        except CraftError:
+            continue
+        pts, _ = route_points(road_map, lanes, ego_s, upto=end_m)
+        c = ROUTE_COLORS[len(drawn) % len(ROUTE_COLORS)]
+        ax.plot(pts[:, 0], pts[:, 1], color=c, linewidth=2.2, alpha=0.8, zorder=6)
+        ax.plot(*pts[0], marker="o", color=c, markersize=7, markeredgecolor="black", zorder=7)
+        ax.plot(*pts[-1], marker="s", color=c, markersize=6, markeredgecolor="black", zorder=7)
+        drawn.append(Line2D([], [], color=c, linewidth=2.2, label=f"route {r.id} ({end_m / 1000:.2f} km)"))
+    title = f"{road_map.name}: {len(drawn)} route{'s' if len(drawn) != 1 else ''} of {os.path.basename(str(routes_file))}"
+    ax.text(0.012, 0.988, title, transform=ax.transAxes, ha="left", va="top", fontsize=9, zorder=10,
+            bbox=dict(boxstyle="round,pad=0.35", facecolor="white", edgecolor="#888888", alpha=0.8))  # fmt: skip
+    if drawn:
+        ax.legend(handles=drawn, loc="upper right", fontsize=7, framealpha=0.85, facecolor="white",
+                  edgecolor="#888888")
+    rgb = frame_to_rgb(fig)
+    _atomic_write(path, lambda f: Image.fromarray(rgb).save(f, format="PNG", optimize=False))
+    return len(drawn)
