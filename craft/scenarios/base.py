@@ -513,7 +513,8 @@ class Ctx:
         it has no rule), ``interaction_m`` (the event: the builder's ``event_progress`` / junction entry /
         brake / first slip point, else the first route point within 6 m of one of its agents) and
         ``end_m`` (``SCENARIO_END_MARGIN`` after the interaction, or after the junction exit)."""
-        from craft.scenarios.script import A_VALID, T_ARRIVAL, T_NEAR_AGENT, T_NEAR_POINT, T_PROGRESS, T_TIME, T_TTC
+        from craft.scenarios.script import (A_VALID, T_ARRIVAL, T_NEAR_AGENT, T_NEAR_POINT, T_PROGRESS, T_TIME, T_TTC,
+                                            trigger_point)
 
         pts, cum = self._polyline()
         length = self.route_length()
@@ -544,12 +545,9 @@ class Ctx:
                 v = reach(xy[t.agent], float(p[0]) if t.kind == T_NEAR_AGENT else float(p[1]))
                 if v is not None:
                     fire.append(v)
-            elif t.kind == T_NEAR_POINT:
-                v = reach((p[0], p[1]), float(p[2]))
-                if v is not None:
-                    fire.append(v)
-            elif t.kind == T_ARRIVAL:  # where an ego at ARRIVAL_REF_SPEED would fire it
-                v = reach((p[0], p[1]), max(float(p[3]), float(p[2]) * ARRIVAL_REF_SPEED))
+            elif t.kind in (T_NEAR_POINT, T_ARRIVAL):  # arrival: where an ego at ARRIVAL_REF_SPEED fires it
+                x, y, d = trigger_point(t, ARRIVAL_REF_SPEED)
+                v = reach((x, y), d)
                 if v is not None:
                     fire.append(v)
         trig = min(fire) if fire else inter

@@ -2,8 +2,10 @@
 
 Each builder places the ego route and the scenario's agents on a fitting town feature and writes the
 script. Parameters (positions, speeds, trigger distances, counts) are drawn from ``ctx.rng``. Agent
-indices in rules are world indices (first explicit agent = 1). Timing of crossing traffic assumes an ego
-cruising at ``EGO_SPEED`` (7 m/s) towards its stop line.
+indices in rules are world indices (first explicit agent = 1). Adversaries, flows and their triggers follow
+Bench2Drive's scenario scripts (time-to-arrival triggers, flows at constant velocity that ignore vehicles:
+``docs/benchmark.md``, "Scenario adversaries", compares every type; the section "Bench2Drive's adversaries
+and flows" below holds the shared pieces).
 
 Overtaking
     ParkedObstacle / Accident (static police car + crashed cars + debris) / ConstructionObstacle (sign +
@@ -15,14 +17,13 @@ Overtaking
 Merging
     (Non)SignalizedJunctionLeft/RightTurn(EnterFlow), EnterActorFlow, CrossingBicycleFlow (bicycles),
     InterurbanActorFlow / InterurbanAdvancedActorFlow (junctions with a highway / frontage arm; advanced:
-    two streams), MergerIntoSlowTrafficV2 (slow dense stream merging into the ego's exit lane): held
-    vehicles on conflicting connectors (the map's ``lane_conflict``), queues pinned through the junction,
-    released rolling when the ego is 22-38 m from its stop line, timed to the conflict point; flows carry
-    ``ignore_priority`` / ``ignore_stops`` / ``ignore_lights`` as the type needs. HighwayCutIn: a held car on
+    two streams), MergerIntoSlowTrafficV2: continuous flows (``_flow``) on conflicting connectors from other
+    arms (the map's ``lane_conflict``), queues pinned through the junction, at Bench2Drive's speeds and spacings,
+    ignoring vehicles, the ego, lights, signs and priority. HighwayCutIn: a held car on
     the acceleration lane cuts into the ego's highway lane at 12-18 m/s when the ego is 20-35 m away.
-    MergerIntoSlowTraffic: route on-ramp -> acceleration lane -> main lane with a slow platoon released
-    near the merge point. HighwayExit: route inner lane -> right lane -> deceleration lane -> off-ramp with
-    a platoon on the right lane. SequentialLaneChange: route r -> left -> r on parallel lanes with a
+    MergerIntoSlowTraffic: route on-ramp -> acceleration lane -> main lane with a flow on the main lane.
+    HighwayExit: route inner lane -> right lane -> deceleration lane -> off-ramp with
+    a flow on the right lane. SequentialLaneChange: route r -> left -> r on parallel lanes with a
     broken-down car blocking each lane the route leaves. ParkingExit: start on a parking lane between parked
     cars, traffic approaching from behind.
 Emergency_Brake
@@ -31,18 +32,18 @@ Emergency_Brake
     the exit crosswalk of a junction. VehicleTurningRoute(Pedestrian): after the ego's turn a cyclist /
     pedestrian crosses the exit road. HardBreakRoute: lead car brakes to 0 after the ego passes 20-45 m of
     route, drives on 4-8 s later. StaticCutIn / ParkingCutIn: a stopped / parked car cuts into the ego lane
-    (world lane-change model via :meth:`Action.cut_in`). OppositeVehicleRunningRedLight: crossing car with
-    ``ignore_lights``, its light forced red and the ego's green. OppositeVehicleTakingPriority: same on a
-    non-signalised junction. BlockedIntersection: a car stops on the exit lane, clears 6-12 s after the ego
+    (world lane-change model via :meth:`Action.cut_in`). OppositeVehicleRunningRedLight: an emergency car crossing at
+    60 km/h from the left or right, released when the ego's time to arrival at the conflict point is 2.2 s,
+    its light forced red and the ego's green. OppositeVehicleTakingPriority: same on a non-signalised junction. BlockedIntersection: a car stops on the exit lane, clears 6-12 s after the ego
     reaches it. ControlLoss: three chained ego control perturbations (``table.ego_perturbation``).
 Give_Way
     YieldToEmergencyVehicle: emergency vehicle (siren) 25-45 m behind the ego on its lane, released after
     0.5-2 s at 12-18 m/s, ignoring lights / priority (``ScenarioInstance.emergency_index``). InvadingTurn:
-    oncoming cars on a curved two-way road held at a sustained lateral offset into the ego lane
-    (:meth:`Action.offset`).
+    an oncoming flow on a curved two-way road held at Bench2Drive's lateral offset towards the ego lane
+    (:meth:`Action.offset`), cones on its outer edge.
 Traffic_Signs
-    VanillaSignalizedTurnEncounterRedLight (ego light forced red 30-45 m before the line, green 8-14 s later,
-    back to its cycle after 40 s) / GreenLight (forced green), VanillaNonSignalizedTurn (uncontrolled, no
+    VanillaSignalizedTurnEncounterRedLight (ego light forced red for 5 s 18-29 m before the line, then green)
+    / GreenLight (green for 5 s, then red for 5 s), VanillaNonSignalizedTurn (uncontrolled, no
     stop sign), VanillaNonSignalizedTurnEncounterStopsign (a stop sign on the ego's lane), T_Junction
     (3-arm junction). Starred Bench2Drive types also count for Traffic_Signs
     (``ScenarioInstance.abilities``).
@@ -349,6 +350,7 @@ ADVERSARY_SOURCE = 30.0  # Bench2Drive starts it this far before its junction en
 ADVERSARY_SINK = 10.0  # and is removed this far past the junction exit, m
 FLOW_SOURCE_TIME = 4.0  # a junction flow's source lies flow_speed * this before the junction entry, s
 FLOW_SINK_TIME = 2.5  # and its sink flow_speed * this past the exit, s
+FREEZE_DIST = 60.0  # scripted lights are frozen once the ego is this close to its stop line, m
 SOURCE_FIRST = 0.1  # the earliest time the source's first vehicle appears, s
 FLOW_DURATION = 30.0  # s during which the source keeps spawning (Bench2Drive: until the ego leaves the junction)
 # flow speed (m/s) and spawn-distance interval (m) per type: the ranges of Bench2Drive's 220 routes
@@ -461,6 +463,18 @@ def _flow(ctx: Ctx, lanes: list[int], s0: float, length: float, speed: float, in
     return out
 
 
+def _freeze_lights(ctx: Ctx, ego_incoming: int, states: list[tuple[int, int]]) -> None:
+    """Force the lights of the given incoming lanes to the given states once the ego is within
+    ``FREEZE_DIST`` of its stop line (Bench2Drive's ``TrafficLightFreezer`` from the scenario's start)."""
+    m = ctx.m
+    anchor = lane_pose(m, ego_incoming, float(m.lane_length[ego_incoming]))[0]
+    trig = Trigger.near_point(float(anchor[0]), float(anchor[1]), FREEZE_DIST)
+    for lane, state in states:
+        li = int(m.lane_light[lane])
+        if li >= 0:
+            ctx.rule(li, trig, Action.light(state), "light frozen")
+
+
 def _flow_params(ctx: Ctx) -> tuple[float, tuple[float, float]]:
     """This type's flow speed and spawn interval, drawn within Bench2Drive's ranges."""
     v, lo, hi = FLOWS[ctx.type]
@@ -490,12 +504,7 @@ def _junction_flow(ctx: Ctx, kinds, ego_turn, other_turns, kind=AgentKind.CAR, w
         used.append((inc, conn))
     inc, conn = used[0]
     if lights:
-        anchor = lane_pose(m, info["incoming"], float(m.lane_length[info["incoming"]]))[0]
-        trig = Trigger.near_point(float(anchor[0]), float(anchor[1]), 60.0)
-        for who, lane in (("ego", info["incoming"]), ("flow", inc)):
-            li = int(m.lane_light[lane])
-            if who in lights and li >= 0:
-                ctx.rule(li, trig, Action.light(lights[who]), f"{who} light")
+        _freeze_lights(ctx, info["incoming"], [(info["incoming"], lights["ego"]), (inc, lights["flow"])])
     ctx.meta.update(other_incoming=inc, other_connector=conn, crossing=out_ids)
     return out_ids
 
@@ -526,12 +535,7 @@ def _opposite_vehicle(ctx: Ctx, kinds, lights: bool) -> int:
     r = ctx.rule(a, Trigger.arrival(cx, cy, SYNC_TIME, MIN_TRIGGER_DIST), Action.release(v), "adversary starts")
     ctx.rule(a, Trigger.after(r, length / v), Action.valid(False), "adversary removed")
     if lights:
-        anchor = lane_pose(m, info["incoming"], float(m.lane_length[info["incoming"]]))[0]
-        trig = Trigger.near_point(float(anchor[0]), float(anchor[1]), 60.0)
-        for lane, state in ((info["incoming"], LightState.GREEN), (inc, LightState.RED)):
-            li = int(m.lane_light[lane])
-            if li >= 0:
-                ctx.rule(li, trig, Action.light(state), "light frozen")
+        _freeze_lights(ctx, info["incoming"], [(info["incoming"], LightState.GREEN), (inc, LightState.RED)])
     ctx.meta.update(other_incoming=inc, other_connector=conn, crossing=[a], collision_point=(cx, cy))
     return a
 

@@ -50,8 +50,8 @@ import numpy as np
 
 from craft.errors import CraftError
 from craft.scenarios.base import ScenarioInstance, build_scenario, lane_pose, route_segments, town_seed_of
-from craft.scenarios.script import (A_LIGHT, A_NONE, A_VALID, T_AFTER, T_ARRIVAL, T_NEAR_AGENT, T_NEAR_POINT,
-                                    T_PROGRESS, T_TIME, T_TTC, Action, Rule, Trigger)
+from craft.scenarios.script import (A_LIGHT, A_NONE, A_VALID, T_AFTER, T_NEAR_AGENT, T_PROGRESS, T_TIME, T_TTC,
+                                    Action, Rule, Trigger, trigger_point)
 from craft.world.map import LaneType, RoadMap
 from craft.world.world import WorldSpec
 
@@ -213,12 +213,9 @@ def _try_append(m: RoadMap, cfg: LongRouteConfig, route: list[int], ego_s: float
     pts, _ = route_points(m, full, ego_s, upto=reveal_at)
     if len(pts):
         for rule in inst.rules:  # proximity triggers must not be reachable before the agents appear
-            if rule.trigger.kind in (T_NEAR_POINT, T_ARRIVAL):
-                if rule.trigger.kind == T_NEAR_POINT:
-                    x, y, d = (float(v) for v in rule.trigger.params[:3])
-                else:  # a fast ego fires a time-to-arrival trigger this far out
-                    x, y, t, d = (float(v) for v in rule.trigger.params)
-                    d = max(d, t * cfg.arrival_speed)
+            point = trigger_point(rule.trigger, cfg.arrival_speed)  # a fast ego fires an arrival trigger far out
+            if point is not None:
+                x, y, d = point
                 if np.min(np.hypot(pts[:, 0] - x, pts[:, 1] - y)) <= d + cfg.trigger_margin:
                     return [], 0.0, "a trigger point lies next to the earlier route"
         ego_at = pts[-1]

@@ -249,6 +249,18 @@ def pack(rules: list[list[Rule]], device="cpu") -> ScriptTable:
                        torch.zeros(B, 2), torch.zeros(B, 2), torch.full((B,), -math.inf)).to(device)
 
 
+def trigger_point(trigger: Trigger, ego_speed: float) -> tuple[float, float, float] | None:
+    """``(x, y, d)`` of a point trigger: the ego fires it within ``d`` m of ``(x, y)`` (near_point: its distance;
+    arrival: the larger of its minimum distance and the distance an ego at ``ego_speed`` covers in its time);
+    None for the other triggers."""
+    p = [float(v) for v in trigger.params]
+    if trigger.kind == T_NEAR_POINT:
+        return p[0], p[1], p[2]
+    if trigger.kind == T_ARRIVAL:
+        return p[0], p[1], max(p[3], p[2] * ego_speed)
+    return None
+
+
 def _gather_agent(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (B, N, ...) at per-rule agent indices idx (B, E) (clamped; check validity separately)."""
     i = idx.clamp(0, x.shape[1] - 1)
@@ -449,4 +461,5 @@ def set_queues(state: WorldState, queues: list[dict[int, list[int]]]) -> WorldSt
     return state.replace(queue=q)
 
 
-__all__ = ["Rule", "Trigger", "Action", "ScriptTable", "pack", "apply", "triggers", "ego_ttc", "set_queues", "FLAGS"]
+__all__ = ["Rule", "Trigger", "Action", "ScriptTable", "pack", "apply", "triggers", "ego_ttc", "set_queues", "FLAGS",
+           "trigger_point"]

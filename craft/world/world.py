@@ -102,9 +102,7 @@ def _flows_after_collision(state: WorldState, collided: torch.Tensor) -> WorldSt
 
     collided: (B,) agent index of this step's counted collision (-1 none).
     """
-    hit = collided >= 0
-    if not bool(hit.any()):
-        return state
+    hit = collided >= 0  # (no host sync: the few (B, N) ops cost less than asking whether any world hit)
     ign = torch.gather(state.ignore_vehicles, 1, collided.clamp_min(0)[:, None]).squeeze(1) & hit
     clear = ign[:, None] & state.ignore_vehicles
     return state.replace(ignore_vehicles=state.ignore_vehicles & ~clear, react_ego=state.react_ego | clear)
